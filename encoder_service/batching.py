@@ -1,0 +1,242 @@
+"""Server-side dynamic batching on asyncio.
+
+Concurrent requests put their items into one queue per graph; worker tasks take up to
+`max_batch` items (waiting at most `max_delay_s` after the oldest item for more to arrive),
+run them as one batch in a thread (ONNX Runtime / tritonclient release the GIL) and hand each
+item its row of the result. Items carry a bucket key (caption length bucket, region count
+bucket): a batch never mixes buckets, so short captions are not padded to long ones. The queue
+is bounded: `submit` raises Overloaded when it is full. Items whose deadline has passed, or
+whose caller went away, are dropped before they run. With `active_calls` (the RPCs in flight)
+a batch does not wait for more items when every call in flight has already queued its items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from encoder_service.metrics import Metrics
+
+
+class Overloaded(Exception):
+    """The batch queue is full (maps to RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExpired(Exception):
+    """The item's deadline passed before its batch ran (maps to DEADLINE_EXCEEDED)."""
+
+
+@dataclass
+class _Item:
+    payload: Any
+    bucket: Hashable
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None  # time.monotonic() value
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    items: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+
+class DynamicBatcher:
+    """`run_batch(payloads) -> results` (a plain function, run in `executor`) behind a queue."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[Any]], Sequence[Any]],
+        *,
+        executor: Executor,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        workers: int = 1,
+        metrics: Metrics | None = None,
+        active_calls: Callable[[], int] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or workers < 1:
+            raise ValueError("max_batch, max_queue and workers must be >= 1")
+        self.name = name
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.workers = workers
+        self.metrics = metrics
+        self.active_calls = active_calls
+        self.stats = BatcherStats()
+        self._waiting_calls = 0  # submit() calls with items queued or running
+        self._buckets: dict[Hashable, deque[_Item]] = {}
+        self._pending = 0
+        self._wakeup: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}") for i in range(self.workers)]
+
+    async def close(self) -> None:
+        """Stop taking items, run what is queued, then stop the workers."""
+        self._closed = True
+        while self._pending and self._tasks and not all(t.done() for t in self._tasks):
+            self._wakeup.set()
+            await asyncio.sleep(0.005)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._fail_all(RuntimeError(f"{self.name}: batcher closed"))
+
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    # ------------------------------------------------------------------ submitting
+
+    async def submit(self, payloads: Sequence[Any], buckets: Sequence[Hashable] | None = None, deadline: float | None = None) -> list[Any]:
+        """Queue `payloads` (all or none) and wait for their results, in order."""
+        if self._closed or self._wakeup is None:
+            raise Overloaded(f"{self.name}: the server is shutting down")
+        if self._pending + len(payloads) > self.max_queue:
+            if self.metrics:
+                self.metrics.rejected.labels(self.name).inc(len(payloads))
+            raise Overloaded(
+                f"server overloaded: {self._pending} items queued for {self.name}, {len(payloads)} more would exceed "
+                f"the queue limit of {self.max_queue} (--max-queue); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = []
+        for index, payload in enumerate(payloads):
+            bucket = buckets[index] if buckets is not None else 0
+            item = _Item(payload, bucket, loop.create_future(), now, deadline)
+            self._buckets.setdefault(bucket, deque()).append(item)
+            items.append(item)
+        self._pending += len(items)
+        self._waiting_calls += 1
+        self._update_depth()
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        except BaseException:
+            for item in items:  # caller gone or one item failed: do not run the rest
+                if not item.future.done():
+                    item.future.cancel()
+            raise
+        finally:
+            self._waiting_calls -= 1
+
+    def _more_expected(self) -> bool:
+        """Could more items arrive soon? Not when every call in flight already has its items here
+        (a lone request at low load runs at once instead of waiting max_delay)."""
+        return self.active_calls is None or self.active_calls() > self._waiting_calls
+
+    # ------------------------------------------------------------------ workers
+
+    def _update_depth(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.labels(self.name).set(self._pending)
+
+    def _oldest_bucket(self) -> Hashable | None:
+        best, best_time = None, None
+        for key, queue in self._buckets.items():
+            if queue and (best_time is None or queue[0].enqueued < best_time):
+                best, best_time = key, queue[0].enqueued
+        return best
+
+    def _take(self, bucket: Hashable) -> list[_Item]:
+        queue = self._buckets[bucket]
+        taken: list[_Item] = []
+        now = time.monotonic()
+        while queue and len(taken) < self.max_batch:
+            item = queue.popleft()
+            self._pending -= 1
+            if item.future.done():  # cancelled by its caller
+                if self.metrics:
+                    self.metrics.expired.labels(self.name).inc()
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExpired(f"{self.name}: deadline passed while queued"))
+                if self.metrics:
+                    self.metrics.expired.labels(self.name).inc()
+                continue
+            taken.append(item)
+        if not queue:
+            del self._buckets[bucket]
+        self._update_depth()
+        return taken
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            bucket = self._oldest_bucket()
+            if bucket is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = self._buckets[bucket][0].enqueued
+            wait_until = oldest + self.max_delay_s
+            while not self._closed and len(self._buckets.get(bucket, ())) < self.max_batch and self._more_expected():
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            if bucket not in self._buckets:  # another worker took it
+                continue
+            items = self._take(bucket)
+            if not items:
+                continue
+            started = time.monotonic()
+            if self.metrics:
+                self.metrics.batch_size.labels(self.name).observe(len(items))
+                for item in items:
+                    self.metrics.queue_wait.labels(self.name).observe(started - item.enqueued)
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [item.payload for item in items])
+                if len(results) != len(items):
+                    raise RuntimeError(f"{self.name}: batch of {len(items)} items returned {len(results)} results")
+            except asyncio.CancelledError:
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError(f"{self.name}: batcher stopped"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            finally:
+                if self.metrics:
+                    self.metrics.inference.labels(self.name).observe(time.monotonic() - started)
+            self.stats.batches += 1
+            self.stats.items += len(items)
+            if len(self.stats.sizes) < 100_000:
+                self.stats.sizes.append(len(items))
+            for item, result in zip(items, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for queue in self._buckets.values():
+            for item in queue:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        self._buckets.clear()
+        self._pending = 0
+        self._update_depth()

@@ -1,0 +1,272 @@
+"""Encoder service configuration: command-line flags, each with a TERAN_ENCODER_* environment variable.
+
+Precedence: flag > environment variable > default. `python -m encoder_service --help` lists
+every setting with its variable and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from teran.errors import TeranInputError
+
+ENV_PREFIX = "TERAN_ENCODER_"
+MIB = 1024 * 1024
+
+
+class ConfigError(TeranInputError):
+    """A setting has an invalid value: the message names the flag and its variable."""
+
+
+@dataclass
+class EncoderConfig:
+    model_dir: Path | None = None
+    verify_model: bool = True
+    # network
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090
+    max_message_bytes: int = 64 * MIB
+    max_concurrent_rpcs: int = 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens: list[str] = field(default_factory=list)
+    # backend
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    provider_options: dict = field(default_factory=dict)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    ort_spinning: bool = False
+    triton_url: str = "localhost:8001"
+    triton_ssl: bool = False
+    triton_root_cert: Path | None = None
+    triton_models: dict = field(default_factory=dict)
+    triton_timeout_s: float = 30.0
+    # batching
+    max_batch: int = 0  # 0: the manifest's max_batch
+    max_queue_delay_ms: float = 1.0
+    max_queue: int = 2048
+    batch_workers: int = 1
+    length_buckets: list[int] = field(default_factory=list)  # empty: 8, 16, 32, ... up to max_tokens
+    max_stream_inflight: int = 4
+    decode_workers: int = 2
+    # request limits
+    max_items: int = 256
+    max_caption_chars: int = 1000
+    max_tokens: int = 0  # 0: the manifest's max_tokens
+    max_regions: int = 0  # 0: the manifest's max_regions
+    max_image_bytes: int = 20 * MIB
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 16384
+    # lifecycle / logs
+    shutdown_grace_s: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    access_log: bool = False
+
+    def validate(self) -> EncoderConfig:
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}): {what}")
+
+        need(self.model_dir is not None, "model_dir", "required: the model directory written by `python -m export`")
+        need(self.backend in ("onnxruntime", "triton"), "backend", f"{self.backend!r} is not one of onnxruntime, triton")
+        need(self.precision in ("fp32", "fp16"), "precision", f"{self.precision!r} is not one of fp32, fp16")
+        need(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
+        need(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
+        for name in ("max_items", "max_caption_chars", "max_queue", "batch_workers", "max_stream_inflight", "decode_workers"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_concurrent_rpcs"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_batch", "max_tokens", "max_regions", "intra_op_threads", "inter_op_threads"):
+            need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
+        need(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", f"must be >= 0, got {self.max_queue_delay_ms}")
+        need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
+        need(self.triton_timeout_s > 0, "triton_timeout_s", f"must be > 0, got {self.triton_timeout_s}")
+        need(all(b >= 1 for b in self.length_buckets), "length_buckets", "bucket edges must be >= 1")
+        need(bool(self.providers), "providers", "at least one execution provider")
+        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
+        need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key")
+        need(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
+        need(all(t and not any(c.isspace() for c in t) for t in self.auth_tokens), "auth_token", "tokens must be non-empty without spaces")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "triton_root_cert"):
+            path = getattr(self, name)
+            need(path is None or Path(path).is_file(), name, f"{path}: file does not exist")
+        return self
+
+
+# (flag name, type, help). Types: int, float, str, path, bool, csv, csv_int, json.
+_SETTINGS: list[tuple[str, str, str]] = [
+    ("model_dir", "path", "model directory written by `python -m export` (manifest.json, tokenizer, ONNX graphs)"),
+    ("verify_model", "bool", "check the sha256 of every model file against manifest.json at startup"),
+    ("host", "str", "gRPC listen address"),
+    ("port", "int", "gRPC port (0: any free port; the chosen one is logged)"),
+    ("metrics_host", "str", "Prometheus metrics HTTP listen address"),
+    ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
+    ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
+    ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
+    ("tls_cert", "path", "PEM server certificate chain: serve TLS (with --tls-key)"),
+    ("tls_key", "path", "PEM private key of --tls-cert"),
+    ("tls_client_ca", "path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    (
+        "auth_token",
+        "csv",
+        "bearer token(s), comma separated: every RPC but grpc.health.v1 needs "
+        "`authorization: Bearer TOKEN` (else UNAUTHENTICATED). Prefer the variable or --auth-token-file",
+    ),
+    ("auth_token_file", "path", "file holding the bearer token(s), one per line (e.g. a mounted secret)"),
+    ("backend", "str", "onnxruntime (in-process) or triton (remote Triton Inference Server over gRPC)"),
+    ("precision", "str", "graph files to run: fp32 or fp16 (fp16 is for GPUs; responses are fp32 or fp16 on request either way)"),
+    (
+        "providers",
+        "csv",
+        "ONNX Runtime execution providers in priority order, e.g. TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
+    ),
+    (
+        "provider_options",
+        "json",
+        'JSON object of per-provider options, e.g. {"CUDAExecutionProvider": {"device_id": 0}, '
+        '"TensorrtExecutionProvider": {"trt_fp16_enable": true, "trt_engine_cache_enable": true}}',
+    ),
+    ("intra_op_threads", "int", "ONNX Runtime threads per graph run (0: one per core)"),
+    ("inter_op_threads", "int", "ONNX Runtime inter-op threads (0: default)"),
+    (
+        "ort_spinning",
+        "bool",
+        "let ONNX Runtime worker threads spin-wait between runs (lower latency on dedicated cores; "
+        "off by default because spinning starves the gRPC threads on small CPUs)",
+    ),
+    ("triton_url", "str", "Triton gRPC endpoint host:port (--backend triton)"),
+    ("triton_ssl", "bool", "use TLS to Triton"),
+    ("triton_root_cert", "path", "PEM root certificate for --triton-ssl"),
+    (
+        "triton_models",
+        "json",
+        'JSON object mapping graph -> Triton model name, e.g. {"text_encoder": "teran_text"} '
+        "(default: the names in the model directory's Triton repository)",
+    ),
+    ("triton_timeout_s", "float", "LIMIT: seconds per Triton inference call"),
+    ("max_batch", "int", "LIMIT: items per model run (dynamic batching); 0: the manifest's max_batch"),
+    ("max_queue_delay_ms", "float", "dynamic batching: longest wait for more items before a not-full batch runs"),
+    ("max_queue", "int", "LIMIT: items waiting per graph; beyond it requests get RESOURCE_EXHAUSTED (backpressure)"),
+    ("batch_workers", "int", "batches of one graph run concurrently (1 suits a CPU; more for GPUs / Triton instances)"),
+    (
+        "length_buckets",
+        "csv_int",
+        "caption length bucket edges in word pieces (batches never mix buckets); default 8,16,32,... up to max_tokens",
+    ),
+    ("max_stream_inflight", "int", "LIMIT: messages of one stream processed concurrently"),
+    ("decode_workers", "int", "threads decoding and resizing images"),
+    ("max_items", "int", "LIMIT: captions or images per request / stream message (INVALID_ARGUMENT beyond)"),
+    ("max_caption_chars", "int", "LIMIT: characters per caption"),
+    ("max_tokens", "int", "LIMIT: word pieces per caption incl. [CLS]/[SEP]; 0: the manifest's max_tokens (never more)"),
+    ("max_regions", "int", "LIMIT: regions per precomputed-feature image; 0: the manifest's max_regions (never more)"),
+    ("max_image_bytes", "int", "LIMIT: bytes per encoded image"),
+    ("max_image_pixels", "int", "LIMIT: width x height per image, checked before decoding (decompression bombs)"),
+    ("max_image_side", "int", "LIMIT: pixels per image side (encoded images and image_width/height of region features)"),
+    ("shutdown_grace_s", "float", "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)"),
+    ("log_level", "str", "DEBUG, INFO, WARNING or ERROR"),
+    ("log_format", "str", "json (one object per line) or text"),
+    ("access_log", "bool", "log every RPC (method, code, duration, items) at INFO"),
+]
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _convert(kind: str, text: str):
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    if kind == "path":
+        return Path(text) if text else None
+    if kind == "bool":
+        return _parse_bool(text)
+    if kind == "csv":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "csv_int":
+        return [int(part) for part in text.split(",") if part.strip()]
+    if kind == "json":
+        value = json.loads(text) if text.strip() else {}
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        return value
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EncoderConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m encoder_service",
+        description="TERAN encoder gRPC service (teran.v1.EncoderService): captions and images -> global and concept vectors. "
+        "Serves grpc.health.v1 health (NOT_SERVING until the model is loaded and warmed up), server reflection, "
+        "and Prometheus metrics on a separate HTTP port. Every flag can be set by the environment variable shown; "
+        "settings marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
+    )
+    for name, kind, text in _SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        attr = "auth_tokens" if name == "auth_token" else name
+        default = getattr(defaults, attr, None)
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or None
+        elif isinstance(default, dict):
+            default = json.dumps(default) if default else None
+        help_text = f"{text} [env {env_name(name)}]"
+        suffix = " (required)" if name == "model_dir" else (f" (default: {default})" if default is not None else "")
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text + suffix)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper().replace("CSV_INT", "N,N"), help=help_text + suffix)
+    return parser
+
+
+def from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> EncoderConfig:
+    """Flags, then TERAN_ENCODER_* variables, then defaults -> a validated EncoderConfig."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    config = EncoderConfig()
+    known = {f.name for f in fields(EncoderConfig)}
+    tokens: list[str] = []
+    for name, kind, _text in _SETTINGS:
+        value = getattr(args, name)
+        source = "--" + name.replace("_", "-")
+        if value is None and env_name(name) in environ:
+            value, source = environ[env_name(name)], env_name(name)
+        if value is None:
+            continue
+        try:
+            converted = value if isinstance(value, bool) else _convert(kind, value)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{source}: invalid {kind} value {value!r} ({exc})") from None
+        if name == "auth_token":
+            tokens.extend(converted)
+        elif name == "auth_token_file":
+            try:
+                lines = Path(converted).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(f"{source}: cannot read {converted} ({exc.strerror})") from None
+            tokens.extend(line.strip() for line in lines if line.strip())
+        elif name in known:
+            setattr(config, name, converted)
+    config.auth_tokens = tokens
+    return config.validate()

@@ -1,0 +1,542 @@
+"""The gRPC server: teran.v1.EncoderService + grpc.health.v1 + reflection, on grpc.aio.
+
+Lifecycle: the port opens first with health NOT_SERVING, then the backend loads and every
+graph is warmed up, then health turns SERVING. On stop (SIGTERM) health turns NOT_SERVING,
+new RPCs are refused, in-flight RPCs get `shutdown_grace_s` to finish, then the batchers and
+the backend close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from encoder_service._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
+from encoder_service.backends import Backend, BackendError
+from encoder_service.batching import DeadlineExpired, Overloaded
+from encoder_service.config import EncoderConfig
+from encoder_service.logs import get_logger
+from encoder_service.metrics import Metrics
+from encoder_service.model import EncoderModel, InvalidInput, RegionInput
+from encoder_service.tensors import FLOAT32, dtype_code, from_tensor, to_tensor
+from teran.errors import TeranInputError
+
+SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
+HEALTH_EXEMPT = ("/grpc.health.v1.Health/",)
+log = get_logger("server")
+access = get_logger("access")
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+
+
+class _RpcFailure(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, _RpcFailure):
+        return exc.code, exc.details
+    if isinstance(exc, InvalidInput | TeranInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, DeadlineExpired):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, BackendError):
+        return (grpc.StatusCode.UNAVAILABLE if exc.unavailable else grpc.StatusCode.INTERNAL), str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+# --------------------------------------------------------------------------- auth
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC except grpc.health.v1 needs metadata `authorization: Bearer <token>`."""
+
+    def __init__(self, tokens: list[str], metrics: Metrics | None = None, exempt: tuple[str, ...] = HEALTH_EXEMPT):
+        self._tokens = [t.encode() for t in tokens]
+        self._metrics = metrics
+        self._exempt = exempt
+
+    def _allowed(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+                given = value[7:].strip().encode()
+                ok = False
+                for token in self._tokens:  # compare against all: constant time per token
+                    ok |= hmac.compare_digest(given, token)
+                return ok
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(self._exempt) or self._allowed(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        message = "missing or invalid bearer token: send metadata `authorization: Bearer <token>`"
+        metrics = self._metrics
+        name = method.rsplit("/", 1)[-1]
+
+        async def deny(_request, context):
+            if metrics:
+                metrics.requests.labels(name, "UNAUTHENTICATED").inc()
+                metrics.errors.labels(name, "UNAUTHENTICATED").inc()
+            log.warning("unauthenticated call", extra={"method": name, "peer": context.peer()})
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
+
+
+# --------------------------------------------------------------------------- servicer
+
+
+class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
+    def __init__(self, server: EncoderServer):
+        self._server = server
+        self.metrics = server.metrics
+
+    @property
+    def model(self) -> EncoderModel:
+        model = self._server.model
+        if model is None or not model.ready:
+            state = "shutting down" if self._server.stopping else "loading and warming up the model"
+            raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the encoder is {state}; retry (watch grpc.health.v1)")
+        return model
+
+    def _model_ref(self) -> common_pb2.ModelRef:
+        m = self.model.manifest
+        return common_pb2.ModelRef(name=m.model_name, version=m.model_version, dimension=m.joint_dim)
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable]):
+        started = time.perf_counter()
+        self.metrics.inflight.inc()
+        self._server.rpc_started()
+        code, details, items = grpc.StatusCode.OK, "", 0
+        try:
+            if self._server.stopping:
+                raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
+            response = await work()
+            items = len(getattr(response, "captions", None) or getattr(response, "images", None) or ())
+            return response
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            code, details = _classify(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", method, extra={"method": method, "request_id": request_id})
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.inflight.dec()
+            self._server.rpc_finished()
+            self._record(method, code, elapsed, items, request_id, context, details)
+        await context.abort(code, details)
+
+    def _record(self, method, code, elapsed, items, request_id, context, details) -> None:
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.latency.labels(method).observe(elapsed)
+        if code != grpc.StatusCode.OK:
+            self.metrics.errors.labels(method, code.name).inc()
+            if code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
+                log.warning(
+                    "%s failed: %s %s", method, code.name, details, extra={"method": method, "code": code.name, "request_id": request_id}
+                )
+        if self._server.config.access_log:
+            access.info(
+                method,
+                extra={
+                    "method": method,
+                    "code": code.name,
+                    "ms": round(elapsed * 1000, 3),
+                    "items": items,
+                    "request_id": request_id,
+                    "peer": context.peer(),
+                },
+            )
+
+    # ------------------------------------------------------------------ captions
+
+    async def _captions(self, request, deadline, field: str = "captions") -> encoder_pb2.EncodeCaptionsResponse:
+        model = self.model
+        dtype = self._dtype(request.output_dtype, "output_dtype")
+        results = await model.encode_captions(list(request.captions), deadline, field)
+        response = encoder_pb2.EncodeCaptionsResponse(model=self._model_ref(), request_id=request.request_id)
+        for r in results:
+            item = response.captions.add()
+            item.global_vector.CopyFrom(to_tensor(r.global_vec, dtype))
+            if not request.global_only:
+                item.concepts.CopyFrom(to_tensor(r.concepts, dtype))
+                item.word_pieces.extend(r.word_pieces)
+                item.token_positions.extend(r.token_positions)
+            item.num_tokens = r.num_tokens
+        return response
+
+    async def EncodeCaptions(self, request, context):
+        return await self._unary("EncodeCaptions", context, request.request_id, lambda: self._captions(request, self._deadline(context)))
+
+    # ------------------------------------------------------------------ images
+
+    @staticmethod
+    def _dtype(value: int, field: str) -> int:
+        try:
+            return dtype_code(value)
+        except ValueError:
+            raise InvalidInput(f"{field}: unknown dtype code {value}; use FLOAT32 or FLOAT16") from None
+
+    def _image_inputs(self, request, field: str) -> list:
+        model = self.model
+        limit = model.config.max_items
+        if len(request.images) > limit:
+            raise InvalidInput(f"{field}: {len(request.images)} images exceeds the limit of {limit} per request (--max-items)")
+        items: list = []
+        for index, image in enumerate(request.images):
+            which = image.WhichOneof("source")
+            where = f"{field}[{index}]"
+            if which == "encoded":
+                items.append(image.encoded)
+            elif which == "regions":
+                r = image.regions
+                cap = model.max_regions * model.region_dim
+                features = from_tensor(r.features, f"{where}.regions.features", ndim=2, max_elements=cap)
+                boxes = from_tensor(r.boxes, f"{where}.regions.boxes", ndim=2, max_elements=model.max_regions * 4)
+                items.append(RegionInput(features, boxes, int(r.image_width), int(r.image_height)))
+            else:
+                items.append(None)
+        return items
+
+    async def _images(self, request, deadline, field: str = "images") -> encoder_pb2.EncodeImagesResponse:
+        model = self.model
+        dtype = self._dtype(request.output_dtype, "output_dtype")
+        results = await model.encode_images(self._image_inputs(request, field), deadline, field)
+        response = encoder_pb2.EncodeImagesResponse(model=self._model_ref(), request_id=request.request_id)
+        for r in results:
+            item = response.images.add()
+            item.global_vector.CopyFrom(to_tensor(r.global_vec, dtype))
+            if not request.global_only:
+                item.concepts.CopyFrom(to_tensor(r.concepts, dtype))
+                item.boxes.CopyFrom(to_tensor(r.boxes, FLOAT32))
+            item.image_width, item.image_height = r.width, r.height
+        return response
+
+    async def EncodeImages(self, request, context):
+        return await self._unary("EncodeImages", context, request.request_id, lambda: self._images(request, self._deadline(context)))
+
+    # ------------------------------------------------------------------ streams
+
+    async def _stream(self, method: str, request_iterator: AsyncIterator, context, work) -> AsyncIterator:
+        """Process up to max_stream_inflight messages concurrently; yield responses in order."""
+        started = time.perf_counter()
+        self.metrics.inflight.inc()
+        self._server.rpc_started()
+        code, details, count = grpc.StatusCode.OK, "", 0
+        if self._server.stopping:
+            self.metrics.inflight.dec()
+            self._server.rpc_finished()
+            self._record(method, grpc.StatusCode.UNAVAILABLE, 0.0, 0, "", context, "shutting down")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
+        inflight = max(1, self._server.config.max_stream_inflight)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=inflight)
+        deadline = self._deadline(context)
+        end = object()
+
+        async def reader() -> None:
+            index = 0
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(work(request, deadline, index))
+                    await queue.put(task)
+                    index += 1
+                await queue.put(end)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the stream broke (client went away)
+                await queue.put(exc)
+
+        reader_task = asyncio.ensure_future(reader())
+        failure = None
+        try:
+            while True:
+                entry = await queue.get()
+                if entry is end:
+                    break
+                if isinstance(entry, BaseException):
+                    raise entry
+                message_started = time.perf_counter()
+                response = await entry
+                self.metrics.latency.labels(method).observe(time.perf_counter() - message_started)
+                count += 1
+                yield response
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001
+            code, details = _classify(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", method, extra={"method": method})
+            failure = (code, details)
+        finally:
+            reader_task.cancel()
+            while not queue.empty():
+                entry = queue.get_nowait()
+                if isinstance(entry, asyncio.Future):
+                    entry.cancel()
+            self.metrics.inflight.dec()
+            self._server.rpc_finished()
+            self._record(method, code, time.perf_counter() - started, count, "", context, details)
+        if failure:
+            await context.abort(*failure)
+
+    async def StreamEncodeCaptions(self, request_iterator, context):
+        async def work(request, deadline, index):
+            try:
+                return await self._captions(request, deadline, "captions")
+            except InvalidInput as exc:
+                raise InvalidInput(f"stream message {index}: {exc}") from None
+
+        async for response in self._stream("StreamEncodeCaptions", request_iterator, context, work):
+            yield response
+
+    async def StreamEncodeImages(self, request_iterator, context):
+        async def work(request, deadline, index):
+            try:
+                return await self._images(request, deadline, "images")
+            except TeranInputError as exc:
+                raise InvalidInput(f"stream message {index}: {exc}") from None
+
+        async for response in self._stream("StreamEncodeImages", request_iterator, context, work):
+            yield response
+
+    # ------------------------------------------------------------------ info
+
+    async def GetModelInfo(self, request, context):
+        async def work():
+            info = self.model.info()
+            ref = common_pb2.ModelRef(name=info.pop("name"), version=info.pop("version"), dimension=info.pop("dimension"))
+            return encoder_pb2.ModelInfo(model=ref, **info)
+
+        return await self._unary("GetModelInfo", context, "", work)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class EncoderServer:
+    """One encoder server (gRPC + metrics HTTP). Use `await start()`, `await stop()`."""
+
+    def __init__(self, config: EncoderConfig, *, backend: Backend | None = None):
+        self.config = config
+        self.metrics = Metrics()
+        self.backend = backend
+        self.model: EncoderModel | None = None
+        self.stopping = False
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.health = health.aio.HealthServicer()
+        self.listening = threading.Event()  # set once the port is open (health NOT_SERVING until ready)
+        self._active = 0  # encoder RPCs in flight (health watches are not counted)
+        self._idle: asyncio.Event | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+
+    def rpc_started(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def rpc_finished(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def start(self, warmup: bool = True) -> None:
+        cfg = self.config
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        model = EncoderModel(
+            cfg, backend=self.backend, metrics=self.metrics, active_calls=lambda: self._active
+        )  # fail fast on the manifest
+        interceptors = [BearerTokenInterceptor(cfg.auth_tokens, self.metrics)] if cfg.auth_tokens else []
+        self._server = grpc.aio.server(
+            options=[*channel_options(cfg.max_message_bytes), ("grpc.so_reuseport", 0)],
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+        await self._server.start()
+        self.listening.set()
+        log.info(
+            "listening",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "tls": bool(cfg.tls_cert),
+                "auth": bool(cfg.auth_tokens),
+                "model_dir": str(cfg.model_dir),
+            },
+        )
+        self.model = model
+        await model.start(warmup=warmup)
+        m = model.manifest
+        self.metrics.model.info(
+            {"name": m.model_name, "version": str(m.model_version), "backend": model.backend.describe(), "dimension": str(m.joint_dim)}
+        )
+        if not self.stopping:
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.metrics.ready.set(1)
+            log.info("serving", extra={"port": self.port, "load_s": round(model.load_seconds, 3)})
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.stopping:
+            await self.wait()
+            return
+        self.stopping = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        log.info("shutting down", extra={"grace_s": grace})
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            # New encoder RPCs are refused (UNAVAILABLE) from now on; in-flight ones get `grace`
+            # seconds. Long-lived health Watch streams do not hold the shutdown up.
+            started = time.monotonic()
+            if self._active:
+                log.info("waiting for in-flight RPCs", extra={"inflight": self._active})
+                try:
+                    await asyncio.wait_for(self._idle.wait(), grace)
+                except TimeoutError:
+                    log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self._active})
+            await self._server.stop(max(0.0, min(0.5, grace - (time.monotonic() - started))))
+        if self.model is not None:
+            await self.model.close()
+        self.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+class ServerThread:
+    """Run an EncoderServer on its own event loop in a background thread (tests, benchmarks, embedding).
+
+    The constructor returns once the model is warm (`wait="ready"`) or once the port is open
+    (`wait="listening"`; then call `wait_ready()`)."""
+
+    def __init__(
+        self, config: EncoderConfig, *, backend: Backend | None = None, warmup: bool = True, wait: str = "ready", timeout: float = 120.0
+    ):
+        self.server = EncoderServer(config, backend=backend)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(warmup,), name="encoder-server", daemon=True)
+        self._thread.start()
+        if wait == "listening":
+            end = time.monotonic() + timeout
+            while not self.server.listening.wait(0.01) and not self._ready.is_set():
+                if time.monotonic() > end:
+                    raise TimeoutError("encoder server did not open its port in time")
+            self._raise_error()
+        else:
+            self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("encoder server did not start in time")
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+
+    def _run(self, warmup: bool) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            try:
+                await self.server.start(warmup=warmup)
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                self._error = exc
+                self._ready.set()
+                if self.server._server is not None:
+                    await self.server._server.stop(0)
+                self.server.metrics.close()
+                return
+            self._ready.set()
+            await self.server.wait()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout: float | None = 60.0):
+        """Run a coroutine on the server's loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        if self._thread.is_alive():
+            self.call(self.server.stop(grace), timeout=None if grace is None else grace + 30)
+            self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

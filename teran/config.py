@@ -1,0 +1,91 @@
+"""Model and training configuration (dataclasses; read from YAML/JSON files)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from teran.errors import TeranInputError
+
+
+@dataclass
+class ModelConfig:
+    """Our TERAN variant: frozen backbones, trained transformer heads, one joint space."""
+
+    region_dim: int = 1280  # EfficientNet-Lite0 channels per grid cell
+    text_hidden_dim: int = 384  # all-MiniLM-L6-v2 hidden size
+    visual_dim: int = 256  # width of the visual reasoning stack
+    visual_layers: int = 2
+    joint_dim: int = 256  # dimension of global and concept vectors
+    joint_layers: int = 1  # per-modality stacks in the joint space
+    heads: int = 4
+    feedforward_mult: int = 2
+    dropout: float = 0.1
+    max_regions: int = 100
+    max_tokens: int = 64  # word pieces incl. [CLS] and [SEP]
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.2
+    alignment_weight: float = 1.0  # VSE++ hinge on the MrSw alignment score (TERAN)
+    global_weight: float = 1.0  # VSE++ hinge on the global cosine (TERN)
+    alignment_mode: str = "MrSw"
+    # Epochs summing all violating negatives before switching to the hardest negative (VSE++).
+    sum_violations_epochs: int = 1
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    epochs: int = 30
+    captions_per_image: int = 1  # rounds per epoch; each round pairs every image with a different caption
+    batch_size: int = 128
+    lr: float = 2e-4
+    lr_decay_epoch: int = 20  # lr x0.1 from this epoch on
+    warmup_steps: int = 200
+    weight_decay: float = 1e-4
+    grad_clip: float = 2.0
+    seed: int = 13
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    device: str = "cpu"  # torch device for training, e.g. "cuda"
+    eval_images: int = 1000  # dev images scored at the end of each epoch
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise TeranInputError(f"{where}: unknown setting(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        nested = {"model": ModelConfig, "loss": LossConfig}.get(name) if cls is TrainConfig else None
+        kwargs[name] = _build(nested, value or {}, f"{where}.{name}") if nested else value
+    return cls(**kwargs)
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    return _build(ModelConfig, values, "model")
+
+
+def load_train_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise TeranInputError(f"{path}: config file does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TeranInputError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(values, dict):
+            raise TeranInputError(f"{path}: expected a mapping of settings")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(TrainConfig, values, str(path or "config"))
+
+
+def to_dict(config) -> dict:
+    return asdict(config)

@@ -1,0 +1,117 @@
+"""Our TERAN variant: image regions and caption words reasoned over by transformer encoders
+and matched in one joint space.
+
+Every branch returns `Encoded`: one global vector per item (position 0: the image's global
+slot, the caption's [CLS]) and the concept vectors (one per region / word piece), all
+L2-normalised, with a mask marking real concepts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teran.config import ModelConfig
+
+
+class Encoded(NamedTuple):
+    global_vec: torch.Tensor  # [B, D]
+    concepts: torch.Tensor  # [B, N, D]
+    concept_mask: torch.Tensor  # [B, N] bool, True for real regions / words
+
+
+def _encoder_stack(width: int, layers: int, cfg: ModelConfig) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        d_model=width,
+        nhead=cfg.heads,
+        dim_feedforward=width * cfg.feedforward_mult,
+        dropout=cfg.dropout,
+        batch_first=True,
+    )
+    # Nested tensors change numerics between eval and export; keep the dense path everywhere.
+    return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, p=2, dim=-1, eps=1e-12)
+
+
+def spatial_inputs(regions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """TERAN's spatial encoding input: feature ++ (x1, y1, x2, y2, area) on normalised boxes."""
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return torch.cat([regions, boxes, area.unsqueeze(-1)], dim=-1)
+
+
+class ImageEncoder(nn.Module):
+    """Region features [B, R, C] + normalised boxes [B, R, 4] + mask [B, R] -> Encoded (N = R)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.spatial = nn.Sequential(nn.Linear(cfg.region_dim + 5, cfg.visual_dim), nn.ReLU(), nn.Linear(cfg.visual_dim, cfg.visual_dim))
+        self.global_slot = nn.Parameter(torch.zeros(1, 1, cfg.visual_dim))
+        nn.init.normal_(self.global_slot, std=0.02)
+        self.reasoning = _encoder_stack(cfg.visual_dim, cfg.visual_layers, cfg)
+        self.projection = nn.Linear(cfg.visual_dim, cfg.joint_dim)
+        self.joint = _encoder_stack(cfg.joint_dim, cfg.joint_layers, cfg)
+
+    def forward(self, regions: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor) -> Encoded:
+        x = self.spatial(spatial_inputs(regions, boxes))
+        x = torch.cat([self.global_slot.expand(x.shape[0], -1, -1), x], dim=1)
+        valid = torch.cat([torch.ones_like(region_mask[:, :1]), region_mask], dim=1)
+        padding = ~valid
+        x = self.reasoning(x, src_key_padding_mask=padding)
+        x = self.joint(self.projection(x), src_key_padding_mask=padding)
+        x = _normalise(x)
+        return Encoded(x[:, 0], x[:, 1:], region_mask)
+
+
+def word_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mask of word pieces: real tokens minus [CLS] (position 0) and [SEP] (last real token).
+
+    Returned for positions 1.. so it lines up with `Encoded.concepts` of the text branch.
+    """
+    valid = attention_mask.bool()
+    lengths = valid.sum(dim=1)
+    positions = torch.arange(valid.shape[1], device=valid.device).unsqueeze(0)
+    words = valid & (positions != 0) & (positions != (lengths - 1).unsqueeze(1))
+    return words[:, 1:]
+
+
+class TextHead(nn.Module):
+    """Backbone hidden states [B, L, H] + attention mask [B, L] -> Encoded (N = L - 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.projection = nn.Linear(cfg.text_hidden_dim, cfg.joint_dim)
+        self.joint = _encoder_stack(cfg.joint_dim, cfg.joint_layers, cfg)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        x = self.joint(self.projection(hidden), src_key_padding_mask=~attention_mask.bool())
+        x = _normalise(x)
+        return Encoded(x[:, 0], x[:, 1:], word_mask(attention_mask))
+
+
+class TextEncoder(nn.Module):
+    """Token ids + attention mask -> Encoded: the frozen text backbone followed by the head."""
+
+    def __init__(self, backbone: nn.Module, head: TextHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden, attention_mask)
+
+
+class TeranModel(nn.Module):
+    """The trainable part of our model: image encoder and text head (backbones are frozen)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.image = ImageEncoder(cfg)
+        self.text = TextHead(cfg)

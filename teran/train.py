@@ -1,0 +1,199 @@
+"""Train our TERAN variant on cached frozen-backbone features of a Flickr8k-style folder.
+
+    python -m teran.train --config configs/flickr8k.yaml --output-dir runs/flickr8k
+    python -m teran.train --config configs/flickr8k.yaml --output-dir runs/flickr8k --resume
+
+Each epoch visits every training image once with one of its captions drawn at random (no
+image appears twice in a batch, so in-batch negatives are true negatives). `last.pt` is
+written after every epoch (resumable: weights, optimiser, schedule, RNG states) and
+`best.pt` whenever the dev rsum (alignment + global) improves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
+from teran.config import TrainConfig, load_train_config, to_dict
+from teran.data.flickr8k import load_split
+from teran.errors import TeranInputError
+from teran.evaluate import evaluate_model
+from teran.features import ImageFeatures, TextFeatures, image_features, text_features
+from teran.losses import TeranLoss
+from teran.model import TeranModel
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch; the caption sampler is seeded per epoch from the same seed."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(cfg: TrainConfig, step: int, epoch: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay = 0.1 if epoch >= cfg.lr_decay_epoch else 1.0
+    return cfg.lr * warm * decay
+
+
+class CaptionSampler:
+    """Batches of (image, caption) index pairs with no image twice in a batch.
+
+    An epoch is `rounds` shuffled passes over the images; in each pass every image is paired
+    with a different one of its captions (while it has unused ones).
+    """
+
+    def __init__(self, caption_owners: np.ndarray, n_images: int, batch_size: int, rounds: int = 1):
+        self.by_image = [np.flatnonzero(caption_owners == i) for i in range(n_images)]
+        self.batch_size = batch_size
+        self.rounds = rounds
+
+    def epoch(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        orders = [rng.permutation(caps) for caps in self.by_image]
+        batches = []
+        for round_index in range(self.rounds):
+            images = rng.permutation(len(self.by_image))
+            captions = np.array([orders[i][round_index % len(orders[i])] for i in images])
+            # Drop the ragged tail so every batch keeps its full set of negatives.
+            for start in range(0, len(images) - self.batch_size + 1, self.batch_size):
+                batches.append((images[start : start + self.batch_size], captions[start : start + self.batch_size]))
+        return batches
+
+
+def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+
+    train_split = load_split("train", data_dir)
+    dev_split = load_split("dev", data_dir, limit=cfg.eval_images)
+    train_caps, train_owners = train_split.flat_captions()
+    dev_caps, dev_owners = dev_split.flat_captions()
+    train_images: ImageFeatures = image_features(train_split, progress=progress)
+    train_text: TextFeatures = text_features(train_caps, max_tokens=cfg.model.max_tokens, progress=progress)
+    dev_images = image_features(dev_split, progress=progress)
+    dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, progress=progress)
+
+    device = torch.device(cfg.device)
+    model = TeranModel(cfg.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = TeranLoss(cfg.loss)
+    start_epoch, step, best_rsum, history = 0, 0, -1.0, []
+    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    if resume and last_path.exists():
+        state = read_checkpoint(last_path)
+        model, _ = load_model(last_path)
+        model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, best_rsum, history = state["epoch"] + 1, state["step"], state["best_rsum"], json.loads(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {last_path} at epoch {start_epoch}", file=sys.stderr)
+
+    sampler = CaptionSampler(np.asarray(train_owners), len(train_split.names), cfg.batch_size, cfg.captions_per_image)
+    regions_all = torch.from_numpy(train_images.regions).to(device)
+    boxes_all = torch.from_numpy(train_images.boxes).to(device)
+    started = time.monotonic()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        hardest = epoch >= cfg.loss.sum_violations_epochs
+        batches = sampler.epoch(np.random.default_rng(cfg.seed * 1000 + epoch))
+        running, epoch_started = [], time.monotonic()
+        with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress) as bar:
+            for batch_images, batch_captions in batches:
+                img_idx = torch.from_numpy(batch_images).to(device)
+                regions = regions_all[img_idx].float()
+                mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=device)
+                hidden, attention = (t.to(device) for t in train_text.batch(batch_captions))
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, step, epoch)
+                losses = loss_fn(model.image(regions, boxes_all[img_idx], mask), model.text(hidden, attention), hardest)
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                running.append({k: v.item() for k, v in losses.items()})
+                bar.set_postfix(loss=f"{np.mean([r['total'] for r in running[-20:]]):.2f}", hard=int(hardest))
+                bar.update()
+        dev = evaluate_model(model, dev_images, dev_text, np.asarray(dev_owners), mode=cfg.loss.alignment_mode)
+        rsum = dev["alignment"]["rsum"] + dev["global"]["rsum"]
+        record = {
+            "epoch": epoch + 1,
+            "loss": {k: float(np.mean([r[k] for r in running])) for k in running[0]},
+            "dev_rsum_alignment": dev["alignment"]["rsum"],
+            "dev_rsum_global": dev["global"]["rsum"],
+            "dev_r1": {n: {d: dev[n][d]["r1"] for d in ("i2t", "t2i")} for n in ("alignment", "global")},
+            "seconds": round(time.monotonic() - epoch_started, 1),
+        }
+        history.append(record)
+        print(
+            f"epoch {epoch + 1}: loss {record['loss']['total']:.2f}  dev rsum alignment {dev['alignment']['rsum']:.1f} "
+            f"global {dev['global']['rsum']:.1f}  ({record['seconds']:.0f}s)",
+            file=sys.stderr,
+        )
+        extra = {"train_config": to_dict(cfg), "epoch": epoch, "step": step, "history": json.dumps(history), "dev": json.dumps(dev)}
+        if rsum > best_rsum:
+            best_rsum = rsum
+            save_checkpoint(best_path, model, **extra)
+        save_checkpoint(
+            last_path,
+            model,
+            **extra,
+            best_rsum=best_rsum,
+            optimizer=optimizer.state_dict(),
+            torch_rng=torch.get_rng_state(),
+        )
+    summary = {
+        "epochs": cfg.epochs,
+        "steps": step,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "best_dev_rsum_sum": best_rsum,
+        "best_checkpoint": str(best_path),
+        "history": history,
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m teran.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--config", default=None, help="YAML file of TrainConfig settings (see configs/flickr8k.yaml)")
+    parser.add_argument("--output-dir", default="runs/flickr8k", help="where last.pt, best.pt and summary.json go")
+    parser.add_argument("--data-dir", default=None, help="Flickr8k-style folder (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, {"epochs": args.epochs, "seed": args.seed})
+        summary = train(cfg, Path(args.output_dir), args.data_dir, args.resume, progress=not args.no_progress)
+    except TeranInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    best = max(summary["history"], key=lambda h: h["dev_rsum_alignment"] + h["dev_rsum_global"]) if summary["history"] else None
+    print(
+        f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['train_seconds'] / 60:.1f} min; "
+        f"best epoch {best and best['epoch']}: dev rsum alignment {best and best['dev_rsum_alignment']:.1f}, "
+        f"global {best and best['dev_rsum_global']:.1f}; checkpoint {summary['best_checkpoint']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

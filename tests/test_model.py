@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
+from teran.config import ModelConfig
+from teran.errors import CheckpointError
+from teran.model import TeranModel, word_mask
+
+TINY = ModelConfig(region_dim=12, text_hidden_dim=10, visual_dim=16, visual_layers=1, joint_dim=8, joint_layers=1, heads=2)
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return TeranModel(TINY).eval()
+
+
+def _image_inputs(batch=3, regions=5):
+    regions_t = torch.randn(batch, regions, TINY.region_dim)
+    boxes = torch.rand(batch, regions, 4).sort(dim=-1).values
+    mask = torch.ones(batch, regions, dtype=torch.bool)
+    if batch > 1:
+        mask[1, 3:] = False
+    return regions_t, boxes, mask
+
+
+def test_image_branch_outputs_normalised_vectors_and_masks(model):
+    regions, boxes, mask = _image_inputs()
+    out = model.image(regions, boxes, mask)
+    assert out.global_vec.shape == (3, 8) and out.concepts.shape == (3, 5, 8)
+    torch.testing.assert_close(out.global_vec.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.concepts.norm(dim=-1), torch.ones(3, 5))
+    assert torch.equal(out.concept_mask, mask)
+
+
+def test_padded_regions_do_not_change_real_outputs(model):
+    regions, boxes, mask = _image_inputs(batch=1, regions=3)
+    alone = model.image(regions, boxes, mask)
+    padded = model.image(
+        torch.cat([regions, torch.randn(1, 2, TINY.region_dim)], 1),
+        torch.cat([boxes, torch.rand(1, 2, 4)], 1),
+        torch.cat([mask, torch.zeros(1, 2, dtype=torch.bool)], 1),
+    )
+    torch.testing.assert_close(alone.global_vec, padded.global_vec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.concepts, padded.concepts[:, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_text_word_mask_drops_cls_and_sep():
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    # positions 1..: [w, w, w, SEP] and [w, SEP, pad, pad]
+    assert word_mask(attention).tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_text_head_handles_padding(model):
+    hidden = torch.randn(2, 6, TINY.text_hidden_dim)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    out = model.text(hidden, attention)
+    assert out.concepts.shape == (2, 5, 8) and not torch.isnan(out.concepts).any()
+    short = model.text(hidden[1:, :3], attention[1:, :3])
+    torch.testing.assert_close(short.global_vec, out.global_vec[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_round_trip(tmp_path, model):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, epoch=3)
+    loaded, payload = load_model(path)
+    assert payload["epoch"] == 3 and loaded.config == TINY
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert not (tmp_path / "m.pt.tmp").exists()
+
+
+def test_checkpoint_errors_name_the_file(tmp_path, model):
+    with pytest.raises(CheckpointError, match="missing.pt: checkpoint file does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt: not a readable checkpoint"):
+        read_checkpoint(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="other.pt: not a teran-project-checkpoint file"):
+        read_checkpoint(other)
+    wrong = tmp_path / "wrong.pt"
+    save_checkpoint(wrong, model)
+    payload = torch.load(wrong, weights_only=True)
+    payload["model_config"]["joint_dim"] = 16
+    torch.save(payload, wrong)
+    with pytest.raises(CheckpointError, match="wrong.pt: weights do not match the model config"):
+        load_model(wrong)

@@ -1,0 +1,103 @@
+"""Training and evaluation CLIs end to end on a tiny Flickr8k-style folder (real backbones)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from teran import evaluate, train
+from teran.checkpoint import read_checkpoint
+
+WORDS = ["dog", "cat", "beach", "snow", "bike", "tree", "car", "boat"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flickr")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    rows, names = ["image,caption"], []
+    for index in range(12):
+        name = f"img{index}.jpg"
+        pixels = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / name, quality=90)
+        names.append(name)
+        word = WORDS[index % len(WORDS)]
+        rows += [f"{name},a {word} number {index} , variant {k}" for k in range(5)]
+    (root / "captions.txt").write_text("\n".join(rows) + "\n")
+    (root / "train_images.txt").write_text("\n".join(names[:8]) + "\n")
+    (root / "dev_images.txt").write_text("\n".join(names[8:]) + "\n")
+    return root
+
+
+@pytest.fixture()
+def config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        "model: {visual_dim: 16, visual_layers: 1, joint_dim: 8, joint_layers: 1, heads: 2}\n"
+        "epochs: 2\nbatch_size: 4\ncaptions_per_image: 2\nwarmup_steps: 2\nlr_decay_epoch: 1\neval_images: 4\nthreads: 1\n"
+    )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TERAN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_train_resume_and_evaluate(data_dir, config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # 8 train images, batch 4, 2 rounds per epoch -> 4 steps per epoch.
+    assert summary["steps"] == 8 and [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert (out / "best.pt").is_file() and read_checkpoint(out / "last.pt")["epoch"] == 1
+
+    # Resuming a finished run with more epochs continues from the saved step count.
+    assert (
+        train.main(
+            ["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--resume", "--epochs", "3", "--no-progress"]
+        )
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+
+    report_path = tmp_path / "eval.json"
+    code = evaluate.main(
+        ["--checkpoint", str(out / "best.pt"), "--split", "dev", "--data-dir", str(data_dir), "--output", str(report_path)]
+    )
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["n_images"] == 4 and report["n_captions"] == 20 and report["command"].startswith("python -m teran.evaluate")
+    for score in ("alignment", "global"):
+        for direction in ("i2t", "t2i"):
+            values = report[score][direction]
+            assert 0 <= values["r1"] <= values["r5"] <= values["r10"] <= 100.0
+            assert 0 < values["ndcg_rougeL"] <= 1
+        assert report[score]["t2i"]["r5"] == 100.0  # only 4 images to rank
+        assert report[score]["rsum"] == pytest.approx(sum(report[score][d][k] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")))
+
+
+def test_missing_image_is_a_clear_cli_error(data_dir, config, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in ("captions.txt", "train_images.txt", "dev_images.txt"):
+        (broken / item).write_bytes((data_dir / item).read_bytes())
+    (broken / "images").mkdir()
+    for image in (data_dir / "images").iterdir():
+        (broken / "images" / image.name).write_bytes(image.read_bytes())
+    (broken / "images" / "img3.jpg").unlink()
+    (broken / "images" / "img5.jpg").write_bytes(b"not a jpeg")
+    code = train.main(["--config", str(config), "--output-dir", str(tmp_path / "r"), "--data-dir", str(broken), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "img3.jpg: image file does not exist" in err
+
+
+def test_evaluate_rejects_a_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"garbage")
+    assert evaluate.main(["--checkpoint", str(foreign)]) == 2
+    assert "foreign.pt: not a readable checkpoint" in capsys.readouterr().err
