@@ -3,8 +3,9 @@
     python -m teran.train --config configs/flickr8k.yaml --output-dir runs/flickr8k
     python -m teran.train --config configs/flickr8k.yaml --output-dir runs/flickr8k --resume
 
-Each epoch visits every training image once with one of its captions drawn at random (no
-image appears twice in a batch, so in-batch negatives are true negatives). `last.pt` is
+Each epoch makes `captions_per_image` shuffled passes over the training images, pairing every
+image with a different one of its captions in each pass (no image appears twice in a batch,
+so in-batch negatives are true negatives). `last.pt` is
 written after every epoch (resumable: weights, optimiser, schedule, RNG states) and
 `best.pt` whenever the dev rsum (alignment + global) improves.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -68,7 +70,7 @@ class CaptionSampler:
         return batches
 
 
-def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True, command: str = "") -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +156,7 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
             torch_rng=torch.get_rng_state(),
         )
     summary = {
+        "command": command,
         "epochs": cfg.epochs,
         "steps": step,
         "train_seconds": round(time.monotonic() - started, 1),
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, {"epochs": args.epochs, "seed": args.seed})
-        summary = train(cfg, Path(args.output_dir), args.data_dir, args.resume, progress=not args.no_progress)
+        command = "python -m teran.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        summary = train(cfg, Path(args.output_dir), args.data_dir, args.resume, progress=not args.no_progress, command=command)
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
