@@ -1,32 +1,33 @@
-"""Cross-modal search demo on real Flickr8k photos, end to end through the gRPC encoder service.
+"""Cross-modal search demo on real Flickr8k photos, end to end through both gRPC services.
 
     python -m demo                       # or: bash scripts/demo.sh (also sets up .venv)
 
 Steps (each reused on a second run when its inputs are unchanged):
  1. model: models/teran-flickr8k.pt (trained here; retrained if missing)
  2. export: ONNX graphs + manifest in artifacts/teran-flickr8k
- 3. encoder service: started on loopback from the exported model (no torch)
- 4. index: every dev photo encoded through the service (streaming); captions too
- 5. queries: captions -> photos and a photo -> captions, first stage on the global vector,
-    re-ranked with the TERAN MrSw alignment; prints which word matched which region
+ 3. services: the encoder (ONNX Runtime, no torch) and the search service (embedded
+    milvus-lite file artifacts/demo/search.db) on loopback
+ 4. index: every dev photo and caption streamed into the search service
+ 5. queries: captions -> photos and a photo -> captions (first stage on the global vector,
+    re-ranked with the TERAN MrSw alignment), printing which word matched which region
  6. contact sheet: artifacts/demo/index.html
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from demo.contact_sheet import write_contact_sheet
-from demo.ranking import Gallery, rank
-from demo.steps import REPO, encoder_service, ensure_checkpoint, ensure_model_dir, log, short_path
+from demo.results import Hit
+from demo.steps import REPO, ensure_checkpoint, ensure_model_dir, log, service, short_path
 from teran.data.flickr8k import load_split
+from teran.manifest import load_manifest
 
 CAPTION_QUERIES = [
     "a dog runs through the snow",
@@ -35,48 +36,50 @@ CAPTION_QUERIES = [
     "a group of people stand in front of a building",
     "a black dog jumps to catch a frisbee",
 ]
+IMAGE_QUERY_INDEX = 7  # a dev photo whose own captions are in the index
 
 
-def encode_gallery(address: str, data, cache: Path, batch: int = 32) -> tuple[Gallery, Gallery]:
-    """Dev photos and their captions encoded by the service; cached per model and image list."""
-    from encoder_service.client import EncoderClient
+def index_split(client, data, batch: int = 32) -> None:
+    """Stream the split's photos and captions into the search service, unless already there."""
+    from search_service._proto import search_pb2
 
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as stored:
-            log(f"index: reusing {short_path(cache)}")
-            return Gallery.from_arrays(stored, "images"), Gallery.from_arrays(stored, "captions")
     captions, owners = data.flat_captions()
+    stats = client.stats()
+    if stats.images == len(data.names) and stats.captions == len(captions):
+        log(f"index: reusing {stats.images} photos and {stats.captions} captions in {stats.uri}")
+        return
     started = time.monotonic()
-    with EncoderClient(address, timeout=600) as client:
-        paths = [data.image_path(i) for i in range(len(data.names))]
-        image_parts = []
-        with tqdm(total=len(paths), desc="index photos", unit="img") as bar:
-            for result in client.stream_encode_images([p.read_bytes() for p in paths[s : s + batch]] for s in range(0, len(paths), batch)):
-                image_parts.extend(result)
-                bar.update(len(result))
-        caption_parts = []
-        with tqdm(total=len(captions), desc="index captions", unit="cap") as bar:
-            for result in client.stream_encode_captions(captions[s : s + 4 * batch] for s in range(0, len(captions), 4 * batch)):
-                caption_parts.extend(result)
-                bar.update(len(result))
-    images = Gallery.build(
-        ids=data.names,
-        globals_=[r.global_vector for r in image_parts],
-        concepts=[r.concepts for r in image_parts],
-        labels=[[f"region {k}" for k in range(len(r.concepts))] for r in image_parts],
-        boxes=[r.boxes for r in image_parts],
-    )
-    texts = Gallery.build(
-        ids=[f"{data.names[o]}#{k % 5}" for k, o in enumerate(owners)],
-        globals_=[r.global_vector for r in caption_parts],
-        concepts=[r.concepts for r in caption_parts],
-        labels=[r.word_pieces for r in caption_parts],
-        boxes=None,
-    )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, **images.to_arrays("images"), **texts.to_arrays("captions"))
-    log(f"index: {len(images.ids)} photos and {len(texts.ids)} captions encoded in {time.monotonic() - started:.0f}s")
-    return images, texts
+
+    def photo_batches(bar):
+        for start in range(0, len(data.names), batch):
+            items = [
+                search_pb2.IndexItem(
+                    id=data.names[i],
+                    image=data.image_path(i).read_bytes(),
+                    metadata_json=json.dumps({"caption": data.captions[i][0]}),
+                )
+                for i in range(start, min(start + batch, len(data.names)))
+            ]
+            yield items
+            bar.update(len(items))
+
+    def caption_batches(bar):
+        for start in range(0, len(captions), 4 * batch):
+            items = [
+                search_pb2.IndexItem(
+                    id=f"{data.names[owners[k]]}#{k % 5}", caption=captions[k], metadata_json=json.dumps({"image": data.names[owners[k]]})
+                )
+                for k in range(start, min(start + 4 * batch, len(captions)))
+            ]
+            yield items
+            bar.update(len(items))
+
+    with tqdm(total=len(data.names), desc="index photos", unit="img") as bar:
+        client.stream_index(photo_batches(bar), timeout=1800)
+    with tqdm(total=len(captions), desc="index captions", unit="cap") as bar:
+        client.stream_index(caption_batches(bar), timeout=1800)
+    stats = client.stats()
+    log(f"index: {stats.images} photos and {stats.captions} captions stored in {stats.uri} in {time.monotonic() - started:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,54 +94,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", action="append", default=None, help="caption query (repeatable; default: five built-in queries)")
     parser.add_argument("--top-k", type=int, default=5, help="hits per query (default 5)")
     parser.add_argument("--rerank-multiplier", type=int, default=10, help="first stage keeps top_k x this for re-ranking (default 10)")
-    parser.add_argument("--output", default=str(REPO / "artifacts" / "demo"), help="where index.html and the caches go")
+    parser.add_argument("--output", default=str(REPO / "artifacts" / "demo"), help="where index.html and the milvus-lite file go")
     args = parser.parse_args(argv)
 
     output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
     checkpoint = ensure_checkpoint(Path(args.checkpoint), Path(args.config))
     model_dir = ensure_model_dir(checkpoint, Path(args.model_dir))
     data = load_split(args.split, args.data_dir)
-    key = hashlib.sha256(
-        (str(model_dir.resolve()) + (model_dir / "manifest.json").read_text() + "\n".join(data.names)).encode()
-    ).hexdigest()[:12]
+    # One milvus-lite file per exported model: a new model never meets vectors of another.
+    database = output / f"search-{load_manifest(model_dir, verify=False).source.sha256[:12]}.db"
 
-    from encoder_service.client import EncoderClient
+    from search_service.client import SearchClient
 
-    with encoder_service(model_dir) as address:
-        images, texts = encode_gallery(address, data, output / f"index-{key}.npz")
-        with EncoderClient(address) as client:
-            queries = args.query or CAPTION_QUERIES
-            encoded = client.encode_captions(queries)
-            image_query = data.names[7]
-            image_encoded = client.encode_images([data.image_path(7).read_bytes()])[0]
+    with (
+        service("encoder_service", "teran.v1.EncoderService", ["--model-dir", str(model_dir)]) as encoder,
+        service("search_service", "teran.v1.SearchService", ["--milvus-uri", str(database), "--encoder-address", encoder]) as search,
+        SearchClient(search, timeout=120) as client,
+    ):
+        index_split(client, data)
+        sections = []
+        for text in args.query or CAPTION_QUERIES:
+            response = client.search_caption(text, top_k=args.top_k, rerank_multiplier=args.rerank_multiplier)
+            hits = [Hit.from_search_hit(h) for h in response.hits]
+            print(f'\nQUERY "{text}"  ({response.candidates} first-stage candidates by global vector, re-ranked by MrSw)')
+            for place, hit in enumerate(hits, 1):
+                print(f"  {place}. {hit.id}  score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  | {hit.metadata.get('caption', '')}")
+                matches = ", ".join(
+                    f"{m.word} -> region {m.region} box ({', '.join(f'{v:.2f}' for v in m.box)}) sim {m.similarity:.2f}"
+                    for m in hit.strongest_matches(3)
+                )
+                print(f"     best-matched words: {matches}")
+            sections.append(("caption", text, hits))
 
-    sections = []
-    for text, query in zip(queries, encoded, strict=True):
-        hits = rank(query.global_vector, query.concepts, query.word_pieces, images, args.top_k, args.rerank_multiplier)
-        print(f'\nQUERY "{text}"  (first stage: top {args.top_k * args.rerank_multiplier} by global vector; re-ranked by MrSw)')
+        image_query = data.names[IMAGE_QUERY_INDEX]
+        response = client.search_image(
+            data.image_path(IMAGE_QUERY_INDEX).read_bytes(), top_k=args.top_k, rerank_multiplier=args.rerank_multiplier
+        )
+        hits = [Hit.from_search_hit(h) for h in response.hits]
+        print(f"\nIMAGE QUERY {image_query} (its own 5 captions are among the {len(data.names) * 5} indexed)")
         for place, hit in enumerate(hits, 1):
-            reference = data.captions[data.names.index(hit.id)][0]
-            print(f"  {place}. {hit.id}  score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  | {reference}")
-            matches = ", ".join(f"{m.word}->r{m.target}@({m.box[0]:.2f},{m.box[1]:.2f})={m.similarity:.2f}" for m in hit.matches[:6])
-            print(f"     words -> regions: {matches}")
-        sections.append(("caption", text, hits))
-    caption_hits = rank(
-        image_encoded.global_vector,
-        image_encoded.concepts,
-        [f"region {k}" for k in range(len(image_encoded.concepts))],
-        texts,
-        args.top_k,
-        args.rerank_multiplier,
-        alignment_from_targets=True,
-        query_boxes=image_encoded.boxes,
-    )
-    print(f"\nIMAGE QUERY {image_query} (its own captions are in the gallery)")
-    for place, hit in enumerate(caption_hits, 1):
-        owner, number = hit.id.split("#")
-        caption = data.captions[data.names.index(owner)][int(number)]
-        mark = "  <- own caption" if owner == image_query else ""
-        print(f"  {place}. score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  {caption}{mark}")
-    sections.append(("image", image_query, caption_hits))
+            text = data.captions[data.names.index(hit.metadata["image"])][int(hit.id.split("#")[1])]
+            mark = "  <- its own caption" if hit.metadata["image"] == image_query else ""
+            print(f"  {place}. score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  {text}{mark}")
+        sections.append(("image", image_query, hits))
     sheet = write_contact_sheet(output / "index.html", sections, data)
     log(f"contact sheet: {short_path(sheet)}")
     return 0

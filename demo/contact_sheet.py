@@ -6,8 +6,6 @@ import base64
 import html
 from pathlib import Path
 
-from demo.ranking import Hit
-
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
 
 
@@ -26,12 +24,6 @@ def _photo(path: Path, matches, size: int = 224) -> str:
     )
 
 
-def _strongest(hit: Hit, count: int = 4):
-    """The words with the most confident region matches (skipping word-piece continuations)."""
-    words = [m for m in hit.matches if not m.word.startswith("##")]
-    return sorted(words, key=lambda m: -m.similarity)[:count]
-
-
 def write_contact_sheet(path: Path, sections, data) -> Path:
     """sections: ("caption", query text, hits over photos) or ("image", photo name, hits over captions)."""
     parts = [
@@ -47,13 +39,16 @@ def write_contact_sheet(path: Path, sections, data) -> Path:
             parts.append(f"<h2>&ldquo;{html.escape(query)}&rdquo;</h2><div class='row'>")
             for place, hit in enumerate(hits, 1):
                 caption = data.captions[data.names.index(hit.id)][0]
+                photo = _photo(data.root / "images" / hit.id, hit.strongest_matches(4))
                 parts.append(
-                    f"<div class='hit'>{_photo(data.root / 'images' / hit.id, _strongest(hit))}<br><b>{place}. {html.escape(hit.id)}</b>"
+                    f"<div class='hit'>{photo}<br><b>{place}. {html.escape(hit.id)}</b>"
                     f"<br>score {hit.score:.3f} (first stage {hit.first_stage:.3f})<br><i>{html.escape(caption)}</i></div>"
                 )
         else:
             parts.append(f"<h2>Photo query: {html.escape(query)}</h2><div class='row'>")
-            parts.append(f"<div class='hit'>{_photo(data.root / 'images' / query, [])}</div><div><ol>")
+            # For photo queries the alignment boxes lie on the query photo: show the best caption's words there.
+            matches = hits[0].strongest_matches(4) if hits else []
+            parts.append(f"<div class='hit'>{_photo(data.root / 'images' / query, matches)}</div><div><ol>")
             for hit in hits:
                 owner, number = hit.id.split("#")
                 caption = data.captions[data.names.index(owner)][int(number)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -70,42 +69,36 @@ def free_port() -> int:
 
 
 @contextmanager
-def encoder_service(model_dir: Path):
-    """Start `python -m encoder_service` on loopback; yields its address; SIGTERM on exit."""
-    from encoder_service.client import EncoderClient
+def service(module: str, health_name: str, args: list[str]):
+    """Start `python -m MODULE` on a free loopback port; yield its address once its grpc.health.v1
+    status is SERVING; SIGTERM (graceful shutdown) on exit. Its log goes to artifacts/demo/."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
     address = f"127.0.0.1:{port}"
-    log_path = REPO / "artifacts" / "demo" / "encoder-service.log"
+    log_path = REPO / "artifacts" / "demo" / f"{module}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [PYTHON, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"]
     with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "encoder_service",
-                "--model-dir",
-                str(model_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-port",
-                "-1",
-            ],
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
-        )
+        process = subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             started = time.monotonic()
-            with EncoderClient(address) as client:
-                try:
-                    client.wait_until_serving(timeout=180)
-                except TimeoutError:
-                    raise SystemExit(f"[demo] encoder service did not become ready; see {log_path}") from None
-            log(f"encoder service: SERVING on {address} after {time.monotonic() - started:.1f}s (log: {short_path(log_path)})")
+            with grpc.insecure_channel(address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    if process.poll() is not None:
+                        raise SystemExit(f"[demo] {module} exited with code {process.returncode}; see {short_path(log_path)}")
+                    if time.monotonic() - started > 180:
+                        raise SystemExit(f"[demo] {module} did not become SERVING in 180 s; see {short_path(log_path)}")
+                    try:
+                        status = health.Check(health_pb2.HealthCheckRequest(service=health_name), timeout=2).status
+                        if status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    time.sleep(0.2)
+            log(f"{module}: SERVING on {address} after {time.monotonic() - started:.1f}s (log: {short_path(log_path)})")
             yield address
         finally:
             process.terminate()

@@ -201,6 +201,8 @@ def _options(max_message_bytes: int, server_name: str | None) -> list[tuple[str,
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # With a DNS name of a headless Service, spread calls over every encoder pod.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))

@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# TERAN search service image: torch-free (pip install .[serve]), non-root, no HEALTHCHECK
+# (Kubernetes uses native gRPC probes on grpc.health.v1). Build from the repository root:
+#   docker build -f docker/search.Dockerfile -t registry.example.com/teran/search:0.1.0 .
+# Pin the base further by digest (python:3.11.13-slim-bookworm@sha256:...) in your registry mirror.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY teran/ teran/
+COPY export/ export/
+COPY encoder_service/ encoder_service/
+COPY search_service/ search_service/
+COPY demo/ demo/
+RUN pip install ".[serve]" \
+    && python -c "import search_service.__main__" \
+    && ! python -c "import torch" 2>/dev/null
+
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN groupadd --system --gid 10001 teran \
+    && useradd --system --uid 10001 --gid teran --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin teran
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 50052 9091
+ENTRYPOINT ["python", "-m", "search_service"]

@@ -1,0 +1,232 @@
+"""Search service configuration: command-line flags, each with a TERAN_SEARCH_* environment variable.
+
+Precedence: flag > environment variable > default. `python -m search_service --help` lists every
+setting with its variable and default; settings marked LIMIT bound what a request may ask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from encoder_service.config import ConfigError, _convert
+
+ENV_PREFIX = "TERAN_SEARCH_"
+MIB = 1024 * 1024
+INDEX_TYPES = ("auto", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
+CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
+
+__all__ = ["ConfigError", "SearchConfig", "build_parser", "from_args"]
+
+
+@dataclass
+class SearchConfig:
+    # storage
+    milvus_uri: str = "teran-search.db"
+    milvus_token: str = ""
+    collection_prefix: str = "teran"
+    index_type: str = "auto"
+    index_params: dict = field(default_factory=dict)
+    search_params: dict = field(default_factory=dict)
+    consistency_level: str = "Strong"
+    flush_on_index: bool = False
+    milvus_workers: int = 4
+    sparse_surrogates: list[str] = field(default_factory=list)
+    sq_scale: float = 30.0
+    dp_keep: int = 64
+    milvus_timeout_s: float = 30.0
+    # model used to create the collections when neither the encoder nor the request names one
+    model_name: str = "unspecified"
+    model_version: int = 0
+    # encoder
+    encoder_address: str = ""
+    encoder_token: str = ""
+    encoder_timeout_s: float = 30.0
+    encoder_batch: int = 32
+    # network
+    host: str = "0.0.0.0"
+    port: int = 50052
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9091
+    max_message_bytes: int = 64 * MIB
+    max_concurrent_rpcs: int = 256
+    auth_tokens: list[str] = field(default_factory=list)
+    # retrieval
+    rerank_multiplier: int = 10
+    max_rerank_multiplier: int = 100
+    max_candidates: int = 2000
+    rerank_chunk: int = 256
+    # request limits
+    max_top_k: int = 100
+    max_index_items: int = 256
+    max_ids: int = 1024
+    max_id_length: int = 512
+    max_metadata_bytes: int = 16384
+    max_concepts: int = 128
+    max_filter_chars: int = 2048
+    # lifecycle / logs
+    shutdown_grace_s: float = 20.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    access_log: bool = False
+
+    def validate(self) -> SearchConfig:
+        def need(cond: bool, name: str, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}): {what}")
+
+        need(bool(self.milvus_uri), "milvus_uri", "required: a milvus-lite file (*.db) or a Milvus server URI (http://host:19530)")
+        need(self.collection_prefix.replace("_", "").isalnum(), "collection_prefix", "letters, digits and _ only")
+        need(self.index_type in INDEX_TYPES, "index_type", f"{self.index_type!r} is not one of {', '.join(INDEX_TYPES)}")
+        need(
+            self.consistency_level in CONSISTENCY, "consistency_level", f"{self.consistency_level!r} is not one of {', '.join(CONSISTENCY)}"
+        )
+        need(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
+        need(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
+        for name in (
+            "milvus_workers", "encoder_batch", "max_concurrent_rpcs", "rerank_multiplier", "max_rerank_multiplier",
+            "max_candidates", "rerank_chunk", "max_top_k", "max_index_items", "max_ids", "max_id_length",
+            "max_metadata_bytes", "max_concepts", "max_filter_chars",
+        ):  # fmt: skip
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        need(all(k in ("sq", "dp") for k in self.sparse_surrogates), "sparse_surrogates", "a comma-separated subset of sq, dp")
+        need(self.sq_scale > 0, "sq_scale", f"must be > 0, got {self.sq_scale}")
+        need(self.dp_keep >= 1, "dp_keep", f"must be >= 1, got {self.dp_keep}")
+        need(self.max_candidates <= 16384, "max_candidates", "Milvus returns at most 16384 hits per search")
+        need(self.max_concepts <= 3000, "max_concepts", "at most 3000 (boxes are stored in one VARCHAR field)")
+        need(self.max_id_length <= 65535, "max_id_length", "at most 65535 (Milvus VARCHAR)")
+        need(self.rerank_multiplier <= self.max_rerank_multiplier, "rerank_multiplier", "must be <= --max-rerank-multiplier")
+        need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
+        for name in ("milvus_timeout_s", "encoder_timeout_s"):
+            need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
+        need(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
+        need(all(t and not any(c.isspace() for c in t) for t in self.auth_tokens), "auth_token", "tokens must be non-empty without spaces")
+        return self
+
+    @property
+    def is_lite(self) -> bool:
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+# (flag name, type, help). Types: int, float, str, path, bool, csv, json.
+_SETTINGS: list[tuple[str, str, str]] = [
+    ("milvus_uri", "str", "Milvus: a milvus-lite file (*.db, embedded, the default) or a server / cluster URI, e.g. http://milvus:19530"),
+    ("milvus_token", "str", "Milvus token (user:password or an API key); prefer the variable"),
+    ("collection_prefix", "str", "collections are PREFIX_images and PREFIX_captions"),
+    (
+        "index_type",
+        "str",
+        "dense index of the global vectors: auto (FLAT on milvus-lite, HNSW on a server), FLAT, HNSW, IVF_FLAT, IVF_SQ8, AUTOINDEX",
+    ),
+    ("index_params", "json", 'JSON build parameters of --index-type, e.g. {"M": 16, "efConstruction": 200} or {"nlist": 1024}'),
+    ("search_params", "json", 'JSON search parameters, e.g. {"ef": 128} (HNSW ef is raised to the candidate count) or {"nprobe": 16}'),
+    ("consistency_level", "str", "read consistency of Search/Get/Stats: Strong (read your writes), Bounded, Session, Eventually"),
+    ("flush_on_index", "bool", "also flush (seal) segments before acknowledging Index (slow; acknowledged writes already survive a crash)"),
+    ("milvus_workers", "int", "threads talking to Milvus"),
+    (
+        "sparse_surrogates",
+        "csv",
+        "sparse first stages stored with new collections where the backend has sparse vectors (milvus-lite 3.x, Milvus >= 2.4): "
+        "sq (scalar quantization), dp (deep permutation), e.g. sq,dp; fixed when the collections are created",
+    ),
+    ("sq_scale", "float", "scalar quantization: weight floor(scale x c-relu(v)); larger = denser"),
+    ("dp_keep", "int", "deep permutation: components kept (the sparsity)"),
+    ("milvus_timeout_s", "float", "LIMIT: seconds per Milvus call"),
+    ("model_name", "str", "model name recorded when collections are created from vectors without a ModelRef and no encoder"),
+    ("model_version", "int", "model version recorded in that case"),
+    ("encoder_address", "str", "teran.v1.EncoderService host:port for raw images and captions (empty: vectors only)"),
+    ("encoder_token", "str", "bearer token for the encoder; prefer the variable"),
+    ("encoder_timeout_s", "float", "LIMIT: seconds per encoder call"),
+    ("encoder_batch", "int", "items per encoder request"),
+    ("host", "str", "gRPC listen address"),
+    ("port", "int", "gRPC port (0: any free port; the chosen one is logged)"),
+    ("metrics_host", "str", "Prometheus metrics HTTP listen address"),
+    ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
+    ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
+    ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
+    ("auth_token", "csv", "bearer token(s), comma separated: every RPC but grpc.health.v1 needs `authorization: Bearer TOKEN`"),
+    ("auth_token_file", "path", "file holding the bearer token(s), one per line"),
+    ("rerank_multiplier", "int", "default R_m: the first stage fetches R_m x top_k candidates for the MrSw re-rank"),
+    ("max_rerank_multiplier", "int", "LIMIT: largest R_m a request may ask"),
+    ("max_candidates", "int", "LIMIT: first-stage candidates per query (R_m x top_k is capped to it; <= 16384)"),
+    ("rerank_chunk", "int", "candidates scored per numpy batch in the re-rank"),
+    ("max_top_k", "int", "LIMIT: hits per search"),
+    ("max_index_items", "int", "LIMIT: items per Index request / StreamIndex message"),
+    ("max_ids", "int", "LIMIT: ids per Get / Delete request"),
+    ("max_id_length", "int", "LIMIT: bytes per item id (fixed when the collections are created)"),
+    ("max_metadata_bytes", "int", "LIMIT: bytes of metadata JSON per item"),
+    ("max_concepts", "int", "LIMIT: concept vectors (regions / word pieces) per item (fixed when the collections are created)"),
+    ("max_filter_chars", "int", "LIMIT: characters per search filter expression"),
+    ("shutdown_grace_s", "float", "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)"),
+    ("log_level", "str", "DEBUG, INFO, WARNING or ERROR"),
+    ("log_format", "str", "json (one object per line) or text"),
+    ("access_log", "bool", "log every RPC (method, code, duration) at INFO"),
+]
+_SECRET = {"milvus_token", "encoder_token", "auth_token"}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SearchConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m search_service",
+        description="TERAN search gRPC service (teran.v1.SearchService): stores images and captions in Milvus, "
+        "dense first stage on the global vector, exact TERAN MrSw re-rank with explanations. Serves grpc.health.v1, "
+        "server reflection and Prometheus metrics. Every flag can be set by the environment variable shown; settings "
+        "marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
+    )
+    for name, kind, text in _SETTINGS:
+        flag = "--" + name.replace("_", "-")
+        attr = "auth_tokens" if name == "auth_token" else name
+        default = getattr(defaults, attr, None)
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or None
+        elif isinstance(default, dict):
+            default = json.dumps(default) if default else None
+        elif name in _SECRET or default == "":
+            default = None
+        help_text = f"{text} [env {env_name(name)}]" + (f" (default: {default})" if default is not None else "")
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper(), help=help_text)
+    return parser
+
+
+def from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> SearchConfig:
+    """Flags, then TERAN_SEARCH_* variables, then defaults -> a validated SearchConfig."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    config = SearchConfig()
+    known = {f.name for f in fields(SearchConfig)}
+    tokens: list[str] = []
+    for name, kind, _text in _SETTINGS:
+        value = getattr(args, name)
+        source = "--" + name.replace("_", "-")
+        if value is None and env_name(name) in environ:
+            value, source = environ[env_name(name)], env_name(name)
+        if value is None:
+            continue
+        try:
+            converted = value if isinstance(value, bool) else _convert(kind, value)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{source}: invalid {kind} value {value!r} ({exc})") from None
+        if name == "auth_token":
+            tokens.extend(converted)
+        elif name == "auth_token_file":
+            try:
+                lines = Path(converted).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(f"{source}: cannot read {converted} ({exc.strerror})") from None
+            tokens.extend(line.strip() for line in lines if line.strip())
+        elif name in known:
+            setattr(config, name, converted)
+    config.auth_tokens = tokens
+    return config.validate()

@@ -1,0 +1,762 @@
+"""The gRPC server: teran.v1.SearchService + grpc.health.v1 + reflection, on grpc.aio.
+
+Lifecycle (as the encoder's): the port opens with health NOT_SERVING, Milvus is opened (existing
+collections and their model are read back), health turns SERVING. On stop (SIGTERM) health turns
+NOT_SERVING, new RPCs get UNAVAILABLE, in-flight RPCs get `shutdown_grace_s`, then Milvus closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from encoder_service._proto import common_pb2
+from encoder_service.client import AsyncEncoderClient, EncoderError, RegionFeatures
+from encoder_service.server import BearerTokenInterceptor, channel_options
+from encoder_service.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
+from search_service._proto import search_pb2, search_pb2_grpc
+from search_service.config import SearchConfig
+from search_service.logs import get_logger
+from search_service.metrics import Metrics
+from search_service.ranking import explain, mrsw_scores
+from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
+from teran.errors import TeranInputError
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
+log = get_logger("server")
+access = get_logger("access")
+MODALITY = {search_pb2.IMAGE: IMAGES, search_pb2.CAPTION: CAPTIONS}
+MODALITY_ENUM = {IMAGES: search_pb2.IMAGE, CAPTIONS: search_pb2.CAPTION}
+FIRST_STAGE = {search_pb2.DENSE: "dense", search_pb2.SCALAR_QUANTIZATION: "sq", search_pb2.DEEP_PERMUTATION: "dp"}
+FIRST_STAGE_ENUM = {v: k for k, v in FIRST_STAGE.items()}
+_ENCODER_FIELD = re.compile(r"\b(captions|images)\[(\d+)\]")
+
+
+class RpcFailure(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def invalid(details: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RpcFailure):
+        return exc.code, exc.details
+    if isinstance(exc, BadFilter):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"filter: {exc}"
+    if isinstance(exc, TeranInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ModelMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc} (retry: indexing is idempotent)"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def model_ref(model: ModelInfo | None) -> common_pb2.ModelRef:
+    if model is None:
+        return common_pb2.ModelRef()
+    return common_pb2.ModelRef(name=model.name, version=model.version, dimension=model.dimension)
+
+
+class Query:
+    """An encoded query or item: global [D], concepts [N, D] float32, labels, boxes, model."""
+
+    def __init__(self, modality, global_vector, concepts, labels, boxes, model):
+        self.modality = modality
+        self.global_vector = global_vector
+        self.concepts = concepts
+        self.labels = labels
+        self.boxes = boxes
+        self.model = model
+
+
+# --------------------------------------------------------------------------- servicer
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):
+    def __init__(self, server: SearchServer):
+        self._server = server
+        self.config: SearchConfig = server.config
+        self.metrics = server.metrics
+
+    @property
+    def store(self) -> MilvusStore:
+        store = self._server.store
+        if store is None or not self._server.ready:
+            state = "shutting down" if self._server.stopping else "opening Milvus"
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the search service is {state}; retry (watch grpc.health.v1)")
+        return store
+
+    async def _db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._server.milvus_pool, fn, *args)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _unary(self, method: str, context, request_id: str, work):
+        started = time.perf_counter()
+        self.metrics.inflight.inc()
+        self._server.rpc_started()
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            if self._server.stopping:
+                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the search service is shutting down; retry on another replica")
+            return await work()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            code, details = classify(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error in %s", method, extra={"method": method, "request_id": request_id})
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.inflight.dec()
+            self._server.rpc_finished()
+            self._record(method, code, elapsed, request_id, context, details)
+        await context.abort(code, details)
+
+    def _record(self, method, code, elapsed, request_id, context, details) -> None:
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.latency.labels(method).observe(elapsed)
+        if code != grpc.StatusCode.OK:
+            self.metrics.errors.labels(method, code.name).inc()
+            if code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
+                log.warning(
+                    "%s failed: %s %s", method, code.name, details, extra={"method": method, "code": code.name, "request_id": request_id}
+                )
+        if self.config.access_log:
+            access.info(
+                method,
+                extra={
+                    "method": method,
+                    "code": code.name,
+                    "ms": round(elapsed * 1000, 3),
+                    "request_id": request_id,
+                    "peer": context.peer(),
+                },
+            )
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_id(self, value: str, where: str) -> None:
+        if not value:
+            raise invalid(f"{where}: empty id")
+        limit = self.store.max_id_length
+        if len(value.encode("utf-8")) > limit:
+            raise invalid(f"{where}: id of {len(value.encode('utf-8'))} bytes exceeds the limit of {limit} (--max-id-length)")
+        if ID_FORBIDDEN.search(value):
+            raise invalid(f"{where}: id {value!r} contains a double quote, backslash or control character")
+
+    def _metadata(self, text: str, where: str) -> dict:
+        limit = self.config.max_metadata_bytes
+        if len(text.encode("utf-8")) > limit:
+            raise invalid(f"{where}: {len(text.encode('utf-8'))} bytes exceeds the limit of {limit} (--max-metadata-bytes)")
+        if not text.strip():
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise invalid(f"{where}: malformed JSON ({exc})") from None
+        if not isinstance(value, dict):
+            raise invalid(f"{where}: must be a JSON object, got {type(value).__name__}")
+        return value
+
+    def _ids(self, ids, where: str = "ids") -> list[str]:
+        ids = list(ids)
+        if not ids:
+            raise invalid(f"{where}: empty; give 1..{self.config.max_ids} ids")
+        if len(ids) > self.config.max_ids:
+            raise invalid(f"{where}: {len(ids)} ids exceeds the limit of {self.config.max_ids} per request (--max-ids)")
+        for i, value in enumerate(ids):
+            self._check_id(value, f"{where}[{i}]")
+        return list(dict.fromkeys(ids))
+
+    @staticmethod
+    def _modality(value: int, where: str = "modality") -> str:
+        if value not in MODALITY:
+            raise invalid(f"{where}: set IMAGE or CAPTION")
+        return MODALITY[value]
+
+    def _vectors(self, v, where: str) -> Query:
+        modality = self._modality(v.modality, f"{where}.modality")
+        limit = self.config.max_concepts
+        global_vector = from_tensor(v.global_vector, f"{where}.global_vector", ndim=1, max_elements=65536)
+        dim = global_vector.shape[0]
+        if dim == 0:
+            raise invalid(f"{where}.global_vector: empty")
+        if len(v.concepts.shape) == 2 and v.concepts.shape[0] > limit:
+            raise invalid(f"{where}.concepts: {v.concepts.shape[0]} concept vectors exceeds the limit of {limit} (--max-concepts)")
+        concepts = from_tensor(v.concepts, f"{where}.concepts", ndim=2, max_elements=limit * max(dim, 1))
+        if not 1 <= concepts.shape[0] <= limit:
+            raise invalid(f"{where}.concepts: {concepts.shape[0]} concept vectors; give 1..{limit} (--max-concepts)")
+        if v.HasField("model") and v.model.dimension and v.model.dimension != dim:
+            raise invalid(f"{where}.global_vector: {dim} values, but model.dimension is {v.model.dimension}")
+        if concepts.shape[1] != dim:
+            raise invalid(f"{where}.concepts.shape: {list(concepts.shape)}; the global vector has dimension {dim}")
+        boxes = None
+        labels: list[str] = []
+        if modality == IMAGES:
+            if v.HasField("boxes"):
+                boxes = from_tensor(v.boxes, f"{where}.boxes", ndim=2, max_elements=4 * (limit + 1))
+                if boxes.shape != (concepts.shape[0], 4):
+                    raise invalid(f"{where}.boxes.shape: {list(boxes.shape)}, expected [{concepts.shape[0]}, 4]")
+            if v.word_pieces:
+                raise invalid(f"{where}.word_pieces: only for CAPTION vectors")
+        else:
+            if v.HasField("boxes"):
+                raise invalid(f"{where}.boxes: only for IMAGE vectors")
+            labels = list(v.word_pieces) or [f"#{i}" for i in range(concepts.shape[0])]
+            if len(labels) != concepts.shape[0]:
+                raise invalid(f"{where}.word_pieces: {len(labels)} labels for {concepts.shape[0]} concept vectors")
+        if v.HasField("model") and (v.model.name or v.model.version):
+            model = ModelInfo(v.model.name, int(v.model.version), dim)
+        else:
+            model = None  # filled in by _default_model
+        return Query(modality, global_vector, concepts, labels, boxes, model)
+
+    def _check_concepts(self, query: Query, where: str) -> None:
+        limit = self.config.max_concepts
+        if query.concepts.shape[0] == 0:
+            raise invalid(f"{where}: the encoder returned no concept vectors (no word pieces / regions)")
+        if query.concepts.shape[0] > limit:
+            raise invalid(f"{where}: {query.concepts.shape[0]} concept vectors exceeds the limit of {limit} (--max-concepts)")
+
+    async def _default_model(self, dim: int) -> ModelInfo:
+        """The model of vectors sent without a ModelRef: the collections', else the encoder's, else the configured one."""
+        store = self.store
+        if store.model is not None:
+            return ModelInfo(store.model.name, store.model.version, dim)
+        encoder = self._server.encoder
+        if encoder is not None:
+            try:
+                info = await encoder.model_info(timeout=self.config.encoder_timeout_s)
+                return ModelInfo(info.model.name, info.model.version, dim)
+            except EncoderError:
+                pass
+        return ModelInfo(self.config.model_name, self.config.model_version, dim)
+
+    # ------------------------------------------------------------------ encoder
+
+    def _encoder(self, where: str) -> AsyncEncoderClient:
+        if self._server.encoder is None:
+            raise RpcFailure(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{where}: raw images and captions need an encoder; set --encoder-address (or send vectors)",
+            )
+        return self._server.encoder
+
+    @staticmethod
+    def _encoder_failure(exc: EncoderError, positions: list[str]) -> RpcFailure:
+        details = _ENCODER_FIELD.sub(lambda m: positions[int(m.group(2))] if int(m.group(2)) < len(positions) else m.group(0), exc.details)
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            return invalid(details)
+        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return RpcFailure(exc.code, f"encoder overloaded: {details}")
+        return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"encoder call failed ({exc.code.name}): {details}")
+
+    async def _encode(self, kind: str, inputs: list, positions: list[str]) -> list[Query]:
+        """Encode captions (kind 'captions') or images in chunks; positions name each input for errors."""
+        encoder = self._encoder(positions[0])
+        out: list[Query] = []
+        step = self.config.encoder_batch
+        timeout = self.config.encoder_timeout_s
+        for start in range(0, len(inputs), step):
+            chunk, names = inputs[start : start + step], positions[start : start + step]
+            try:
+                if kind == CAPTIONS:
+                    results = await encoder.encode_captions(chunk, timeout=timeout)
+                else:
+                    results = await encoder.encode_images(chunk, timeout=timeout)
+            except EncoderError as exc:
+                raise self._encoder_failure(exc, names) from None
+            for r in results:
+                model = ModelInfo(r.model.name, r.model.version, r.model.dimension)
+                concepts = np.asarray(r.concepts, dtype=np.float32)
+                if kind == CAPTIONS:
+                    out.append(Query(CAPTIONS, np.asarray(r.global_vector, np.float32), concepts, list(r.word_pieces), None, model))
+                else:
+                    out.append(Query(IMAGES, np.asarray(r.global_vector, np.float32), concepts, [], np.asarray(r.boxes, np.float32), model))
+        return out
+
+    @staticmethod
+    def _region_input(regions, where: str) -> RegionFeatures:
+        features = from_tensor(regions.features, f"{where}.features", ndim=2, max_elements=1 << 24)
+        boxes = from_tensor(regions.boxes, f"{where}.boxes", ndim=2, max_elements=1 << 16)
+        return RegionFeatures(features, boxes, int(regions.image_width), int(regions.image_height))
+
+    # ------------------------------------------------------------------ Index
+
+    async def _index(self, request, prefix: str = "") -> tuple[int, int]:
+        store = self.store
+        items = request.items
+        limit = self.config.max_index_items
+        if not items:
+            raise invalid(f"{prefix}items: empty; give 1..{limit} items")
+        if len(items) > limit:
+            raise invalid(f"{prefix}items: {len(items)} items exceeds the limit of {limit} per request (--max-index-items)")
+        seen: dict[tuple[str, str], int] = {}
+        entries: list[tuple[str, dict, Query | None]] = []
+        raw: dict[str, list] = {CAPTIONS: [], IMAGES: []}
+        for i, item in enumerate(items):
+            where = f"{prefix}items[{i}]"
+            self._check_id(item.id, f"{where}.id")
+            metadata = self._metadata(item.metadata_json, f"{where}.metadata_json")
+            which = item.WhichOneof("content")
+            query = None
+            if which == "caption":
+                if not item.caption.strip():
+                    raise invalid(f"{where}.caption: empty")
+                modality = CAPTIONS
+                raw[CAPTIONS].append((i, item.caption, f"{where}.caption"))
+            elif which == "image":
+                if not item.image:
+                    raise invalid(f"{where}.image: empty")
+                modality = IMAGES
+                raw[IMAGES].append((i, item.image, f"{where}.image"))
+            elif which == "regions":
+                modality = IMAGES
+                raw[IMAGES].append((i, self._region_input(item.regions, f"{where}.regions"), f"{where}.regions"))
+            elif which == "vectors":
+                query = self._vectors(item.vectors, f"{where}.vectors")
+                modality = query.modality
+            else:
+                raise invalid(f"{where}: no content; set caption, image, regions or vectors")
+            key = (modality, item.id)
+            if key in seen:
+                raise invalid(f"{where}.id: {item.id!r} repeats items[{seen[key]}] (ids are unique per modality within a request)")
+            seen[key] = i
+            entries.append((modality, metadata, query))
+        encoded: dict[int, Query] = {}
+        for kind in (CAPTIONS, IMAGES):
+            if raw[kind]:
+                results = await self._encode(kind, [x[1] for x in raw[kind]], [x[2] for x in raw[kind]])
+                for (i, _value, where), result in zip(raw[kind], results, strict=True):
+                    self._check_concepts(result, where)
+                    encoded[i] = result
+        # Every item's model must match the collections (created on first use) before anything is stored.
+        batches: dict[str, list[Item]] = {IMAGES: [], CAPTIONS: []}
+        for i, (modality, metadata, query) in enumerate(entries):
+            query = encoded.get(i, query)
+            if query.model is None:
+                query.model = await self._default_model(query.global_vector.shape[0])
+            if store.model is None:
+                await self._db(store.ensure, query.model)
+            try:
+                store.check_model(query.model, what=f"{prefix}items[{i}]: the vectors")
+            except ModelMismatch as exc:
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+            batches[modality].append(
+                Item(items[i].id, query.global_vector, query.concepts, metadata, labels=query.labels, boxes=query.boxes)
+            )
+        for modality, batch in batches.items():
+            if batch:
+                await self._db(store.upsert, modality, batch)
+                self.metrics.items.labels(modality).inc(len(batch))
+        return len(batches[IMAGES]), len(batches[CAPTIONS])
+
+    async def Index(self, request, context):
+        async def work():
+            images, captions = await self._index(request)
+            return search_pb2.IndexResponse(
+                indexed=images + captions,
+                images=images,
+                captions=captions,
+                model=model_ref(self.store.model),
+                request_id=request.request_id,
+            )
+
+        return await self._unary("Index", context, request.request_id, work)
+
+    async def StreamIndex(self, request_iterator, context):
+        totals = [0, 0]
+        messages = 0
+
+        async def work():
+            nonlocal messages
+            request_id = ""
+            async for request in request_iterator:
+                request_id = request.request_id or request_id
+                try:
+                    images, captions = await self._index(request, prefix=f"stream message {messages}: ")
+                except Exception as exc:  # noqa: BLE001
+                    code, details = classify(exc)
+                    done = f"; messages 0..{messages - 1} ({totals[0] + totals[1]} items) were stored" if messages else ""
+                    raise RpcFailure(code, details + done) from exc
+                totals[0] += images
+                totals[1] += captions
+                messages += 1
+            return search_pb2.IndexResponse(
+                indexed=sum(totals), images=totals[0], captions=totals[1], model=model_ref(self.store.model), request_id=request_id
+            )
+
+        return await self._unary("StreamIndex", context, "", work)
+
+    # ------------------------------------------------------------------ Delete / Get / Stats
+
+    async def Delete(self, request, context):
+        async def work():
+            modality = self._modality(request.modality)
+            ids = self._ids(request.ids)
+            deleted, missing = await self._db(self.store.delete, modality, ids)
+            return search_pb2.DeleteResponse(deleted=deleted, not_found=missing)
+
+        return await self._unary("Delete", context, "", work)
+
+    async def Get(self, request, context):
+        async def work():
+            modality = self._modality(request.modality)
+            ids = list(request.ids)
+            self._ids(ids)
+            store = self.store
+            found = await self._db(store.get, modality, list(dict.fromkeys(ids)), request.include_vectors)
+            response = search_pb2.GetResponse()
+            for value in ids:
+                item = response.items.add(id=value)
+                stored = found.get(value)
+                if stored is None:
+                    continue
+                item.found = True
+                item.metadata_json = json.dumps(stored.metadata, ensure_ascii=False)
+                item.num_concepts = stored.num_concepts
+                item.word_pieces.extend(stored.labels)
+                if stored.boxes is not None:
+                    item.boxes.CopyFrom(to_tensor(stored.boxes, FLOAT32))
+                if request.include_vectors:
+                    item.global_vector.CopyFrom(to_tensor(stored.global_vector, FLOAT32))
+                    item.concepts.CopyFrom(to_tensor(stored.concepts, FLOAT16))
+                name, _, version = stored.model.rpartition("@")
+                item.model.CopyFrom(
+                    common_pb2.ModelRef(name=name, version=int(version or 0), dimension=store.model.dimension if store.model else 0)
+                )
+            return response
+
+        return await self._unary("Get", context, "", work)
+
+    async def Stats(self, request, context):
+        async def work():
+            store = self.store
+            images = await self._db(store.count, IMAGES)
+            captions = await self._db(store.count, CAPTIONS)
+            cfg = self.config
+            limits = {
+                name: int(getattr(cfg, name))
+                for name in (
+                    "max_top_k", "max_index_items", "max_ids", "max_metadata_bytes", "max_filter_chars",
+                    "max_rerank_multiplier", "max_candidates", "rerank_multiplier", "max_message_bytes",
+                )
+            }  # fmt: skip
+            limits["max_concepts"] = store.max_concepts
+            limits["max_id_length"] = store.max_id_length
+            return search_pb2.StatsResponse(
+                images=images,
+                captions=captions,
+                model=model_ref(store.model),
+                backend=store.backend,
+                server_version=store.server_version,
+                uri=store.safe_uri,
+                index_type=store.index_type,
+                concept_encoding=f"fp16 base64 in {store.chunks} VARCHAR field(s)",
+                sparse_vectors_supported=store.sparse_supported,
+                encoder_configured=self._server.encoder is not None,
+                limits=limits,
+                first_stages=[search_pb2.DENSE, *[FIRST_STAGE_ENUM[k] for k in store.surrogates]],
+            )
+
+        return await self._unary("Stats", context, "", work)
+
+    # ------------------------------------------------------------------ Search
+
+    async def _query(self, request) -> Query:
+        which = request.WhichOneof("query")
+        if which == "caption":
+            if not request.caption.strip():
+                raise invalid("caption: empty query")
+            query = (await self._encode(CAPTIONS, [request.caption], ["caption"]))[0]
+        elif which == "image":
+            if not request.image:
+                raise invalid("image: empty query")
+            query = (await self._encode(IMAGES, [request.image], ["image"]))[0]
+        elif which == "regions":
+            query = (await self._encode(IMAGES, [self._region_input(request.regions, "regions")], ["regions"]))[0]
+        elif which == "vectors":
+            query = self._vectors(request.vectors, "vectors")
+            if query.model is None:
+                query.model = await self._default_model(query.global_vector.shape[0])
+        else:
+            raise invalid("query: empty; set caption, image, regions or vectors")
+        if query.concepts.shape[0] == 0:
+            raise invalid(f"{which}: the query has no concept vectors (no word pieces / regions)")
+        return query
+
+    async def Search(self, request, context):
+        async def work():
+            cfg = self.config
+            store = self.store
+            top_k = request.top_k or 10
+            if not 1 <= top_k <= cfg.max_top_k:
+                raise invalid(f"top_k: {request.top_k}; give 1..{cfg.max_top_k} (--max-top-k)")
+            multiplier = request.rerank_multiplier or cfg.rerank_multiplier
+            if not 1 <= multiplier <= cfg.max_rerank_multiplier:
+                raise invalid(
+                    f"rerank_multiplier: {request.rerank_multiplier}; give 1..{cfg.max_rerank_multiplier} (--max-rerank-multiplier)"
+                )
+            if request.first_stage not in FIRST_STAGE:
+                raise invalid(f"first_stage: unknown value {request.first_stage}")
+            first_stage = FIRST_STAGE[request.first_stage]
+            if first_stage != "dense" and store.model is not None and first_stage not in store.surrogates:
+                raise RpcFailure(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"first_stage {search_pb2.FirstStage.Name(request.first_stage)}: the collections have no {first_stage} surrogate "
+                    f"(they have: {', '.join(store.surrogates) or 'none'}); it needs --sparse-surrogates {first_stage} when the "
+                    f"collections are created, on a backend with sparse vectors (this one: {store.sparse_supported})",
+                )
+            expr = request.filter.strip()
+            if len(expr) > cfg.max_filter_chars:
+                raise invalid(f"filter: {len(expr)} characters exceeds the limit of {cfg.max_filter_chars} (--max-filter-chars)")
+            started = time.perf_counter()
+            query = await self._query(request)
+            self.metrics.stage.labels("encode").observe(time.perf_counter() - started)
+            store.check_model(query.model, what="the query's vectors")
+            target = IMAGES if query.modality == CAPTIONS else CAPTIONS
+            response = search_pb2.SearchResponse(
+                target=MODALITY_ENUM[target],
+                model=model_ref(store.model),
+                request_id=request.request_id,
+                reranked=not request.disable_rerank,
+            )
+            if query.modality == CAPTIONS:
+                response.query_word_pieces.extend(query.labels)
+            if expr:
+                await self._db(store.validate_filter, target, expr)
+            rerank = not request.disable_rerank
+            n = min(multiplier * top_k, cfg.max_candidates) if rerank else top_k
+            started = time.perf_counter()
+            need_concepts = rerank or not request.skip_explanation
+            candidates = await self._db(store.search, target, query.global_vector, n, expr, first_stage, need_concepts)
+            self.metrics.stage.labels("first_stage").observe(time.perf_counter() - started)
+            self.metrics.candidates.observe(len(candidates))
+            response.candidates = len(candidates)
+            if not candidates:
+                return response
+            order = list(range(len(candidates)))
+            final = np.array([c.score for c in candidates], dtype=np.float32)
+            if rerank:
+                started = time.perf_counter()
+                final = await asyncio.get_running_loop().run_in_executor(
+                    None, mrsw_scores, query.concepts, query.modality == CAPTIONS, [c.concepts for c in candidates], cfg.rerank_chunk
+                )
+                self.metrics.stage.labels("rerank").observe(time.perf_counter() - started)
+                order.sort(key=lambda i: (-float(final[i]), i))
+            for i in order[:top_k]:
+                c = candidates[i]
+                hit = response.hits.add(
+                    id=c.id,
+                    score=float(final[i]),
+                    first_stage_score=c.score,
+                    first_stage_rank=i,
+                    metadata_json=json.dumps(c.metadata, ensure_ascii=False),
+                )
+                if request.skip_explanation:
+                    continue
+                if query.modality == CAPTIONS:
+                    terms = explain(c.concepts, c.boxes, query.concepts, query.labels)
+                else:
+                    terms = explain(query.concepts, query.boxes, c.concepts, c.labels)
+                for t in terms:
+                    hit.alignment.add(
+                        word_index=t.word_index, word_piece=t.word_piece, region_index=t.region_index, box=t.box, similarity=t.similarity
+                    )
+            return response
+
+        return await self._unary("Search", context, request.request_id, work)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class SearchServer:
+    """One search server (gRPC + metrics HTTP). Use `await start()`, `await stop()`."""
+
+    def __init__(self, config: SearchConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.store: MilvusStore | None = None
+        self.encoder: AsyncEncoderClient | None = None
+        self.milvus_pool = ThreadPoolExecutor(max_workers=config.milvus_workers, thread_name_prefix="milvus")
+        self.ready = False
+        self.stopping = False
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.health = health.aio.HealthServicer()
+        self.listening = threading.Event()
+        self._active = 0
+        self._idle: asyncio.Event | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+
+    def rpc_started(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def rpc_finished(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._stopped = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        interceptors = [BearerTokenInterceptor(cfg.auth_tokens, self.metrics)] if cfg.auth_tokens else []
+        self._server = grpc.aio.server(
+            options=[*channel_options(cfg.max_message_bytes), ("grpc.so_reuseport", 0)],
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+        await self._server.start()
+        self.listening.set()
+        log.info("listening", extra={"port": self.port, "metrics_port": self.metrics_port, "auth": bool(cfg.auth_tokens)})
+        store = MilvusStore(
+            cfg.milvus_uri,
+            cfg.milvus_token,
+            prefix=cfg.collection_prefix,
+            index_type=cfg.index_type,
+            index_params=cfg.index_params,
+            search_params=cfg.search_params,
+            consistency_level=cfg.consistency_level,
+            max_concepts=cfg.max_concepts,
+            max_id_length=cfg.max_id_length,
+            flush_on_index=cfg.flush_on_index,
+            timeout=cfg.milvus_timeout_s,
+            sparse_surrogates=cfg.sparse_surrogates,
+            sparse_params={"sq_scale": cfg.sq_scale, "dp_keep": cfg.dp_keep},
+        )
+        await asyncio.get_running_loop().run_in_executor(self.milvus_pool, store.open)
+        self.store = store
+        if cfg.encoder_address:
+            self.encoder = AsyncEncoderClient(cfg.encoder_address, token=cfg.encoder_token or None, timeout=cfg.encoder_timeout_s)
+        self.metrics.info.info({"backend": store.backend, "server_version": store.server_version, "index_type": store.index_type})
+        if not self.stopping:
+            self.ready = True
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.metrics.ready.set(1)
+            log.info(
+                "serving",
+                extra={
+                    "port": self.port,
+                    "backend": store.backend,
+                    "uri": store.safe_uri,
+                    "model": store.model.describe() if store.model else None,
+                    "encoder": cfg.encoder_address or None,
+                },
+            )
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.stopping:
+            await self.wait()
+            return
+        self.stopping = True
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        log.info("shutting down", extra={"grace_s": grace})
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            started = time.monotonic()
+            if self._active:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), grace)
+                except TimeoutError:
+                    log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self._active})
+            await self._server.stop(max(0.0, min(0.5, grace - (time.monotonic() - started))))
+        self.ready = False
+        if self.encoder is not None:
+            await self.encoder.close()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(self.milvus_pool, self.store.close)
+        self.milvus_pool.shutdown(wait=False)
+        self.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+class ServerThread:
+    """Run a SearchServer on its own event loop in a background thread (tests, benchmarks, embedding)."""
+
+    def __init__(self, config: SearchConfig, *, timeout: float = 120.0):
+        self.server = SearchServer(config)
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="search-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("search server did not start in time")
+        if self._error is not None:
+            self._thread.join(10)
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            try:
+                await self.server.start()
+            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+                self._error = exc
+                self._ready.set()
+                await self.server.stop(0)
+                return
+            self._ready.set()
+            await self.server.wait()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(None if grace is None else grace + 30)
+            self._thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,510 @@
+"""Milvus storage of indexed items (the one system of record), through pymilvus.MilvusClient.
+
+Two collections, PREFIX_images and PREFIX_captions, same schema:
+
+    id              VARCHAR primary key (caller's id)
+    global_vector   FLOAT_VECTOR[D]            dense first stage (metric IP = cosine on unit vectors)
+    concepts_0..K-1 VARCHAR(65535)             concept vectors [N, D] as little-endian fp16 bytes, base64,
+                                               split over K fields (K fixed by D and max_concepts)
+    num_concepts    INT64                      N
+    labels          JSON                       {"word_pieces": [...]}: the N word pieces (captions); [] for images
+    boxes           VARCHAR                    images: [N, 4] float32 normalised boxes, base64; captions: ""
+    metadata        JSON                       the caller's metadata object
+    model           VARCHAR                    "name@version" of the model that produced the vectors
+
+The collection description (JSON) records the model (name, version, dimension), the concept
+encoding and K, so a restarted service, or another replica, reads them back from Milvus.
+Why VARCHAR/base64 fp16: milvus-lite 3.x has no BINARY_VECTOR or FLOAT16_VECTOR field, Milvus 2.3
+no FLOAT16_VECTOR, and neither has array-of-vector fields (native MaxSim needs Milvus >= 2.6.4);
+VARCHAR is portable everywhere, fp16 halves the bytes of fp32 (D=256, 49 regions: 25 KB raw,
+33 KB stored), and the rounding (relative 2^-11 per component) leaves MrSw orderings intact.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from search_service.sparse import KINDS as SPARSE_KINDS
+from search_service.sparse import surrogate
+
+IMAGES, CAPTIONS = "images", "captions"
+MODALITIES = (IMAGES, CAPTIONS)
+CHUNK_CHARS = 65535  # Milvus VARCHAR max_length
+CONCEPT_ENCODING = "fp16-le-base64-varchar"
+SCHEMA_FORMAT = 1
+ID_FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+class StoreError(Exception):
+    """Milvus failed or cannot be reached (UNAVAILABLE; the caller may retry)."""
+
+
+class ModelMismatch(Exception):
+    """Vectors from a model other than the collections' (FAILED_PRECONDITION)."""
+
+
+class BadFilter(ValueError):
+    """The filter expression is invalid (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: int
+    dimension: int
+
+    def describe(self) -> str:
+        return f"{self.name} v{self.version} (dimension {self.dimension})"
+
+
+@dataclass
+class Item:
+    """One item to store; concepts float32/float16 [N, D]; boxes [N, 4] (images) or None."""
+
+    id: str
+    global_vector: np.ndarray
+    concepts: np.ndarray
+    metadata: dict
+    labels: list[str] = field(default_factory=list)
+    boxes: np.ndarray | None = None
+
+
+@dataclass
+class Stored:
+    id: str
+    metadata: dict
+    num_concepts: int
+    labels: list[str]
+    boxes: np.ndarray | None
+    model: str
+    global_vector: np.ndarray | None = None
+    concepts: np.ndarray | None = None  # float16 [N, D]
+    score: float = 0.0  # first-stage score (search results)
+
+
+def encode_concepts(concepts: np.ndarray, chunks: int) -> list[str]:
+    text = base64.b64encode(np.ascontiguousarray(concepts, dtype="<f2").tobytes()).decode("ascii")
+    parts = [text[i * CHUNK_CHARS : (i + 1) * CHUNK_CHARS] for i in range(chunks)]
+    if sum(map(len, parts)) != len(text):
+        raise ValueError("concept vectors do not fit the collection's concept fields")
+    return parts
+
+
+def decode_concepts(parts: list[str], count: int, dim: int) -> np.ndarray:
+    raw = base64.b64decode("".join(parts))
+    return np.frombuffer(raw, dtype="<f2").reshape(count, dim)
+
+
+def encode_boxes(boxes: np.ndarray | None) -> str:
+    if boxes is None:
+        return ""
+    return base64.b64encode(np.ascontiguousarray(boxes, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_boxes(text: str, count: int) -> np.ndarray | None:
+    if not text:
+        return None
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").reshape(count, 4)
+
+
+def concept_chunks(dimension: int, max_concepts: int) -> int:
+    return max(1, math.ceil(4 * math.ceil(max_concepts * dimension * 2 / 3) / CHUNK_CHARS))
+
+
+def id_filter(ids: list[str]) -> str:
+    return "id in [" + ", ".join(f'"{i}"' for i in ids) + "]"
+
+
+# Filters may use only these names outside string literals (case-insensitive).
+FILTER_NAMES = {
+    "metadata", "id", "and", "or", "not", "in", "like", "true", "false", "is", "null", "exists",
+    "json_contains", "json_contains_all", "json_contains_any", "array_contains", "array_contains_all",
+    "array_contains_any", "array_length",
+}  # fmt: skip
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_filter_names(expr: str) -> None:
+    bare = _STRING.sub(" ", expr)
+    if '"' in bare or "'" in bare:
+        raise BadFilter("unterminated string literal")
+    for name in _NAME.findall(bare):
+        if name.lower() not in FILTER_NAMES:
+            raise BadFilter(f'unknown name {name!r}: a filter may use metadata["key"], id, operators and json_contains*/array_* functions')
+
+
+class MilvusStore:
+    """Blocking store (call it from worker threads). Thread-safe."""
+
+    def __init__(
+        self,
+        uri: str,
+        token: str = "",
+        *,
+        prefix: str = "teran",
+        index_type: str = "auto",
+        index_params: dict | None = None,
+        search_params: dict | None = None,
+        consistency_level: str = "Strong",
+        max_concepts: int = 128,
+        max_id_length: int = 512,
+        flush_on_index: bool = False,
+        timeout: float = 30.0,
+        sparse_surrogates: list[str] | tuple[str, ...] = (),
+        sparse_params: dict | None = None,
+    ):
+        self.uri = uri
+        self.token = token
+        self.prefix = prefix
+        self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        self.index_type = ("FLAT" if self.is_lite else "HNSW") if index_type == "auto" else index_type
+        default_params = {"HNSW": {"M": 16, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}}
+        self.index_params = dict(index_params or default_params.get(self.index_type, {}))
+        self.search_params = dict(search_params or {})
+        self.consistency_level = consistency_level
+        self.max_concepts = max_concepts
+        self.max_id_length = max_id_length
+        self.flush_on_index = flush_on_index
+        self.timeout = timeout
+        self.requested_surrogates = list(sparse_surrogates)
+        self.surrogates: list[str] = []  # those the collections have
+        self.sparse_params = dict(sparse_params or {"sq_scale": 30.0, "dp_keep": 64})
+        self.client = None
+        self.server_version = ""
+        self.model: ModelInfo | None = None
+        self.chunks = 0
+        self._lock = threading.Lock()
+        self._valid_filters: dict[str, None] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        from pymilvus import MilvusClient
+
+        try:
+            self.client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
+            self.server_version = str(self.client.get_server_version())
+            self._load_existing()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach Milvus
+            raise StoreError(f"cannot open Milvus at {self.safe_uri}: {exc}") from exc
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            finally:
+                self.client = None
+
+    @property
+    def safe_uri(self) -> str:
+        return re.sub(r"//[^@/]*@", "//***@", self.uri)
+
+    @property
+    def backend(self) -> str:
+        return "milvus-lite" if self.is_lite else "milvus"
+
+    @property
+    def sparse_supported(self) -> bool:
+        if self.is_lite:
+            return True  # milvus-lite 3.x stores SPARSE_FLOAT_VECTOR
+        match = re.search(r"(\d+)\.(\d+)", self.server_version)
+        return bool(match) and (int(match.group(1)), int(match.group(2))) >= (2, 4)
+
+    def name(self, modality: str) -> str:
+        return f"{self.prefix}_{modality}"
+
+    def _info(self) -> dict:
+        m = self.model
+        return {
+            "format": SCHEMA_FORMAT,
+            "model": {"name": m.name, "version": m.version, "dimension": m.dimension},
+            "concept_encoding": CONCEPT_ENCODING,
+            "concept_chunks": self.chunks,
+            "max_concepts": self.max_concepts,
+            "max_id_length": self.max_id_length,
+            "sparse": self.surrogates,
+            "sparse_params": self.sparse_params,
+        }
+
+    def _load_existing(self) -> None:
+        """Read the collections' model and layout back from PREFIX_meta (milvus-lite keeps no collection descriptions)."""
+        info = None
+        if self.client.has_collection(self.meta_name):
+            self.client.load_collection(self.meta_name)
+            rows = self.client.query(self.meta_name, filter='id == "collections"', output_fields=["info"], consistency_level="Strong")
+            info = rows[0]["info"] if rows else None
+        existing = [m for m in MODALITIES if self.client.has_collection(self.name(m))]
+        if info is None:
+            if not existing:
+                return
+            info = self._recover_info(existing)
+            if info is None:
+                return
+        model = info["model"]
+        self.model = ModelInfo(str(model["name"]), int(model["version"]), int(model["dimension"]))
+        self.chunks = int(info["concept_chunks"])
+        self.max_concepts = int(info["max_concepts"])
+        self.max_id_length = int(info.get("max_id_length", self.max_id_length))
+        self.surrogates = list(info.get("sparse", []))
+        self.sparse_params = dict(info.get("sparse_params", self.sparse_params))
+        for modality in existing:
+            self.client.load_collection(self.name(modality))
+        self._create_missing()
+
+    def _recover_info(self, existing: list[str]) -> dict | None:
+        """PREFIX_meta is missing (a crash while creating): derive the layout from the schema and a row's model,
+        or drop the data collections if they are empty (nothing was acknowledged into them)."""
+        for modality in existing:
+            self.client.load_collection(self.name(modality))
+            rows = self.client.query(self.name(modality), filter='id != ""', output_fields=["model"], limit=1, consistency_level="Strong")
+            if rows:
+                fields = {f["name"]: f for f in self.client.describe_collection(self.name(modality))["fields"]}
+                name, _, version = rows[0]["model"].rpartition("@")
+                return {
+                    "model": {"name": name, "version": int(version or 0), "dimension": int(fields["global_vector"]["params"]["dim"])},
+                    "concept_chunks": sum(1 for f in fields if f.startswith("concepts_")),
+                    "max_concepts": self.max_concepts,
+                    "max_id_length": int(fields["id"]["params"]["max_length"]),
+                    "sparse": [k for k in SPARSE_KINDS if f"{k}_vector" in fields],
+                }
+        for modality in existing:
+            self.client.drop_collection(self.name(modality))
+        return None
+
+    @property
+    def meta_name(self) -> str:
+        return f"{self.prefix}_meta"
+
+    def ensure(self, model: ModelInfo) -> ModelInfo:
+        """Create the collections for `model` if there are none; else check the model matches."""
+        with self._lock:
+            if self.model is None:
+                self.model = model
+                self.chunks = concept_chunks(model.dimension, self.max_concepts)
+                self.surrogates = list(self.requested_surrogates) if self.sparse_supported else []
+                try:
+                    self._create_missing()
+                except Exception as exc:  # noqa: BLE001
+                    self.model = None
+                    raise StoreError(f"cannot create collections: {exc}") from exc
+        self.check_model(model)
+        return self.model
+
+    def check_model(self, model: ModelInfo, *, what: str = "vectors") -> None:
+        current = self.model
+        if current is None:
+            return
+        if model.dimension != current.dimension:
+            raise ModelMismatch(
+                f"{what} have dimension {model.dimension} ({model.name} v{model.version}), but the collections "
+                f"{self.name(IMAGES)}/{self.name(CAPTIONS)} hold {current.describe()} vectors: use the same model, "
+                "or index into new collections (--collection-prefix)"
+            )
+        if (model.name, model.version) != (current.name, current.version):
+            raise ModelMismatch(
+                f"{what} come from model {model.describe()}, but the collections hold {current.describe()} vectors "
+                "(vectors of different models are not comparable): use the same model, or new collections (--collection-prefix)"
+            )
+
+    def _create_missing(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        m = self.model
+        for modality in MODALITIES:
+            name = self.name(modality)
+            if self.client.has_collection(name):
+                continue
+            description = json.dumps({**self._info(), "modality": modality})
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=self.max_id_length)
+            schema.add_field("global_vector", DataType.FLOAT_VECTOR, dim=m.dimension)
+            for k in range(self.chunks):
+                schema.add_field(f"concepts_{k}", DataType.VARCHAR, max_length=CHUNK_CHARS)
+            schema.add_field("num_concepts", DataType.INT64)
+            schema.add_field("labels", DataType.JSON)
+            schema.add_field("boxes", DataType.VARCHAR, max_length=CHUNK_CHARS)
+            schema.add_field("metadata", DataType.JSON)
+            schema.add_field("model", DataType.VARCHAR, max_length=512)
+            for kind in self.surrogates:
+                schema.add_field(f"{kind}_vector", DataType.SPARSE_FLOAT_VECTOR)
+            index = self.client.prepare_index_params()
+            index.add_index(field_name="global_vector", index_type=self.index_type, metric_type="IP", params=self.index_params)
+            for kind in self.surrogates:
+                index.add_index(field_name=f"{kind}_vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
+            self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+            self.client.load_collection(name)
+        if not self.client.has_collection(self.meta_name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="teran search service layout")
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("info", DataType.JSON)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
+            index = self.client.prepare_index_params()
+            index.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+            self.client.create_collection(self.meta_name, schema=schema, index_params=index, consistency_level="Strong")
+            self.client.load_collection(self.meta_name)
+        self.client.upsert(self.meta_name, [{"id": "collections", "info": self._info(), "v": [0.0, 0.0]}])
+
+    # ------------------------------------------------------------------ writes
+
+    def _row(self, item: Item) -> dict:
+        return {
+            "id": item.id,
+            "global_vector": np.asarray(item.global_vector, dtype=np.float32).tolist(),
+            **{f"concepts_{k}": part for k, part in enumerate(encode_concepts(item.concepts, self.chunks))},
+            "num_concepts": int(item.concepts.shape[0]),
+            "labels": {"word_pieces": list(item.labels)},
+            "boxes": encode_boxes(item.boxes),
+            "metadata": item.metadata,
+            "model": f"{self.model.name}@{self.model.version}",
+            **{f"{k}_vector": surrogate(k, item.global_vector, self.sparse_params) for k in self.surrogates},
+        }
+
+    def upsert(self, modality: str, items: list[Item], max_batch_bytes: int = 16 * 1024 * 1024) -> int:
+        """Upsert; returns once Milvus has acknowledged every row (then a crash loses nothing)."""
+        if not items:
+            return 0
+        rows = [self._row(item) for item in items]
+        name = self.name(modality)
+        try:
+            batch: list[dict] = []
+            size = 0
+            for row in rows:
+                row_bytes = sum(len(row[f"concepts_{k}"]) for k in range(self.chunks)) + 4 * len(row["global_vector"]) + 1024
+                if batch and size + row_bytes > max_batch_bytes:
+                    self.client.upsert(name, batch)
+                    batch, size = [], 0
+                batch.append(row)
+                size += row_bytes
+            if batch:
+                self.client.upsert(name, batch)
+            if self.flush_on_index:
+                self.client.flush(name)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus upsert into {name} failed: {exc}") from exc
+        return len(rows)
+
+    def delete(self, modality: str, ids: list[str]) -> tuple[int, list[str]]:
+        if self.model is None:
+            return 0, list(ids)
+        name = self.name(modality)
+        try:
+            existing = {r["id"] for r in self.client.query(name, filter=id_filter(ids), output_fields=["id"], consistency_level="Strong")}
+            present = [i for i in ids if i in existing]
+            if present:
+                self.client.delete(name, filter=id_filter(present))
+                if self.flush_on_index:
+                    self.client.flush(name)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus delete from {name} failed: {exc}") from exc
+        return len(present), [i for i in ids if i not in existing]
+
+    # ------------------------------------------------------------------ reads
+
+    def _read(self) -> dict:
+        return {"consistency_level": self.consistency_level}
+
+    def _fields(self, vectors: bool, global_vector: bool = True) -> list[str]:
+        names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"]
+        if vectors:
+            names += [f"concepts_{k}" for k in range(self.chunks)]
+            if global_vector:
+                names.append("global_vector")
+        return names
+
+    def _stored(self, row: dict, vectors: bool) -> Stored:
+        count = int(row["num_concepts"])
+        item = Stored(
+            id=row["id"],
+            metadata=row.get("metadata") or {},
+            num_concepts=count,
+            labels=list((row.get("labels") or {}).get("word_pieces", [])),
+            boxes=decode_boxes(row.get("boxes") or "", count),
+            model=row.get("model", ""),
+        )
+        if vectors:
+            if "global_vector" in row:
+                item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)
+            item.concepts = decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], count, self.model.dimension)
+        return item
+
+    def get(self, modality: str, ids: list[str], vectors: bool = False) -> dict[str, Stored]:
+        if self.model is None or not ids:
+            return {}
+        name = self.name(modality)
+        try:
+            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(vectors), **self._read())
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
+        return {row["id"]: self._stored(row, vectors) for row in rows}
+
+    def count(self, modality: str) -> int:
+        if self.model is None:
+            return 0
+        name = self.name(modality)
+        try:
+            rows = self.client.query(name, filter="", output_fields=["count(*)"], **self._read())
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus count on {name} failed: {exc}") from exc
+        return int(rows[0]["count(*)"])
+
+    def validate_filter(self, modality: str, expr: str) -> None:
+        """Raise BadFilter unless Milvus accepts `expr` (checked once per expression, then cached)."""
+        check_filter_names(expr)
+        if expr in self._valid_filters or self.model is None:
+            return
+        from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+
+        try:
+            self.client.query(self.name(modality), filter=expr, output_fields=["id"], limit=1, consistency_level="Eventually")
+        except MilvusUnavailableException as exc:
+            raise StoreError(f"Milvus unavailable: {exc}") from exc
+        except MilvusException as exc:
+            raise BadFilter(getattr(exc, "message", None) or str(exc)) from None
+        if len(self._valid_filters) > 4096:
+            self._valid_filters.clear()
+        self._valid_filters[expr] = None
+
+    def search(
+        self, modality: str, vector: np.ndarray, limit: int, expr: str = "", first_stage: str = "dense", concepts: bool = True
+    ) -> list[Stored]:
+        """First stage: the `limit` best by inner product (dense global vector, or a sparse surrogate of it), with concepts."""
+        if self.model is None:
+            return []
+        if first_stage == "dense":
+            params = dict(self.search_params)
+            if self.index_type == "HNSW":
+                params["ef"] = max(int(params.get("ef", 64)), limit)
+            data, field = [np.asarray(vector, dtype=np.float32).tolist()], "global_vector"
+        else:
+            params = {}
+            data, field = [surrogate(first_stage, vector, self.sparse_params)], f"{first_stage}_vector"
+        name = self.name(modality)
+        try:
+            result = self.client.search(
+                name,
+                data=data,
+                anns_field=field,
+                limit=limit,
+                filter=expr,
+                output_fields=self._fields(concepts, global_vector=False),
+                search_params={"metric_type": "IP", "params": params},
+                **self._read(),
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus search on {name} failed: {exc}") from exc
+        hits = []
+        for hit in result[0]:
+            entity = dict(hit["entity"])
+            entity.setdefault("id", hit["id"])
+            stored = self._stored(entity, concepts)
+            stored.score = float(hit["distance"])
+            hits.append(stored)
+        return hits

@@ -1,0 +1,555 @@
+"""The search service end to end through real gRPC, against BOTH milvus-lite and the Milvus standalone
+server (PyPI `milvus`) on loopback, with a real encoder server on a synthetic model directory."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from encoder_fixtures import build_synthetic_model_dir, image_bytes, make_config
+from search_fixtures import (
+    MilvusStandalone,
+    SearchProcess,
+    drop_collections,
+    search_config,
+    unique_prefix,
+    vector_item,
+    vectors_message,
+)
+
+from encoder_service.client import EncoderClient
+from encoder_service.server import ServerThread as EncoderThread
+from encoder_service.tensors import decode
+from search_service._proto import search_pb2, search_pb2_grpc
+from search_service.server import ServerThread
+from teran.alignment_numpy import alignment_scores
+
+DIM = 16
+CAPTIONS = [
+    "a dog runs on the beach",
+    "two cats sleep on a red sofa",
+    "a man climbs a tall rock wall",
+    "children play football in a park",
+    "a woman rides a bicycle down the street",
+    "a boat on a calm lake at sunset",
+]
+CODE = grpc.StatusCode
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_synthetic_model_dir(tmp_path_factory.mktemp("search-model") / "model", joint_dim=DIM)
+
+
+@pytest.fixture(scope="module")
+def encoder(model_dir):
+    with EncoderThread(make_config(model_dir, max_items=64)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def encoder_client(encoder):
+    with EncoderClient(encoder.target, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    pytest.importorskip("milvus", reason="the PyPI `milvus` package (Milvus standalone server) is not installed")
+    server = MilvusStandalone(tmp_path_factory.mktemp("milvus-standalone"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module", params=["lite", "standalone"])
+def milvus_uri(request, tmp_path_factory):
+    if request.param == "lite":
+        return str(tmp_path_factory.mktemp("lite") / "search.db")
+    return request.getfixturevalue("standalone").uri
+
+
+class Search:
+    """A running search server (ServerThread) with its own collections, and a stub."""
+
+    def __init__(self, uri: str, encoder_target: str, **overrides):
+        self.uri = uri
+        self.prefix = overrides.pop("collection_prefix", None) or unique_prefix()
+        self.config = search_config(uri, encoder_target, collection_prefix=self.prefix, **overrides)
+        self.thread = ServerThread(self.config)
+        self.channel = grpc.insecure_channel(self.thread.target)
+        self.stub = search_pb2_grpc.SearchServiceStub(self.channel)
+
+    def close(self, drop: bool = True) -> None:
+        self.channel.close()
+        self.thread.stop()
+        if drop:
+            drop_collections(self.uri, self.prefix)
+
+    def index(self, items, **kwargs):
+        return self.stub.Index(search_pb2.IndexRequest(items=items, **kwargs), timeout=60)
+
+    def search(self, **kwargs):
+        return self.stub.Search(search_pb2.SearchRequest(**kwargs), timeout=60)
+
+    def get(self, modality, ids, vectors=False):
+        return self.stub.Get(search_pb2.GetRequest(modality=modality, ids=ids, include_vectors=vectors), timeout=60)
+
+    def stats(self):
+        return self.stub.Stats(search_pb2.StatsRequest(), timeout=60)
+
+
+@pytest.fixture
+def make_search(milvus_uri, encoder):
+    running: list[Search] = []
+
+    def make(**overrides) -> Search:
+        search = Search(milvus_uri, encoder.target, **overrides)
+        running.append(search)
+        return search
+
+    yield make
+    for search in running:
+        search.close()
+
+
+@pytest.fixture(scope="module")
+def corpus(milvus_uri, encoder):
+    """One shared collection pair: 8 images (raw JPEG via the encoder) and the 6 captions."""
+    search = Search(milvus_uri, encoder.target)
+    images = [
+        search_pb2.IndexItem(
+            id=f"img{i}", metadata_json=json.dumps({"n": i, "split": "even" if i % 2 == 0 else "odd"}), image=image_bytes(seed=i)
+        )
+        for i in range(8)
+    ]
+    captions = [search_pb2.IndexItem(id=f"cap{i}", metadata_json=json.dumps({"n": i}), caption=c) for i, c in enumerate(CAPTIONS)]
+    response = search.index(images + captions)
+    assert (response.indexed, response.images, response.captions) == (14, 8, 6)
+    yield search
+    search.close()
+
+
+def expect_error(code, call, *args, match: str = "", **kwargs):
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details(), info.value.details()
+    return info.value.details()
+
+
+def stored_vectors(search: Search, modality, ids):
+    items = search.get(modality, ids, vectors=True).items
+    assert all(i.found for i in items)
+    return {i.id: (decode(i.global_vector), decode(i.concepts).astype(np.float32), i) for i in items}
+
+
+def snapshot(search: Search, modality, ids):
+    """Everything stored about `ids`, comparable across calls."""
+    out = []
+    for item in search.get(modality, ids, vectors=True).items:
+        out.append(
+            (
+                item.id,
+                item.found,
+                item.metadata_json,
+                item.num_concepts,
+                list(item.word_pieces),
+                item.global_vector.data,
+                item.concepts.data,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_stats_and_get(corpus):
+    stats = corpus.stats()
+    assert (stats.images, stats.captions) == (8, 6)
+    assert stats.model.dimension == DIM and stats.model.name == "synthetic"
+    assert stats.backend in ("milvus-lite", "milvus") and stats.encoder_configured
+    assert stats.limits["max_index_items"] == 32 and stats.limits["max_concepts"] == 128
+    items = corpus.get(search_pb2.IMAGE, ["img3", "nope", "img0"]).items
+    assert [(i.id, i.found) for i in items] == [("img3", True), ("nope", False), ("img0", True)]
+    assert json.loads(items[0].metadata_json) == {"n": 3, "split": "odd"}
+    assert items[0].num_concepts == 49 and tuple(items[0].boxes.shape) == (49, 4)
+    caption = corpus.get(search_pb2.CAPTION, ["cap0"], vectors=True).items[0]
+    assert list(caption.word_pieces) == ["a", "dog", "runs", "on", "the", "beach"]
+    assert tuple(caption.concepts.shape) == (6, DIM) and tuple(caption.global_vector.shape) == (DIM,)
+
+
+@pytest.mark.parametrize("caption", CAPTIONS[:3] + ["a red dog on a sofa"])
+def test_caption_rerank_equals_exhaustive_mrsw(corpus, encoder_client, caption):
+    query = encoder_client.encode_captions([caption])[0]
+    ids = [f"img{i}" for i in range(8)]
+    stored = stored_vectors(corpus, search_pb2.IMAGE, ids)
+    regions = [stored[i][1] for i in ids]
+    scores = alignment_scores(np.stack(regions), np.ones((8, 49), bool), query.concepts[None], np.ones((1, len(query.word_pieces)), bool))[
+        :, 0
+    ]
+    expected = [ids[i] for i in np.argsort(-scores, kind="stable")[:5]]
+    response = corpus.search(caption=caption, top_k=5, rerank_multiplier=2)
+    assert response.reranked and response.candidates == 8 and response.target == search_pb2.IMAGE
+    assert [h.id for h in response.hits] == expected
+    np.testing.assert_allclose([h.score for h in response.hits], np.sort(scores)[::-1][:5], rtol=1e-5, atol=1e-5)
+    globals_ = np.stack([stored[i][0] for i in ids])
+    first = dict(zip(ids, globals_ @ query.global_vector, strict=True))
+    for hit in response.hits:
+        assert hit.first_stage_score == pytest.approx(first[hit.id], abs=1e-4)
+
+
+def test_image_query_rerank_equals_exhaustive_mrsw(corpus, encoder_client):
+    data = image_bytes(seed=3)
+    query = encoder_client.encode_images([data])[0]
+    ids = [f"cap{i}" for i in range(6)]
+    stored = stored_vectors(corpus, search_pb2.CAPTION, ids)
+    scores = np.array(
+        [
+            alignment_scores(query.concepts[None], np.ones((1, 49), bool), stored[i][1][None], np.ones((1, len(stored[i][1])), bool))[0, 0]
+            for i in ids
+        ]
+    )
+    response = corpus.search(image=data, top_k=6)
+    assert response.target == search_pb2.CAPTION
+    assert [h.id for h in response.hits] == [ids[i] for i in np.argsort(-scores, kind="stable")]
+    np.testing.assert_allclose([h.score for h in response.hits], np.sort(scores)[::-1], rtol=1e-5, atol=1e-5)
+    # explanation: the hit caption's words against the query image's regions (boxes of the query)
+    hit = response.hits[0]
+    assert [a.word_piece for a in hit.alignment] == list(stored[hit.id][2].word_pieces)
+    for a in hit.alignment:
+        np.testing.assert_allclose(a.box, query.boxes[a.region_index], atol=1e-6)
+
+
+def test_explanation_content(corpus, encoder_client):
+    caption = "a dog runs on the beach"
+    query = encoder_client.encode_captions([caption])[0]
+    response = corpus.search(caption=caption, top_k=3)
+    assert list(response.query_word_pieces) == query.word_pieces
+    for hit in response.hits:
+        _g, regions, item = stored_vectors(corpus, search_pb2.IMAGE, [hit.id])[hit.id]
+        boxes = decode(item.boxes)
+        sims = query.concepts @ regions.T
+        assert [a.word_piece for a in hit.alignment] == query.word_pieces
+        assert [a.word_index for a in hit.alignment] == list(range(len(query.word_pieces)))
+        for a in hit.alignment:
+            assert a.region_index == int(sims[a.word_index].argmax())
+            assert a.similarity == pytest.approx(float(sims[a.word_index].max()), abs=1e-5)
+            np.testing.assert_allclose(a.box, boxes[a.region_index], atol=1e-6)
+        assert hit.score == pytest.approx(sum(a.similarity for a in hit.alignment), abs=1e-4)  # MrSw = sum of the terms
+    assert not corpus.search(caption=caption, top_k=3, skip_explanation=True).hits[0].alignment
+
+
+def test_rerank_off_and_multiplier(corpus):
+    plain = corpus.search(caption="two cats", top_k=4, disable_rerank=True)
+    assert not plain.reranked and plain.candidates == 4
+    assert [h.score for h in plain.hits] == [h.first_stage_score for h in plain.hits]
+    assert [h.first_stage_rank for h in plain.hits] == [0, 1, 2, 3]
+    assert sorted((h.score for h in plain.hits), reverse=True) == [h.score for h in plain.hits]
+    assert plain.hits[0].alignment  # explained even without the re-rank
+    bare = corpus.search(caption="two cats", top_k=4, disable_rerank=True, skip_explanation=True)  # no concepts fetched
+    assert [h.id for h in bare.hits] == [h.id for h in plain.hits] and not bare.hits[0].alignment
+    small = corpus.search(caption="two cats", top_k=2, rerank_multiplier=2)
+    assert small.candidates == 4 and len(small.hits) == 2
+    assert {h.id for h in small.hits} <= {h.id for h in plain.hits}  # re-ranks only the first 4 candidates
+
+
+def test_filters(corpus):
+    response = corpus.search(caption="a dog", top_k=8, filter='metadata["split"] == "even"')
+    assert {h.id for h in response.hits} == {"img0", "img2", "img4", "img6"}
+    assert all(json.loads(h.metadata_json)["split"] == "even" for h in response.hits)
+    response = corpus.search(caption="a dog", top_k=8, filter='metadata["n"] >= 5 and id != "img7"')
+    assert {h.id for h in response.hits} == {"img5", "img6"}
+    assert corpus.search(caption="a dog", top_k=8, filter='metadata["n"] > 100').hits == []
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="a dog", filter='metadata["n"] >>> 2', match="filter:")
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="a dog", filter="global_vector == 1", match="unknown name 'global_vector'")
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="a dog", filter='metadata["a"] == "x', match="unterminated")
+    expect_error(
+        CODE.INVALID_ARGUMENT, corpus.search, caption="a dog", filter="id == " + '"x" or ' * 600 + "true", match="--max-filter-chars"
+    )
+
+
+def test_search_bad_input(corpus):
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, match="query: empty")
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="   ", match="caption: empty")
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="dog", top_k=51, match="--max-top-k")
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="dog", rerank_multiplier=101, match="--max-rerank-multiplier")
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, image=b"not an image", match="image")
+    rng = np.random.default_rng(0)
+    wrong = vectors_message("captions", rng.random(DIM + 1), rng.random((3, DIM + 1)))
+    expect_error(CODE.FAILED_PRECONDITION, corpus.search, vectors=wrong, match="dimension 17")
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def test_upsert_is_idempotent_and_delete(make_search):
+    search = make_search()
+    items = [vector_item(f"v{i}", "images", DIM, seed=i, metadata={"v": 1}) for i in range(6)]
+    for _ in range(3):  # re-sending never duplicates
+        assert search.index(items).indexed == 6
+    assert search.stats().images == 6
+    changed = vector_item("v2", "images", DIM, seed=99, metadata={"v": 2})
+    search.index([changed])
+    after = search.get(search_pb2.IMAGE, ["v2"], vectors=True).items[0]
+    assert json.loads(after.metadata_json) == {"v": 2}
+    np.testing.assert_allclose(decode(after.concepts).astype(np.float32), decode(changed.vectors.concepts), atol=2e-3)
+    assert search.stats().images == 6
+    query = vectors_message("captions", decode(changed.vectors.global_vector), np.ones((2, DIM), np.float32) / 4)
+    assert search.search(vectors=query, top_k=1, disable_rerank=True).hits[0].id == "v2"
+    response = search.stub.Delete(search_pb2.DeleteRequest(modality=search_pb2.IMAGE, ids=["v2", "v4", "missing"]), timeout=60)
+    assert response.deleted == 2 and list(response.not_found) == ["missing"]
+    assert search.stats().images == 4
+    assert [i.found for i in search.get(search_pb2.IMAGE, ["v2", "v4", "v1"]).items] == [False, False, True]
+    assert "v2" not in {h.id for h in search.search(vectors=query, top_k=10).hits}
+    expect_error(CODE.INVALID_ARGUMENT, search.stub.Delete, search_pb2.DeleteRequest(modality=search_pb2.IMAGE), match="ids: empty")
+    expect_error(CODE.INVALID_ARGUMENT, search.stub.Delete, search_pb2.DeleteRequest(ids=["v1"]), match="modality")
+
+
+def test_bad_index_requests_leave_store_intact(make_search):
+    search = make_search()
+    good = [vector_item(f"k{i}", "captions", DIM, seed=i, metadata={"i": i}) for i in range(4)]
+    search.index(good)
+    ids = [f"k{i}" for i in range(4)]
+    before = snapshot(search, search_pb2.CAPTION, ids)
+    fresh = vector_item("new", "captions", DIM, seed=50)
+    bad_metadata = search_pb2.IndexItem(id="new2", metadata_json="{not json", caption="a dog")
+    cases = [
+        ([fresh, bad_metadata], CODE.INVALID_ARGUMENT, "items[1].metadata_json: malformed JSON"),
+        ([search_pb2.IndexItem(id="new3", metadata_json="[1, 2]", caption="a dog")], CODE.INVALID_ARGUMENT, "must be a JSON object"),
+        (
+            [search_pb2.IndexItem(id="new4", metadata_json=json.dumps({"x": "y" * 3000}), caption="a")],
+            CODE.INVALID_ARGUMENT,
+            "--max-metadata-bytes",
+        ),
+        ([fresh] * 33, CODE.INVALID_ARGUMENT, "--max-index-items"),
+        ([], CODE.INVALID_ARGUMENT, "items: empty"),
+        ([fresh, fresh], CODE.INVALID_ARGUMENT, "repeats items[0]"),
+        ([search_pb2.IndexItem(id="", caption="a dog")], CODE.INVALID_ARGUMENT, "items[0].id: empty id"),
+        ([search_pb2.IndexItem(id='a"b', caption="a dog")], CODE.INVALID_ARGUMENT, "double quote"),
+        ([search_pb2.IndexItem(id="x" * 600, caption="a dog")], CODE.INVALID_ARGUMENT, "--max-id-length"),
+        ([search_pb2.IndexItem(id="nocontent")], CODE.INVALID_ARGUMENT, "no content"),
+        ([fresh, search_pb2.IndexItem(id="e", caption=" ")], CODE.INVALID_ARGUMENT, "items[1].caption: empty"),
+        ([fresh, search_pb2.IndexItem(id="e", image=b"garbage")], CODE.INVALID_ARGUMENT, "items[1].image"),
+        ([fresh, vector_item("d", "captions", DIM + 2, seed=1)], CODE.FAILED_PRECONDITION, "dimension 18"),
+        ([fresh, vector_item("m", "captions", DIM, seed=1, model=("other", 3, DIM))], CODE.FAILED_PRECONDITION, "other v3"),
+        ([vector_item("k0", "captions", DIM, seed=7, n=200)], CODE.INVALID_ARGUMENT, "--max-concepts"),
+    ]
+    for items, code, match in cases:
+        expect_error(code, search.index, items, match=match)
+    broken = vector_item("k1", "captions", DIM, seed=7)
+    broken.vectors.concepts.data = broken.vectors.concepts.data[:-4]
+    expect_error(CODE.INVALID_ARGUMENT, search.index, [broken], match="items[0].vectors.concepts.data")
+    nan = vector_item("k2", "captions", DIM, seed=7)
+    nan.vectors.global_vector.data = np.full(DIM, np.nan, np.float32).tobytes()
+    expect_error(CODE.INVALID_ARGUMENT, search.index, [nan], match="non-finite")
+    no_modality = vector_item("k3", "captions", DIM, seed=7)
+    no_modality.vectors.modality = search_pb2.MODALITY_UNSPECIFIED
+    expect_error(CODE.INVALID_ARGUMENT, search.index, [no_modality], match="items[0].vectors.modality")
+    assert snapshot(search, search_pb2.CAPTION, ids) == before
+    assert not any(i.found for i in search.get(search_pb2.CAPTION, ["new", "new2", "d", "m", "e"]).items)
+    assert search.stats().captions == 4
+    expect_error(CODE.INVALID_ARGUMENT, search.get, search_pb2.CAPTION, [f"x{i}" for i in range(65)], match="--max-ids")
+
+
+def test_encoder_dimension_mismatch_is_failed_precondition(make_search):
+    # collections created for 12-dimensional vectors; the encoder's model has dimension 16
+    search = make_search()
+    search.index([vector_item("a", "images", 12, seed=1, model=("synthetic", 1, 12))])
+    details = expect_error(CODE.FAILED_PRECONDITION, search.index, [search_pb2.IndexItem(id="c", caption="a dog")])
+    assert "dimension 16" in details and "dimension 12" in details
+    expect_error(CODE.FAILED_PRECONDITION, search.search, caption="a dog", match="dimension 16")
+    assert search.stats().captions == 0 and search.stats().images == 1
+
+
+def test_stream_index(make_search):
+    search = make_search()
+
+    def messages(bad_at=None):
+        for m in range(3):
+            items = [vector_item(f"s{m}_{i}", "captions", DIM, seed=10 * m + i) for i in range(4)]
+            if m == bad_at:
+                items[1] = search_pb2.IndexItem(id="bad", metadata_json="{", caption="x")
+            yield search_pb2.IndexRequest(items=items)
+
+    response = search.stub.StreamIndex(messages(), timeout=60)
+    assert (response.indexed, response.captions, response.images) == (12, 12, 0)
+    assert search.stub.StreamIndex(messages(), timeout=60).indexed == 12  # idempotent re-send
+    assert search.stats().captions == 12
+    search2 = make_search()
+    details = expect_error(CODE.INVALID_ARGUMENT, search2.stub.StreamIndex, messages(bad_at=1), timeout=60)
+    assert "stream message 1: items[1].metadata_json" in details and "messages 0..0 (4 items) were stored" in details
+    assert search2.stats().captions == 4
+
+
+def test_vectors_only_service_and_restart(milvus_uri):
+    """No encoder: vectors in, vectors out; a restarted service reads the model back from Milvus."""
+    search = Search(milvus_uri, "", model_name="mine", model_version=7)
+    try:
+        search.index([vector_item(f"q{i}", "images", 8, seed=i) for i in range(5)])
+        assert search.stats().model.name == "mine" and search.stats().model.version == 7
+        expect_error(CODE.FAILED_PRECONDITION, search.index, [search_pb2.IndexItem(id="c", caption="a dog")], match="--encoder-address")
+        search.channel.close()
+        search.thread.stop()
+        again = Search(milvus_uri, "", collection_prefix=search.prefix)
+        stats = again.stats()
+        assert (stats.images, stats.model.name, stats.model.version, stats.model.dimension) == (5, "mine", 7, 8)
+        rng = np.random.default_rng(1)
+        g, c = rng.random(8), rng.random((2, 8))
+        hits = again.search(vectors=vectors_message("captions", g, c), top_k=5).hits
+        assert len(hits) == 5
+        again.channel.close()
+        again.thread.stop()
+    finally:
+        drop_collections(milvus_uri, search.prefix)
+
+
+# --------------------------------------------------------------------------- crash
+
+
+def test_crash_mid_stream_loses_nothing_acknowledged(milvus_uri, encoder, tmp_path):
+    """SIGKILL the service process while a client streams and indexes; everything acknowledged survives."""
+    prefix = unique_prefix("crash")
+    args = ["--milvus-uri", milvus_uri, "--collection-prefix", prefix, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+    args += ["--encoder-address", encoder.target, "--log-format", "json"]
+    if not milvus_uri.startswith("http"):
+        args[1] = str(tmp_path / "crash.db")  # the process owns its milvus-lite file (one process per file)
+    acked: dict[str, int] = {}
+    process = SearchProcess(tmp_path / "first.log", args)
+    try:
+        channel = grpc.insecure_channel(process.target)
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+        # one completed stream (acknowledged as a whole), then unary batches while a stream is open
+        first = [
+            search_pb2.IndexRequest(items=[vector_item(f"a{m}_{i}", "images", DIM, seed=m * 10 + i) for i in range(5)]) for m in range(2)
+        ]
+        assert stub.StreamIndex(iter(first), timeout=60).indexed == 10
+        acked.update({item.id: 1 for request in first for item in request.items})
+        stop = threading.Event()
+
+        def endless():
+            m = 0
+            while not stop.is_set() and m < 10_000:
+                yield search_pb2.IndexRequest(items=[vector_item(f"s{m}_{i}", "images", DIM, seed=1000 + m * 10 + i) for i in range(3)])
+                m += 1
+                time.sleep(0.01)
+
+        stream_error: list[BaseException] = []
+
+        def run_stream():
+            try:
+                stub.StreamIndex(endless(), timeout=60)
+            except grpc.RpcError as exc:
+                stream_error.append(exc)
+
+        streamer = threading.Thread(target=run_stream, daemon=True)
+        streamer.start()
+        for n in range(200):
+            item = vector_item(f"u{n}", "images", DIM, seed=5000 + n, metadata={"n": n})
+            stub.Index(search_pb2.IndexRequest(items=[item]), timeout=30)
+            acked[item.id] = 1
+            if n == 5:
+                break
+        process.kill()  # SIGKILL mid-stream
+        stop.set()
+        streamer.join(30)
+        assert stream_error and stream_error[0].code() in (CODE.UNAVAILABLE, CODE.CANCELLED, CODE.UNKNOWN, CODE.INTERNAL)
+        channel.close()
+        process = SearchProcess(tmp_path / "second.log", args)
+        channel = grpc.insecure_channel(process.target)
+        stub = search_pb2_grpc.SearchServiceStub(channel)
+        ids = sorted(acked)
+        found = stub.Get(search_pb2.GetRequest(modality=search_pb2.IMAGE, ids=ids, include_vectors=True), timeout=60).items
+        assert all(item.found for item in found), [item.id for item in found if not item.found]
+        for item in found:  # intact, not just present
+            expected = vector_item(item.id, "images", DIM, seed=0)  # shape only
+            assert tuple(item.concepts.shape) == tuple(expected.vectors.concepts.shape)
+        u3 = next(item for item in found if item.id == "u3")
+        assert json.loads(u3.metadata_json) == {"n": 3}
+        np.testing.assert_allclose(
+            decode(u3.concepts).astype(np.float32), decode(vector_item("u3", "images", DIM, seed=5003).vectors.concepts), atol=2e-3
+        )
+        stats = stub.Stats(search_pb2.StatsRequest(), timeout=60)
+        assert stats.images >= len(acked)  # plus whatever of the broken stream was stored (never duplicated)
+        # re-sending the broken stream's first messages completes it without duplicates
+        resend = [
+            search_pb2.IndexRequest(items=[vector_item(f"s{m}_{i}", "images", DIM, seed=1000 + m * 10 + i) for i in range(3)])
+            for m in range(3)
+        ]
+        stub.StreamIndex(iter(resend), timeout=60)
+        stub.StreamIndex(iter(resend), timeout=60)
+        after = stub.Stats(search_pb2.StatsRequest(), timeout=60).images
+        assert after >= len(acked) + 9 and after <= stats.images + 9
+        channel.close()
+        assert process.stop() == 0
+    finally:
+        process.kill()
+        drop_collections(milvus_uri, prefix)
+
+
+# --------------------------------------------------------------------------- service plumbing
+
+
+def test_client_auth_health_metrics(milvus_uri, encoder):
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from search_service.client import CAPTION, IMAGE, SearchClient, SearchError
+
+    search = Search(milvus_uri, encoder.target, auth_tokens=["s3cret"], metrics_port=0, metrics_host="127.0.0.1")
+    try:
+        health = health_pb2_grpc.HealthStub(search.channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="teran.v1.SearchService"), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING  # health needs no token
+        with SearchClient(search.thread.target) as anonymous, pytest.raises(SearchError) as info:
+            anonymous.stats()
+        assert info.value.code == CODE.UNAUTHENTICATED
+        with SearchClient(search.thread.target, token="s3cret") as client:
+            client.index_captions({"c1": "a dog runs on the beach", "c2": "two cats"}, metadata={"c1": {"k": 1}})
+            client.index_images({"i1": image_bytes(seed=1), "i2": image_bytes(seed=2)})
+            assert (client.stats().images, client.stats().captions) == (2, 2)
+            hits = client.search_caption("a dog", top_k=2).hits
+            assert {h.id for h in hits} == {"i1", "i2"} and hits[0].alignment
+            assert client.search_image(image_bytes(seed=1), top_k=1).hits[0].id in {"c1", "c2"}
+            assert client.get(CAPTION, ["c1"]).items[0].metadata_json == '{"k": 1}'
+            assert client.delete(IMAGE, ["i2"]).deleted == 1
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{search.thread.server.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'teran_search_requests_total{code="OK",method="Search"}' in metrics
+        assert 'teran_search_requests_total{code="UNAUTHENTICATED",method="Stats"}' in metrics
+        assert "teran_search_stage_seconds_bucket" in metrics and "teran_search_ready 1.0" in metrics
+    finally:
+        search.close()
+
+
+def test_sparse_surrogate_first_stages(make_search):
+    """SQ / DP surrogates as Milvus sparse vectors where the backend has them (milvus-lite 3.x, not Milvus 2.3)."""
+    search = make_search(sparse_surrogates=["sq", "dp"], dp_keep=8)
+    items = [vector_item(f"p{i}", "images", DIM, seed=i, metadata={"i": i}) for i in range(10)]
+    search.index(items)
+    stats = search.stats()
+    query_item = items[4].vectors
+    query = vectors_message("captions", decode(query_item.global_vector), decode(query_item.concepts))
+    if not stats.sparse_vectors_supported:
+        assert list(stats.first_stages) == [search_pb2.DENSE]
+        expect_error(CODE.FAILED_PRECONDITION, search.search, vectors=query, first_stage=search_pb2.SCALAR_QUANTIZATION, match="sparse")
+        return
+    assert list(stats.first_stages) == [search_pb2.DENSE, search_pb2.SCALAR_QUANTIZATION, search_pb2.DEEP_PERMUTATION]
+    for stage in (search_pb2.SCALAR_QUANTIZATION, search_pb2.DEEP_PERMUTATION):
+        plain = search.search(vectors=query, top_k=3, first_stage=stage, disable_rerank=True)
+        assert plain.hits[0].id == "p4"  # a vector's own surrogate scores highest
+        assert plain.hits[0].first_stage_score > plain.hits[1].first_stage_score
+        reranked = search.search(vectors=query, top_k=3, first_stage=stage, rerank_multiplier=4, filter='metadata["i"] != 4')
+        assert "p4" not in {h.id for h in reranked.hits} and len(reranked.hits) == 3
+    # the layout (surrogates and their parameters) is read back from Milvus by a restarted service
+    again = make_search(collection_prefix=search.prefix)
+    assert list(again.stats().first_stages) == list(stats.first_stages)
+    assert again.search(vectors=query, top_k=1, first_stage=search_pb2.DEEP_PERMUTATION, disable_rerank=True).hits[0].id == "p4"
