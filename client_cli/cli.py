@@ -1,0 +1,534 @@
+"""The `teran` command line: argparse, subcommands, output (human-readable or --json), exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+DEFAULT_ENCODER = "localhost:50051"
+DEFAULT_SEARCH = "localhost:50052"
+
+
+class UsageError(Exception):
+    """Bad input found after parsing (a missing file, a malformed CSV): exit 2."""
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(*, encoder: bool, search: bool) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    if encoder:
+        common.add_argument(
+            "--encoder",
+            default=os.environ.get("TERAN_ENCODER_ADDRESS", DEFAULT_ENCODER),
+            help="encoder service address (env TERAN_ENCODER_ADDRESS, default %(default)s)",
+        )
+    if search:
+        common.add_argument(
+            "--search",
+            default=os.environ.get("TERAN_SEARCH_ADDRESS", DEFAULT_SEARCH),
+            help="search service address (env TERAN_SEARCH_ADDRESS, default %(default)s)",
+        )
+    common.add_argument("--token", default=os.environ.get("TERAN_TOKEN") or None, help="bearer token (env TERAN_TOKEN)")
+    common.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default %(default)s)")
+    common.add_argument("--json", action="store_true", help="print one JSON document instead of human-readable text")
+    return common
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {value}")
+    return value
+
+
+def _metadata(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="teran",
+        description="Command-line client of the TERAN encoder and search services (gRPC).",
+        epilog="Exit codes: 0 ok, 1 RPC error (`error: <STATUS_CODE>: <details>` on stderr), 2 usage or bad input.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    search_common = _common(encoder=False, search=True)
+
+    p = sub.add_parser(
+        "search", parents=[search_common], help="search images by caption or captions by image", description="Cross-modal search."
+    )
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--caption", help="a caption: finds images")
+    query.add_argument("--image", type=Path, metavar="FILE", help="an image file (JPEG, PNG, WebP): finds captions")
+    p.add_argument("--top-k", type=_positive, default=10, help="number of hits (default %(default)s)")
+    p.add_argument("--filter", default="", metavar="EXPR", help='Milvus expression over metadata / id, e.g. metadata["split"] == "test"')
+    p.add_argument(
+        "--rerank-multiplier", type=_non_negative, default=0, metavar="N", help="first stage: N x top-k candidates (0: server default)"
+    )
+    p.add_argument("--no-rerank", action="store_true", help="first stage only (scores = global cosine)")
+    p.add_argument("--explain", action="store_true", help="show the word -> region alignment of every hit")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "index",
+        parents=[search_common],
+        help="index images or captions (streamed)",
+        description="Stream images or captions to the search service (upserts; ids default to file names / name#k).",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", type=Path, metavar="FILE_OR_DIR", help="image files or directories (jpg, jpeg, png, webp)")
+    source.add_argument("--captions", type=Path, metavar="CSV", help="CSV of image,caption (Flickr8k; ids name#k) or id,caption")
+    p.add_argument("--metadata", type=_metadata, default={}, metavar="JSON", help="a JSON object stored with every item")
+    p.add_argument("--batch", type=_positive, default=16, metavar="N", help="items per streamed message (default %(default)s)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser(
+        "encode",
+        parents=[_common(encoder=True, search=False)],
+        help="encode captions or images with the encoder service",
+        description="Encode captions or images; --json prints the vectors.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--caption", nargs="+", metavar="TEXT", help="one or more captions")
+    what.add_argument("--image", nargs="+", type=Path, metavar="FILE", help="one or more image files")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="output dtype (default %(default)s)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("stats", parents=[search_common], help="item counts, model, backend, limits", description="Search service stats.")
+    p.set_defaults(func=cmd_stats)
+
+    for name, func, text in (("get", cmd_get, "fetch stored items by id"), ("delete", cmd_delete, "delete items by id")):
+        p = sub.add_parser(name, parents=[search_common], help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("--modality", choices=("image", "caption"), required=True, help="which collection")
+        p.add_argument("--ids", nargs="+", required=True, metavar="ID", help="item ids")
+        p.set_defaults(func=func)
+    return parser
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _search_client(args):
+    from search_service.client import SearchClient
+
+    return SearchClient(args.search, token=args.token, timeout=args.timeout)
+
+
+def _encoder_client(args):
+    from encoder_service.client import EncoderClient
+
+    return EncoderClient(args.encoder, token=args.token, timeout=args.timeout)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return text
+
+
+def _model(ref) -> dict:
+    return {"name": ref.name, "version": int(ref.version), "dimension": int(ref.dimension)}
+
+
+def _emit(document) -> None:
+    print(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+def _floats(values, digits: int = 4) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
+
+
+# --------------------------------------------------------------------------- search
+
+
+def cmd_search(args) -> int:
+    fields = dict(
+        top_k=args.top_k,
+        filter=args.filter,
+        rerank_multiplier=args.rerank_multiplier,
+        disable_rerank=args.no_rerank,
+        skip_explanation=not args.explain,
+    )
+    if args.image is not None:
+        fields["image"] = _read(args.image)
+    else:
+        fields["caption"] = args.caption
+    with _search_client(args) as client:
+        response = client.search(**fields)
+    from search_service._proto import search_pb2
+
+    hits = []
+    for rank, hit in enumerate(response.hits, 1):
+        entry = {
+            "rank": rank,
+            "id": hit.id,
+            "score": float(hit.score),
+            "first_stage_score": float(hit.first_stage_score),
+            "first_stage_rank": int(hit.first_stage_rank),
+            "metadata": _loads(hit.metadata_json),
+        }
+        if args.explain:
+            entry["alignment"] = [
+                {
+                    "word_index": a.word_index,
+                    "word_piece": a.word_piece,
+                    "region_index": a.region_index,
+                    "box": [float(b) for b in a.box],
+                    "similarity": float(a.similarity),
+                }
+                for a in hit.alignment
+            ]
+        hits.append(entry)
+    document = {
+        "target": search_pb2.Modality.Name(response.target),
+        "candidates": int(response.candidates),
+        "reranked": bool(response.reranked),
+        "query_word_pieces": list(response.query_word_pieces),
+        "model": _model(response.model),
+        "hits": hits,
+    }
+    if args.json:
+        _emit(document)
+        return 0
+    query = f"caption {args.caption!r}" if args.image is None else f"image {args.image}"
+    rerank = "re-ranked" if document["reranked"] else "first stage only"
+    print(f"{query} -> {len(hits)} {document['target'].lower()} hits ({document['candidates']} candidates, {rerank})")
+    if document["query_word_pieces"]:
+        print("query word pieces: " + " ".join(document["query_word_pieces"]))
+    for hit in hits:
+        metadata = json.dumps(hit["metadata"], ensure_ascii=False) if hit["metadata"] else ""
+        print(
+            f"{hit['rank']:>3}. {hit['id']}  score {hit['score']:.4f}  "
+            f"first-stage {hit['first_stage_score']:.4f} (#{hit['first_stage_rank'] + 1})  {metadata}".rstrip()
+        )
+        for a in hit.get("alignment", []):
+            box = _floats(a["box"], 2) if a["box"] else "[no box]"
+            print(f"       {a['word_piece']:<14} -> region {a['region_index']:<3} {box}  sim {a['similarity']:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- index
+
+
+def _image_files(paths: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"no such file or directory: {path}")
+    if not files:
+        raise UsageError("no image files found (jpg, jpeg, png, webp)")
+    return files
+
+
+def read_captions(path: Path) -> list[tuple[str, str]]:
+    """(id, caption) pairs of a CSV `image,caption` (Flickr8k: ids image#k) or `id,caption` (ids as given).
+
+    A header row `image,caption` / `id,caption` is recognised; without one, ids are taken as given when
+    the first column is unique, else numbered name#k."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    except csv.Error as exc:
+        raise UsageError(f"{path}: bad CSV: {exc}") from None
+    numbered = None
+    if rows and len(rows[0]) >= 2 and rows[0][1].strip().lower() == "caption" and rows[0][0].strip().lower() in ("image", "id"):
+        numbered = rows[0][0].strip().lower() == "image"
+        rows = rows[1:]
+    pairs = []
+    for line, row in enumerate(rows, 1):
+        if len(row) < 2 or not row[0].strip():
+            raise UsageError(f"{path}: row {line}: expected two columns (image or id, caption)")
+        # Captions may contain commas: everything after the first column is the caption.
+        pairs.append((row[0].strip(), ",".join(row[1:]).strip()))
+    if not pairs:
+        raise UsageError(f"{path}: no captions")
+    if numbered is None:
+        numbered = len({key for key, _ in pairs}) != len(pairs)
+    if numbered:
+        counts: dict[str, int] = {}
+        renamed = []
+        for key, caption in pairs:
+            k = counts.get(key, 0)
+            counts[key] = k + 1
+            renamed.append((f"{key}#{k}", caption))
+        pairs = renamed
+    return pairs
+
+
+def cmd_index(args) -> int:
+    from search_service._proto import search_pb2
+
+    metadata_json = json.dumps(args.metadata)
+    if args.images is not None:
+        files = _image_files(args.images)
+        names = [f.name for f in files]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise UsageError(f"duplicate file names (ids): {', '.join(duplicates[:5])}")
+        total = len(files)
+
+        def items() -> Iterator[search_pb2.IndexItem]:
+            for f in files:
+                yield search_pb2.IndexItem(id=f.name, metadata_json=metadata_json, image=_read(f))
+    else:
+        pairs = read_captions(args.captions)
+        total = len(pairs)
+
+        def items() -> Iterator[search_pb2.IndexItem]:
+            for item_id, caption in pairs:
+                yield search_pb2.IndexItem(id=item_id, metadata_json=metadata_json, caption=caption)
+
+    sent = 0
+    interactive = sys.stderr.isatty()
+    failure: list[BaseException] = []
+
+    def safe_items() -> Iterator[search_pb2.IndexItem]:
+        try:
+            yield from items()
+        except UsageError as exc:  # grpc would swallow it into a CANCELLED / UNKNOWN call
+            failure.append(exc)
+            raise
+
+    def batches():
+        nonlocal sent
+        batch = []
+        for item in safe_items():
+            batch.append(item)
+            if len(batch) == args.batch:
+                sent += len(batch)
+                yield batch
+                _progress(sent, total, interactive)
+                batch = []
+        if batch:
+            sent += len(batch)
+            yield batch
+            _progress(sent, total, interactive)
+
+    start = time.monotonic()
+    with _search_client(args) as client:
+        try:
+            response = client.stream_index(batches(), timeout=args.timeout)
+        except Exception:
+            if failure:
+                raise failure[0] from None
+            raise
+        finally:
+            if interactive and sent:
+                print(file=sys.stderr)
+    seconds = time.monotonic() - start
+    document = {
+        "indexed": int(response.indexed),
+        "images": int(response.images),
+        "captions": int(response.captions),
+        "seconds": round(seconds, 3),
+        "model": _model(response.model),
+    }
+    if args.json:
+        _emit(document)
+    else:
+        rate = document["indexed"] / seconds if seconds > 0 else 0.0
+        print(
+            f"indexed {document['indexed']} items ({document['images']} images, {document['captions']} captions) "
+            f"in {seconds:.2f} s ({rate:.1f}/s)"
+        )
+    return 0
+
+
+def _progress(sent: int, total: int, interactive: bool) -> None:
+    line = f"sent {sent}/{total} items ({100 * sent / max(total, 1):.0f}%)"
+    print(("\r" + line) if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _vector(values: np.ndarray) -> list:
+    return np.asarray(values, dtype=np.float64).tolist()
+
+
+def cmd_encode(args) -> int:
+    with _encoder_client(args) as client:
+        if args.caption is not None:
+            results = client.encode_captions(args.caption, dtype=args.dtype)
+            labels = args.caption
+        else:
+            results = client.encode_images([_read(p) for p in args.image], dtype=args.dtype)
+            labels = [str(p) for p in args.image]
+    items = []
+    for label, r in zip(labels, results, strict=True):
+        g = np.asarray(r.global_vector, dtype=np.float32)
+        entry = {
+            "caption" if args.caption is not None else "image": label,
+            "dimension": int(g.shape[-1]),
+            "norm": float(np.linalg.norm(g)),
+            "num_concepts": 0 if r.concepts is None else int(r.concepts.shape[0]),
+        }
+        if args.caption is not None:
+            entry["word_pieces"] = list(r.word_pieces)
+        else:
+            entry["width"], entry["height"] = int(r.width), int(r.height)
+            entry["boxes"] = [] if r.boxes is None else _vector(r.boxes)
+        if args.json:
+            entry["global_vector"] = _vector(g)
+            entry["concepts"] = [] if r.concepts is None else _vector(r.concepts)
+        items.append(entry)
+    model = _model(results[0].model) if results else {}
+    if args.json:
+        _emit({"model": model, "dtype": args.dtype, "items": items})
+        return 0
+    if model:
+        print(f"model {model['name']} v{model['version']} (dimension {model['dimension']}, {args.dtype})")
+    for entry in items:
+        if args.caption is not None:
+            print(f"caption {entry['caption']!r}: dim {entry['dimension']}, norm {entry['norm']:.4f}, {entry['num_concepts']} concepts")
+            print("  word pieces: " + " ".join(entry["word_pieces"]))
+        else:
+            size = f"{entry['width']}x{entry['height']}"
+            print(f"image {entry['image']} ({size}): dim {entry['dimension']}, norm {entry['norm']:.4f}, {entry['num_concepts']} concepts")
+            for i, box in enumerate(entry["boxes"]):
+                print(f"  region {i:<3} {_floats(box, 3)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- stats, get, delete
+
+
+def cmd_stats(args) -> int:
+    from search_service._proto import search_pb2
+
+    with _search_client(args) as client:
+        s = client.stats()
+    document = {
+        "images": int(s.images),
+        "captions": int(s.captions),
+        "model": _model(s.model),
+        "backend": s.backend,
+        "server_version": s.server_version,
+        "uri": s.uri,
+        "index_type": s.index_type,
+        "concept_encoding": s.concept_encoding,
+        "sparse_vectors_supported": bool(s.sparse_vectors_supported),
+        "encoder_configured": bool(s.encoder_configured),
+        "first_stages": [search_pb2.FirstStage.Name(f) for f in s.first_stages],
+        "limits": dict(sorted((k, int(v)) for k, v in s.limits.items())),
+    }
+    if args.json:
+        _emit(document)
+        return 0
+    for key, value in document.items():
+        if key == "limits":
+            print("limits:")
+            for name, limit in value.items():
+                print(f"  {name}: {limit}")
+        else:
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+    return 0
+
+
+def _modality(args) -> int:
+    from search_service.client import CAPTION, IMAGE
+
+    return IMAGE if args.modality == "image" else CAPTION
+
+
+def cmd_get(args) -> int:
+    with _search_client(args) as client:
+        response = client.get(_modality(args), list(args.ids))
+    items = [
+        {
+            "id": item.id,
+            "found": bool(item.found),
+            "metadata": _loads(item.metadata_json) if item.found else None,
+            "num_concepts": int(item.num_concepts),
+            **({"word_pieces": list(item.word_pieces)} if item.word_pieces else {}),
+        }
+        for item in response.items
+    ]
+    if args.json:
+        _emit({"items": items})
+        return 0
+    for item in items:
+        if not item["found"]:
+            print(f"{item['id']}: not found")
+            continue
+        pieces = f", word pieces: {' '.join(item['word_pieces'])}" if item.get("word_pieces") else ""
+        print(f"{item['id']}: {item['num_concepts']} concepts, metadata {json.dumps(item['metadata'], ensure_ascii=False)}{pieces}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    with _search_client(args) as client:
+        response = client.delete(_modality(args), list(args.ids))
+    document = {"deleted": int(response.deleted), "not_found": list(response.not_found)}
+    if args.json:
+        _emit(document)
+    else:
+        missing = f" (not found: {', '.join(document['not_found'])})" if document["not_found"] else ""
+        print(f"deleted {document['deleted']}{missing}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on usage errors
+    from encoder_service.client import EncoderError
+    from search_service.client import SearchError
+
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (EncoderError, SearchError) as exc:
+        print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
