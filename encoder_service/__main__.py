@@ -6,56 +6,22 @@ Exit codes: 0 after a clean shutdown (SIGTERM / SIGINT), 2 bad configuration or 
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 
 from encoder_service.config import from_args
-from encoder_service.logs import get_logger, setup_logging
+from encoder_service.logs import LOGGING
+from serving.runner import run
 from teran.errors import TeranInputError
 
 
-async def serve(config) -> int:
+def make_server(config):
     from encoder_service.server import EncoderServer
 
-    log = get_logger()
-    server = EncoderServer(config)
-    loop = asyncio.get_running_loop()
-    stop_task: list[asyncio.Task] = []
-
-    def on_signal(signum: int) -> None:
-        log.info("signal received", extra={"signal": signal.Signals(signum).name})
-        if not stop_task:
-            stop_task.append(loop.create_task(server.stop()))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await server.start()
-    except BaseException:
-        if not server.stopping:
-            await server.stop(0)
-        raise
-    await server.wait()
-    return 0
+    return EncoderServer(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = from_args(argv)
-    except TeranInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level, config.log_format)
-    log = get_logger()
-    try:
-        return asyncio.run(serve(config))
-    except TeranInputError as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        return 1
+    return run(argv, load_config=from_args, make_server=make_server, logs=LOGGING, startup_errors=((TeranInputError, 2), (OSError, 1)))
 
 
 if __name__ == "__main__":

@@ -7,19 +7,15 @@ every setting with its variable and default.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from teran.errors import TeranInputError
+from serving.settings import ConfigError, Settings
+
+__all__ = ["ConfigError", "EncoderConfig", "build_parser", "env_name", "from_args"]
 
 ENV_PREFIX = "TERAN_ENCODER_"
 MIB = 1024 * 1024
-
-
-class ConfigError(TeranInputError):
-    """A setting has an invalid value: the message names the flag and its variable."""
 
 
 @dataclass
@@ -180,93 +176,27 @@ _SETTINGS: list[tuple[str, str, str]] = [
 ]
 
 
+SETTINGS = Settings(
+    _SETTINGS,
+    ENV_PREFIX,
+    EncoderConfig,
+    prog="python -m encoder_service",
+    description="TERAN encoder gRPC service (teran.v1.EncoderService): captions and images -> global and concept vectors. "
+    "Serves grpc.health.v1 health (NOT_SERVING until the model is loaded and warmed up), server reflection, "
+    "and Prometheus metrics on a separate HTTP port. Every flag can be set by the environment variable shown; "
+    "settings marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
+    required={"model_dir"},
+)
+
+
 def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{text!r} is not a boolean (true/false)")
-
-
-def _convert(kind: str, text: str):
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    if kind == "path":
-        return Path(text) if text else None
-    if kind == "bool":
-        return _parse_bool(text)
-    if kind == "csv":
-        return [part.strip() for part in text.split(",") if part.strip()]
-    if kind == "csv_int":
-        return [int(part) for part in text.split(",") if part.strip()]
-    if kind == "json":
-        value = json.loads(text) if text.strip() else {}
-        if not isinstance(value, dict):
-            raise ValueError("expected a JSON object")
-        return value
-    return text
+    return SETTINGS.env_name(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = EncoderConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m encoder_service",
-        description="TERAN encoder gRPC service (teran.v1.EncoderService): captions and images -> global and concept vectors. "
-        "Serves grpc.health.v1 health (NOT_SERVING until the model is loaded and warmed up), server reflection, "
-        "and Prometheus metrics on a separate HTTP port. Every flag can be set by the environment variable shown; "
-        "settings marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
-    )
-    for name, kind, text in _SETTINGS:
-        flag = "--" + name.replace("_", "-")
-        attr = "auth_tokens" if name == "auth_token" else name
-        default = getattr(defaults, attr, None)
-        if isinstance(default, list):
-            default = ",".join(map(str, default)) or None
-        elif isinstance(default, dict):
-            default = json.dumps(default) if default else None
-        help_text = f"{text} [env {env_name(name)}]"
-        suffix = " (required)" if name == "model_dir" else (f" (default: {default})" if default is not None else "")
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text + suffix)
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper().replace("CSV_INT", "N,N"), help=help_text + suffix)
-    return parser
+    return SETTINGS.build_parser()
 
 
 def from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> EncoderConfig:
     """Flags, then TERAN_ENCODER_* variables, then defaults -> a validated EncoderConfig."""
-    environ = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
-    config = EncoderConfig()
-    known = {f.name for f in fields(EncoderConfig)}
-    tokens: list[str] = []
-    for name, kind, _text in _SETTINGS:
-        value = getattr(args, name)
-        source = "--" + name.replace("_", "-")
-        if value is None and env_name(name) in environ:
-            value, source = environ[env_name(name)], env_name(name)
-        if value is None:
-            continue
-        try:
-            converted = value if isinstance(value, bool) else _convert(kind, value)
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{source}: invalid {kind} value {value!r} ({exc})") from None
-        if name == "auth_token":
-            tokens.extend(converted)
-        elif name == "auth_token_file":
-            try:
-                lines = Path(converted).read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise ConfigError(f"{source}: cannot read {converted} ({exc.strerror})") from None
-            tokens.extend(line.strip() for line in lines if line.strip())
-        elif name in known:
-            setattr(config, name, converted)
-    config.auth_tokens = tokens
-    return config.validate()
+    return SETTINGS.from_args(argv, environ)

@@ -1,55 +1,12 @@
-"""Structured logging: one JSON object per line on stderr (or plain text)."""
+"""Structured logging: one JSON object per line on stderr (or plain text); see serving.logs."""
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
-import time
+from serving.logs import JsonFormatter, ServiceLogging, TextFormatter
+
+__all__ = ["LOGGER_NAME", "LOGGING", "JsonFormatter", "TextFormatter", "get_logger", "setup_logging"]
 
 LOGGER_NAME = "encoder_service"
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
-        text = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
-        if extra:
-            text += " " + " ".join(f"{k}={v}" for k, v in extra.items())
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-def setup_logging(level: str = "INFO", fmt: str = "json", stream=None) -> logging.Logger:
-    """Configure the service logger (not the root logger, so embedding apps keep theirs)."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(level.upper())
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    logger.addHandler(handler)
-    logger.propagate = False
-    return logger
-
-
-def get_logger(name: str = "") -> logging.Logger:
-    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+LOGGING = ServiceLogging(LOGGER_NAME)
+setup_logging = LOGGING.setup_logging
+get_logger = LOGGING.get_logger

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+from serving.metrics import LATENCY_BUCKETS, MetricsServer
+
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Metrics"]
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-class Metrics:
+class Metrics(MetricsServer):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.requests = Counter(
             "teran_encoder_requests",
@@ -49,15 +52,3 @@ class Metrics:
         )
         self.ready = Gauge("teran_encoder_ready", "1 when the model is loaded, warmed up and serving", registry=r)
         self.model = Info("teran_encoder_model", "the model served", registry=r)
-        self._http = None
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server in a daemon thread; return the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_address[1])
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

@@ -9,14 +9,12 @@ the backend close.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from encoder_service._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
 from encoder_service.backends import Backend, BackendError
@@ -26,16 +24,19 @@ from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
 from encoder_service.tensors import FLOAT32, dtype_code, from_tensor, to_tensor
+from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
+    HEALTH_EXEMPT,
+    BearerTokenInterceptor,
+    add_health_and_reflection,
+    bind_port,
+    channel_options,
+    create_server,
+)
 from teran.errors import TeranInputError
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
-HEALTH_EXEMPT = ("/grpc.health.v1.Health/",)
 log = get_logger("server")
 access = get_logger("access")
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
 
 
 class _RpcFailure(Exception):
@@ -57,55 +58,6 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, BackendError):
         return (grpc.StatusCode.UNAVAILABLE if exc.unavailable else grpc.StatusCode.INTERNAL), str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
-
-
-# --------------------------------------------------------------------------- auth
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Every RPC except grpc.health.v1 needs metadata `authorization: Bearer <token>`."""
-
-    def __init__(self, tokens: list[str], metrics: Metrics | None = None, exempt: tuple[str, ...] = HEALTH_EXEMPT):
-        self._tokens = [t.encode() for t in tokens]
-        self._metrics = metrics
-        self._exempt = exempt
-
-    def _allowed(self, metadata) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                given = value[7:].strip().encode()
-                ok = False
-                for token in self._tokens:  # compare against all: constant time per token
-                    ok |= hmac.compare_digest(given, token)
-                return ok
-        return False
-
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(self._exempt) or self._allowed(handler_call_details.invocation_metadata):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        message = "missing or invalid bearer token: send metadata `authorization: Bearer <token>`"
-        metrics = self._metrics
-        name = method.rsplit("/", 1)[-1]
-
-        async def deny(_request, context):
-            if metrics:
-                metrics.requests.labels(name, "UNAUTHENTICATED").inc()
-                metrics.errors.labels(name, "UNAUTHENTICATED").inc()
-            log.warning("unauthenticated call", extra={"method": name, "peer": context.peer()})
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
 
 
 # --------------------------------------------------------------------------- servicer
@@ -381,30 +333,10 @@ class EncoderServer:
         model = EncoderModel(
             cfg, backend=self.backend, metrics=self.metrics, active_calls=lambda: self._active
         )  # fail fast on the manifest
-        interceptors = [BearerTokenInterceptor(cfg.auth_tokens, self.metrics)] if cfg.auth_tokens else []
-        self._server = grpc.aio.server(
-            options=[*channel_options(cfg.max_message_bytes), ("grpc.so_reuseport", 0)],
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        )
+        self._server = create_server(cfg, self.metrics, log)
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(self), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
-            credentials = grpc.ssl_server_credentials(
-                [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,
-            )
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
+        await add_health_and_reflection(self._server, self.health, SERVICE_NAME)
+        self.port = bind_port(self._server, cfg)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         await self._server.start()

@@ -7,12 +7,9 @@ setting with its variable and default; settings marked LIMIT bound what a reques
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from encoder_service.config import ConfigError, _convert
+from serving.settings import ConfigError, Settings
 
 ENV_PREFIX = "TERAN_SEARCH_"
 MIB = 1024 * 1024
@@ -169,64 +166,28 @@ _SETTINGS: list[tuple[str, str, str]] = [
 _SECRET = {"milvus_token", "encoder_token", "auth_token"}
 
 
+SETTINGS = Settings(
+    _SETTINGS,
+    ENV_PREFIX,
+    SearchConfig,
+    prog="python -m search_service",
+    description="TERAN search gRPC service (teran.v1.SearchService): stores images and captions in Milvus, "
+    "dense first stage on the global vector, exact TERAN MrSw re-rank with explanations. Serves grpc.health.v1, "
+    "server reflection and Prometheus metrics. Every flag can be set by the environment variable shown; settings "
+    "marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
+    hidden_defaults=_SECRET,
+    hide_empty_defaults=True,
+)
+
+
 def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
+    return SETTINGS.env_name(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = SearchConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m search_service",
-        description="TERAN search gRPC service (teran.v1.SearchService): stores images and captions in Milvus, "
-        "dense first stage on the global vector, exact TERAN MrSw re-rank with explanations. Serves grpc.health.v1, "
-        "server reflection and Prometheus metrics. Every flag can be set by the environment variable shown; settings "
-        "marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
-    )
-    for name, kind, text in _SETTINGS:
-        flag = "--" + name.replace("_", "-")
-        attr = "auth_tokens" if name == "auth_token" else name
-        default = getattr(defaults, attr, None)
-        if isinstance(default, list):
-            default = ",".join(map(str, default)) or None
-        elif isinstance(default, dict):
-            default = json.dumps(default) if default else None
-        elif name in _SECRET or default == "":
-            default = None
-        help_text = f"{text} [env {env_name(name)}]" + (f" (default: {default})" if default is not None else "")
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=kind.upper(), help=help_text)
-    return parser
+    return SETTINGS.build_parser()
 
 
 def from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> SearchConfig:
     """Flags, then TERAN_SEARCH_* variables, then defaults -> a validated SearchConfig."""
-    environ = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
-    config = SearchConfig()
-    known = {f.name for f in fields(SearchConfig)}
-    tokens: list[str] = []
-    for name, kind, _text in _SETTINGS:
-        value = getattr(args, name)
-        source = "--" + name.replace("_", "-")
-        if value is None and env_name(name) in environ:
-            value, source = environ[env_name(name)], env_name(name)
-        if value is None:
-            continue
-        try:
-            converted = value if isinstance(value, bool) else _convert(kind, value)
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{source}: invalid {kind} value {value!r} ({exc})") from None
-        if name == "auth_token":
-            tokens.extend(converted)
-        elif name == "auth_token_file":
-            try:
-                lines = Path(converted).read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise ConfigError(f"{source}: cannot read {converted} ({exc.strerror})") from None
-            tokens.extend(line.strip() for line in lines if line.strip())
-        elif name in known:
-            setattr(config, name, converted)
-    config.auth_tokens = tokens
-    return config.validate()
+    return SETTINGS.from_args(argv, environ)

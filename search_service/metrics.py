@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info
 
-from encoder_service.metrics import LATENCY_BUCKETS
+from serving.metrics import LATENCY_BUCKETS, MetricsServer
 
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000, 16384)
 
 
-class Metrics:
+class Metrics(MetricsServer):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.requests = Counter("teran_search_requests", "RPCs by method and final status code", ["method", "code"], registry=r)
         self.errors = Counter("teran_search_errors", "RPCs that ended with a status other than OK", ["method", "code"], registry=r)
@@ -28,14 +28,3 @@ class Metrics:
         self.inflight = Gauge("teran_search_inflight_requests", "RPCs being served", registry=r)
         self.ready = Gauge("teran_search_ready", "1 when Milvus is open and the service is serving", registry=r)
         self.info = Info("teran_search_backend", "storage backend", registry=r)
-        self._http = None
-
-    def serve(self, host: str, port: int) -> int:
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_address[1])
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

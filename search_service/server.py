@@ -16,12 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from encoder_service._proto import common_pb2
 from encoder_service.client import AsyncEncoderClient, EncoderError, RegionFeatures
-from encoder_service.server import BearerTokenInterceptor, channel_options
 from encoder_service.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
 from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.config import SearchConfig
@@ -29,6 +27,7 @@ from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.ranking import explain, mrsw_scores
 from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
+from serving.grpc_server import add_health_and_reflection, bind_port, create_server
 from teran.errors import TeranInputError
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
@@ -622,21 +621,10 @@ class SearchServer:
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        interceptors = [BearerTokenInterceptor(cfg.auth_tokens, self.metrics)] if cfg.auth_tokens else []
-        self._server = grpc.aio.server(
-            options=[*channel_options(cfg.max_message_bytes), ("grpc.so_reuseport", 0)],
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        )
+        self._server = create_server(cfg, self.metrics, log)
         search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(self), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{cfg.host}:{cfg.port}"
-        self.port = self._server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
+        await add_health_and_reflection(self._server, self.health, SERVICE_NAME)
+        self.port = bind_port(self._server, cfg)
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         await self._server.start()

@@ -1,0 +1,105 @@
+"""gRPC server plumbing shared by the services: options, bearer-token auth, health, reflection, ports."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+HEALTH_EXEMPT = ("/grpc.health.v1.Health/",)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every RPC except grpc.health.v1 needs metadata `authorization: Bearer <token>`.
+
+    `metrics` (optional) has `requests` and `errors` counters labelled (method, code); refused
+    calls are logged on `log`.
+    """
+
+    def __init__(self, tokens: list[str], metrics=None, exempt: tuple[str, ...] = HEALTH_EXEMPT, log: logging.Logger | None = None):
+        self._tokens = [t.encode() for t in tokens]
+        self._metrics = metrics
+        self._exempt = exempt
+        self._log = log or logging.getLogger(__name__)
+
+    def _allowed(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+                given = value[7:].strip().encode()
+                ok = False
+                for token in self._tokens:  # compare against all: constant time per token
+                    ok |= hmac.compare_digest(given, token)
+                return ok
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(self._exempt) or self._allowed(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        message = "missing or invalid bearer token: send metadata `authorization: Bearer <token>`"
+        metrics = self._metrics
+        log = self._log
+        name = method.rsplit("/", 1)[-1]
+
+        async def deny(_request, context):
+            if metrics:
+                metrics.requests.labels(name, "UNAUTHENTICATED").inc()
+                metrics.errors.labels(name, "UNAUTHENTICATED").inc()
+            log.warning("unauthenticated call", extra={"method": name, "peer": context.peer()})
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
+
+
+def create_server(cfg, metrics=None, log: logging.Logger | None = None) -> grpc.aio.Server:
+    """A grpc.aio server from the common settings (max_message_bytes, max_concurrent_rpcs, auth_tokens)."""
+    interceptors = [BearerTokenInterceptor(cfg.auth_tokens, metrics, log=log)] if cfg.auth_tokens else []
+    return grpc.aio.server(
+        options=[*channel_options(cfg.max_message_bytes), ("grpc.so_reuseport", 0)],
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+    )
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, health_servicer, service_name: str) -> None:
+    """Serve grpc.health.v1 and reflection; health is NOT_SERVING (overall and `service_name`) until set."""
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    for service in ("", service_name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def bind_port(server: grpc.aio.Server, cfg) -> int:
+    """Listen on cfg.host:cfg.port (TLS when the config has tls_cert set); return the bound port."""
+    address = f"{cfg.host}:{cfg.port}"
+    tls_cert = getattr(cfg, "tls_cert", None)
+    if tls_cert:
+        client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(cfg.tls_key.read_bytes(), tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    return port

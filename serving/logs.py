@@ -1,0 +1,59 @@
+"""Structured logging: one JSON object per line on stderr (or plain text), one logger tree per service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
+        text = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        if extra:
+            text += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class ServiceLogging:
+    """The logger tree of one service, named `logger_name` (e.g. "encoder_service")."""
+
+    def __init__(self, logger_name: str):
+        self.logger_name = logger_name
+
+    def setup_logging(self, level: str = "INFO", fmt: str = "json", stream=None) -> logging.Logger:
+        """Configure the service logger (not the root logger, so embedding apps keep theirs)."""
+        logger = logging.getLogger(self.logger_name)
+        logger.setLevel(level.upper())
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        logger.addHandler(handler)
+        logger.propagate = False
+        return logger
+
+    def get_logger(self, name: str = "") -> logging.Logger:
+        return logging.getLogger(f"{self.logger_name}.{name}" if name else self.logger_name)

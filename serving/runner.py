@@ -1,0 +1,72 @@
+"""The `python -m <service>` run loop: config, logging, server start, signal handling, exit codes.
+
+Exit codes: 0 after a clean shutdown (SIGTERM / SIGINT), 2 bad configuration (the config loader
+raised TeranInputError: printed to stderr), otherwise as mapped by `startup_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from serving.logs import ServiceLogging
+from teran.errors import TeranInputError
+
+
+async def serve(server, log) -> int:
+    """Start `server` (start/stop/wait/stopping), stop it on SIGTERM / SIGINT, return 0 once stopped."""
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task] = []
+
+    def on_signal(signum: int) -> None:
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+        if not stop_task:
+            stop_task.append(loop.create_task(server.stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await server.start()
+    except BaseException:
+        if not server.stopping:
+            await server.stop(0)
+        raise
+    await server.wait()
+    return 0
+
+
+def run(
+    argv: list[str] | None,
+    *,
+    load_config: Callable,
+    make_server: Callable,
+    logs: ServiceLogging,
+    startup_errors: Sequence[tuple[type[BaseException], int]],
+) -> int:
+    """Parse the config, set up logging, serve until signalled; return the process exit code.
+
+    load_config(argv) -> config; make_server(config) -> server (import the server module there so
+    `--help` stays light). startup_errors: (exception type, exit code) pairs tried in order for
+    failures while starting, each logged as "cannot start: ...".
+    """
+    try:
+        config = load_config(argv)
+    except TeranInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup_logging(config.log_level, config.log_format)
+    log = logs.get_logger()
+
+    async def main() -> int:
+        return await serve(make_server(config), log)
+
+    try:
+        return asyncio.run(main())
+    except BaseException as exc:
+        for kind, code in startup_errors:
+            if isinstance(exc, kind):
+                log.error("cannot start: %s", exc)
+                return code
+        raise
