@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Function words match "something" everywhere; the display shows content words.
+STOPWORDS = frozenset("a an the of in on at to and or is are was with by for from near its his her their into onto".split())
+
 
 @dataclass
 class Match:
@@ -31,6 +34,6 @@ class Hit:
         return cls(hit.id, hit.score, hit.first_stage_score, json.loads(hit.metadata_json or "{}"), matches)
 
     def strongest_matches(self, count: int) -> list[Match]:
-        """The most confident word-region matches, skipping word-piece continuations (##...)."""
-        words = [m for m in self.matches if not m.word.startswith("##")]
+        """The most confident word-region matches, skipping function words and word-piece continuations (##...)."""
+        words = [m for m in self.matches if not m.word.startswith("##") and m.word not in STOPWORDS]
         return sorted(words, key=lambda m: -m.similarity)[:count]
