@@ -27,6 +27,7 @@ from encoder_service.tensors import FLOAT32, dtype_code, from_tensor, to_tensor
 from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
     HEALTH_EXEMPT,
     BearerTokenInterceptor,
+    InflightCalls,
     add_health_and_reflection,
     bind_port,
     channel_options,
@@ -88,7 +89,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable]):
         started = time.perf_counter()
         self.metrics.inflight.inc()
-        self._server.rpc_started()
+        self._server.inflight.started()
         code, details, items = grpc.StatusCode.OK, "", 0
         try:
             if self._server.stopping:
@@ -106,7 +107,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.inflight.dec()
-            self._server.rpc_finished()
+            self._server.inflight.finished()
             self._record(method, code, elapsed, items, request_id, context, details)
         await context.abort(code, details)
 
@@ -205,11 +206,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         """Process up to max_stream_inflight messages concurrently; yield responses in order."""
         started = time.perf_counter()
         self.metrics.inflight.inc()
-        self._server.rpc_started()
+        self._server.inflight.started()
         code, details, count = grpc.StatusCode.OK, "", 0
         if self._server.stopping:
             self.metrics.inflight.dec()
-            self._server.rpc_finished()
+            self._server.inflight.finished()
             self._record(method, grpc.StatusCode.UNAVAILABLE, 0.0, 0, "", context, "shutting down")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
         inflight = max(1, self._server.config.max_stream_inflight)
@@ -259,7 +260,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if isinstance(entry, asyncio.Future):
                     entry.cancel()
             self.metrics.inflight.dec()
-            self._server.rpc_finished()
+            self._server.inflight.finished()
             self._record(method, code, time.perf_counter() - started, count, "", context, details)
         if failure:
             await context.abort(*failure)
@@ -311,27 +312,16 @@ class EncoderServer:
         self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         self.listening = threading.Event()  # set once the port is open (health NOT_SERVING until ready)
-        self._active = 0  # encoder RPCs in flight (health watches are not counted)
-        self._idle: asyncio.Event | None = None
+        self.inflight = InflightCalls()
         self._server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
-
-    def rpc_started(self) -> None:
-        self._active += 1
-        self._idle.clear()
-
-    def rpc_finished(self) -> None:
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()
 
     async def start(self, warmup: bool = True) -> None:
         cfg = self.config
         self._stopped = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.inflight.reset()
         model = EncoderModel(
-            cfg, backend=self.backend, metrics=self.metrics, active_calls=lambda: self._active
+            cfg, backend=self.backend, metrics=self.metrics, active_calls=lambda: self.inflight.count
         )  # fail fast on the manifest
         self._server = create_server(cfg, self.metrics, log)
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(self), self._server)
@@ -375,14 +365,7 @@ class EncoderServer:
         if self._server is not None:
             # New encoder RPCs are refused (UNAVAILABLE) from now on; in-flight ones get `grace`
             # seconds. Long-lived health Watch streams do not hold the shutdown up.
-            started = time.monotonic()
-            if self._active:
-                log.info("waiting for in-flight RPCs", extra={"inflight": self._active})
-                try:
-                    await asyncio.wait_for(self._idle.wait(), grace)
-                except TimeoutError:
-                    log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self._active})
-            await self._server.stop(max(0.0, min(0.5, grace - (time.monotonic() - started))))
+            await self.inflight.drain_and_stop(self._server, grace, log)
         if self.model is not None:
             await self.model.close()
         self.metrics.close()

@@ -27,7 +27,7 @@ from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.ranking import explain, mrsw_scores
 from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
-from serving.grpc_server import add_health_and_reflection, bind_port, create_server
+from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server
 from teran.errors import TeranInputError
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
@@ -108,7 +108,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     async def _unary(self, method: str, context, request_id: str, work):
         started = time.perf_counter()
         self.metrics.inflight.inc()
-        self._server.rpc_started()
+        self._server.inflight.started()
         code, details = grpc.StatusCode.OK, ""
         try:
             if self._server.stopping:
@@ -124,7 +124,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.inflight.dec()
-            self._server.rpc_finished()
+            self._server.inflight.finished()
             self._record(method, code, elapsed, request_id, context, details)
         await context.abort(code, details)
 
@@ -602,25 +602,14 @@ class SearchServer:
         self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         self.listening = threading.Event()
-        self._active = 0
-        self._idle: asyncio.Event | None = None
+        self.inflight = InflightCalls()
         self._server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
-
-    def rpc_started(self) -> None:
-        self._active += 1
-        self._idle.clear()
-
-    def rpc_finished(self) -> None:
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()
 
     async def start(self) -> None:
         cfg = self.config
         self._stopped = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.inflight.reset()
         self._server = create_server(cfg, self.metrics, log)
         search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(self), self._server)
         await add_health_and_reflection(self._server, self.health, SERVICE_NAME)
@@ -676,13 +665,7 @@ class SearchServer:
         self.metrics.ready.set(0)
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            started = time.monotonic()
-            if self._active:
-                try:
-                    await asyncio.wait_for(self._idle.wait(), grace)
-                except TimeoutError:
-                    log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self._active})
-            await self._server.stop(max(0.0, min(0.5, grace - (time.monotonic() - started))))
+            await self.inflight.drain_and_stop(self._server, grace, log)
         self.ready = False
         if self.encoder is not None:
             await self.encoder.close()

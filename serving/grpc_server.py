@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -103,3 +105,37 @@ def bind_port(server: grpc.aio.Server, cfg) -> int:
     if not port:
         raise OSError(f"cannot listen on {address}")
     return port
+
+
+class InflightCalls:
+    """Counts service RPCs in flight (health watches are not counted) so that a graceful stop
+    can let them finish, bounded by a grace period. `reset()` must run inside the event loop."""
+
+    def __init__(self):
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def reset(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def started(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def drain_and_stop(self, server: grpc.aio.Server, grace: float, log: logging.Logger) -> None:
+        """Wait up to `grace` seconds for in-flight RPCs, then stop `server` (cancelling what is left)."""
+        started = time.monotonic()
+        if self.count:
+            log.info("waiting for in-flight RPCs", extra={"inflight": self.count})
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self.count})
+        await server.stop(max(0.0, min(0.5, grace - (time.monotonic() - started))))
