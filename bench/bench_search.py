@@ -1,7 +1,11 @@
 """Search service: re-rank agreement with exhaustive TERAN scoring, recall curves, and query latency.
 
     .venv/bin/python bench/bench_search.py --model-dir artifacts/teran-flickr8k \
-        [--sizes 100000] [--lite-sizes 10000] [--backends lite,server] [--output reports/bench-search.json]
+        [--parts agreement,latency[,scale]] [--sizes 100000] [--lite-sizes 100000] [--backends lite,server] \
+        [--merge] [--output reports/bench-search.json]
+
+One command runs everything (default parts: agreement, latency); `--parts` runs a subset (agreement,
+strategies, latency, scale) and `--merge` updates the report in place, keeping what was not re-run.
 
 1. Encodes Flickr8k dev (1,000 images, 5,000 captions) with the real exported model through the
    encoder service (cached in .cache/bench-search/), stores the images in a fresh search service
@@ -15,6 +19,11 @@
    j mod 1000 with Gaussian noise sigma 0.05 on every vector, renormalised), indexed through StreamIndex;
    p50/p99 of Search (caption vectors, top_k 10, R_m 10, through gRPC) per backend and N, plus the index
    rate and memory (RSS of the Milvus server process, or of this process for the embedded milvus-lite).
+   Each N is measured with the re-rank cache (after a restart that rebuilds it from Milvus: cache_load_s)
+   and without it (--rerank-cache-mb 0) on the same collections.
+3. Scale (--parts scale): N (default 1M) items with --scale-concepts concept vectors each, written
+   in-process through the service's store + cache (full-size items at 1M do not fit a 24 GB machine).
+Strategies: Fig. 3c in numpy for the dense, SQ, DP and Bag-of-Concepts (--boc SIZE:TOP,...) first stages.
 """
 
 from __future__ import annotations
@@ -189,24 +198,31 @@ def recall(ranked_ids: list[list[int]], owners: np.ndarray) -> dict:
     return out
 
 
-def agreement(data: dict, multipliers: list[int], queries: int, workdir: Path) -> dict:
+def exhaustive_mrsw(data: dict, queries: int):
+    """MrSw of the first `queries` captions against every image (on the stored fp16 concepts): scores, top-10s."""
+    n_images = len(data["image_global"])
+    stored = data["image_concepts"].astype(np.float16).astype(np.float32)
+    exhaustive, first_only = [], []
+    mask_r = np.ones(stored.shape[:2], bool)
+    full = np.zeros((queries, n_images), np.float32)
+    for q in range(queries):
+        n = int(data["caption_lengths"][q])
+        words = data["caption_concepts"][q : q + 1, :n]
+        scores = alignment_scores(stored, mask_r, words, np.ones((1, n), bool))[:, 0]
+        full[q] = scores
+        exhaustive.append(np.argsort(-scores, kind="stable")[:10].tolist())
+        first_only.append(np.argsort(-(data["image_global"] @ data["caption_global"][q]), kind="stable")[:10].tolist())
+    return full, exhaustive, first_only
+
+
+def agreement(data: dict, multipliers: list[int], queries: int, workdir: Path, boc: list[tuple[int, int]]) -> dict:
     n_images = len(data["image_global"])
     service = Service(str(workdir / "agreement.db"), index_type="FLAT", max_candidates=2000)
     try:
         index_s = service.index(data, n_images)
         log(f"indexed {n_images} dev images in {index_s:.1f}s")
-        stored = data["image_concepts"].astype(np.float16).astype(np.float32)
         owners = data["caption_owner"][:queries]
-        exhaustive, first_only = [], []
-        mask_r = np.ones(stored.shape[:2], bool)
-        full = np.zeros((queries, n_images), np.float32)
-        for q in range(queries):
-            n = int(data["caption_lengths"][q])
-            words = data["caption_concepts"][q : q + 1, :n]
-            scores = alignment_scores(stored, mask_r, words, np.ones((1, n), bool))[:, 0]
-            full[q] = scores
-            exhaustive.append(np.argsort(-scores, kind="stable")[:10].tolist())
-            first_only.append(np.argsort(-(data["image_global"] @ data["caption_global"][q]), kind="stable")[:10].tolist())
+        full, exhaustive, first_only = exhaustive_mrsw(data, queries)
         result = {
             "queries": queries,
             "gallery_images": n_images,
@@ -230,16 +246,20 @@ def agreement(data: dict, multipliers: list[int], queries: int, workdir: Path) -
                 "mean_query_ms": round(1000 * elapsed / queries, 2),
             }
             log(f"R_m={m}: {result['per_multiplier'][str(m)]}")
-        result["strategies"] = strategies(data, full, exhaustive, owners, multipliers)
+        result["strategies"] = strategies(data, full, exhaustive, owners, multipliers, boc)
         return result
     finally:
         service.close()
 
 
-def strategies(data: dict, full: np.ndarray, exhaustive: list[list[int]], owners: np.ndarray, multipliers: list[int]) -> dict:
-    """Fig. 3c in numpy: each first stage (dense cosine, SQ, DP surrogates: exact sparse inner products,
-    i.e. what Milvus' inverted index returns) + MrSw re-rank of its top R_m x 10, on the same queries."""
-    from search_service.sparse import deep_permutation, scalar_quantization
+def strategies(
+    data: dict, full: np.ndarray, exhaustive: list[list[int]], owners: np.ndarray, multipliers: list[int], boc: list[tuple[int, int]] = ()
+) -> dict:
+    """Fig. 3c in numpy: each first stage (dense cosine, SQ, DP surrogates, Bag of Concepts: exact sparse inner
+    products, i.e. what Milvus' inverted index returns) + MrSw re-rank of its top R_m x 10, on the same queries.
+    BoC (size, top): a spherical k-means codebook of `size` fitted on the gallery's region vectors; each concept
+    soft-assigned to its `top` nearest codewords; max-pooled over an image's regions, summed over a caption's words."""
+    from search_service.sparse import bag_of_concepts, deep_permutation, kmeans_codebook, scalar_quantization
 
     queries = len(exhaustive)
     ig, cg = data["image_global"], data["caption_global"][:queries]
@@ -260,9 +280,28 @@ def strategies(data: dict, full: np.ndarray, exhaustive: list[list[int]], owners
         fn = lambda v, k=keep: deep_permutation(v, k)  # noqa: E731
         first = dense_matrix(fn, cg) @ dense_matrix(fn, ig).T
         settings[f"dp_keep{keep}"] = (first, {"mean_nonzero_image": float((dense_matrix(fn, ig) > 0).sum(1).mean())})
+    if boc:
+        lengths = data["caption_lengths"]
+        regions = data["image_concepts"].reshape(-1, data["image_concepts"].shape[-1])
+        for size, top in boc:
+            started = time.perf_counter()
+            codebook = kmeans_codebook(regions, size, seed=0)
+            images = np.zeros((len(ig), size), np.float32)
+            for i, concepts in enumerate(data["image_concepts"]):
+                for k, w in bag_of_concepts(concepts, codebook, top, "max").items():
+                    images[i, k] = w
+            caps = np.zeros((queries, size), np.float32)
+            for q in range(queries):
+                for k, w in bag_of_concepts(data["caption_concepts"][q, : lengths[q]], codebook, top, "sum").items():
+                    caps[q, k] = w
+            extra = {"mean_nonzero_image": float((images > 0).sum(1).mean()), "mean_nonzero_query": float((caps > 0).sum(1).mean())}
+            settings[f"boc_k{size}_top{top}"] = (caps @ images.T, {**extra, "codebook_s": round(time.perf_counter() - started, 1)})
     out = {}
+    # Ties (frequent with coarse sparse surrogates) are broken by a fixed random permutation, not by image index:
+    # the queries' own images are the first ones, so index order would flatter a surrogate that ties.
+    tie_break = np.random.default_rng(0).permutation(len(ig))
     for name, (first, extra) in settings.items():
-        order = np.argsort(-first, axis=1, kind="stable")
+        order = np.lexsort((np.broadcast_to(tie_break, first.shape), -first), axis=1)
         entry = {**extra, "recall_first_stage_only": recall([o[:10].tolist() for o in order], owners), "per_multiplier": {}}
         for m in multipliers:
             ranked, same = [], 0
@@ -277,35 +316,221 @@ def strategies(data: dict, full: np.ndarray, exhaustive: list[list[int]], owners
     return out
 
 
-def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None) -> dict:
-    service = Service(uri, collection_prefix=f"lat_{n_items}_{os.getpid()}", consistency_level="Bounded")
+def percentiles(times: list[float]) -> dict:
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 2),
+        "p99_ms": round(float(np.percentile(times, 99)), 2),
+        "mean_ms": round(float(np.mean(times)), 2),
+    }
+
+
+def measure(service: Service, data: dict, queries: int) -> dict:
+    for q in range(5):  # warm-up
+        service.search(data, q, 10, 10)
+    times = []
+    for q in range(queries):
+        started = time.perf_counter()
+        response = service.search(data, q % len(data["caption_global"]), 10, 10)
+        times.append(1000 * (time.perf_counter() - started))
+        assert len(response.hits) == 10
+    return percentiles(times)
+
+
+def cache_stats(service: Service) -> dict:
+    cache = service.thread.server.cache
+    return cache.stats() if cache is not None else {}
+
+
+def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
+    """Index N items into a fresh collection pair (re-rank cache on, filled by the writes), flush (seal: milvus-lite
+    searches its unsealed memtable brute force), then: restart to time the cache rebuild from Milvus, query with the
+    cache, query again with --rerank-cache-mb 0 on the same collections (the previous design: concepts come with
+    the search)."""
+    prefix = f"lat_{n_items}_{os.getpid()}"
+    common = dict(
+        collection_prefix=prefix,
+        consistency_level="Bounded",
+        index_type=args.index_type,
+        index_params=args.index_params,
+        max_candidates=2000,
+    )
+    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
+    base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
     try:
         index_s = service.index(data, n_items, noise=0.05, batch=256)
-        log(f"{backend}: indexed {n_items} items in {index_s:.1f}s")
-        for q in range(5):  # warm-up
-            service.search(data, q, 10, 10)
-        times = []
-        for q in range(queries):
-            started = time.perf_counter()
-            response = service.search(data, q % len(data["caption_global"]), 10, 10)
-            times.append(1000 * (time.perf_counter() - started))
-            assert len(response.hits) == 10
-        return {
-            "backend": backend,
-            "n_items": n_items,
-            "queries": queries,
-            "top_k": 10,
-            "rerank_multiplier": 10,
-            "p50_ms": round(float(np.percentile(times, 50)), 2),
-            "p99_ms": round(float(np.percentile(times, 99)), 2),
-            "mean_ms": round(float(np.mean(times)), 2),
-            "index_s": round(index_s, 1),
-            "index_items_per_s": round(n_items / index_s, 1),
-            "rss_mb": rss_mb(server_pid or os.getpid()),
-            "rss_of": "milvus standalone process" if server_pid else "benchmark process (embedded milvus-lite + service)",
-        }
+        store = service.thread.server.store
+        started = time.perf_counter()
+        for name in (store.name("images"), store.name("captions")):
+            store.client.flush(name)
+        flush_s = time.perf_counter() - started
+        base["index_wait_s"] = round(wait_indexed(store), 1)
+        base.update(index_type=store.index_type, index_params=store.index_params, search_params=store.search_params)
+        log(f"{backend}: indexed {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), index {store.index_type}")
     finally:
         service.close()
+    base.update(index_s=round(index_s, 1), index_items_per_s=round(n_items / index_s, 1), flush_s=round(flush_s, 1))
+    entries = []
+    # with the cache: a restart rebuilds it from Milvus (query iterator)
+    started = time.perf_counter()
+    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
+    try:
+        service.thread.server.cache.loaded.wait(3600)
+        load_s = time.perf_counter() - started
+        stats = cache_stats(service)
+        log(f"{backend}: re-rank cache rebuilt from Milvus in {load_s:.1f}s: {stats}")
+        timing = measure(service, data, queries)
+        stats = cache_stats(service)
+        entries.append(
+            {
+                **base,
+                "rerank_cache": True,
+                **timing,
+                "cache_load_s": round(load_s, 1),
+                "cache_mib": round(stats["bytes"] / 2**20, 1),
+                "cache_limit_mib": args.rerank_cache_mb,
+                "cache_items": stats["items"],
+                "cache_full": stats["full"],
+                "cache_hits": stats["hits"],
+                "cache_misses": stats["misses"],
+                "rss_mb": rss_mb(server_pid) if server_pid else None,
+                "service_rss_mb": rss_mb(os.getpid()),
+                "rss_of": "rss_mb: milvus standalone process; service_rss_mb: benchmark process (service + cache"
+                + (" + embedded milvus-lite)" if not server_pid else ")"),
+            }
+        )
+        log(entries[-1])
+    finally:
+        service.close()
+    if args.compare_no_cache:
+        service = Service(uri, rerank_cache_mb=0, **common)
+        try:
+            timing = measure(service, data, queries)
+            entries.append({**base, "rerank_cache": False, **timing, "rss_mb": rss_mb(server_pid) if server_pid else rss_mb(os.getpid())})
+            log(entries[-1])
+        finally:
+            service.close()
+    if args.drop:
+        from search_fixtures import drop_collections
+
+        drop_collections(uri, prefix)
+    return entries
+
+
+def wait_indexed(store, timeout: float = 1800.0) -> float:
+    """Seconds until the dense index covers every row (Milvus builds it in the background after a flush)."""
+    started = time.perf_counter()
+    name = store.name("images")
+    while time.perf_counter() - started < timeout:
+        try:
+            info = store.client.describe_index(name, "global_vector")
+        except Exception:  # noqa: BLE001 - milvus-lite: no background building to wait for
+            return 0.0
+        if not info or int(info.get("pending_index_rows", 0) or 0) == 0:
+            return time.perf_counter() - started
+        time.sleep(2)
+    return time.perf_counter() - started
+
+
+def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
+    """Large N where full-size items do not fit this machine: items with `--scale-concepts` concept vectors each
+    (global vector: a dev image's + noise; concepts: its first regions + noise), written in-process through the
+    service's store and cache code (MilvusStore.upsert + cache_written, no gRPC: much faster to fill), then the
+    same measurements as `latency` (cache rebuild on restart, queries with and without the cache)."""
+    from search_service.store import Item, ModelInfo
+
+    prefix = f"scale_{n_items}_{os.getpid()}"
+    common = dict(
+        collection_prefix=prefix,
+        consistency_level="Bounded",
+        index_type=args.index_type,
+        index_params=args.index_params,
+        max_candidates=2000,
+    )
+    concepts_per_item = args.scale_concepts
+    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
+    base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
+    base["items"] = f"{concepts_per_item} concept vector(s) per item (scale run: written in-process, not through gRPC)"
+    try:
+        server = service.thread.server
+        store = server.store
+        model = [str(x) for x in data["model"]]
+        store.ensure(ModelInfo(model[0], int(model[1]), int(model[2])))
+        rng = np.random.default_rng(0)
+        n_images = len(data["image_global"])
+        started = time.perf_counter()
+        step = 2000
+        for start in range(0, n_items, step):
+            src = np.arange(start, min(n_items, start + step)) % n_images
+            g = data["image_global"][src] + rng.normal(0, 0.05, (len(src), data["image_global"].shape[1])).astype(np.float32)
+            g /= np.linalg.norm(g, axis=1, keepdims=True)
+            c = data["image_concepts"][src, :concepts_per_item] + rng.normal(0, 0.05, (len(src), concepts_per_item, g.shape[1])).astype(
+                np.float32
+            )
+            c /= np.linalg.norm(c, axis=2, keepdims=True)
+            boxes = data["image_boxes"][src, :concepts_per_item]
+            items = [Item(f"i{start + j}", g[j], c[j], {"src": int(src[j])}, boxes=boxes[j]) for j in range(len(src))]
+            store.upsert("images", items)
+            server.cache_written("images", items)
+            if start % 100000 == 0:
+                log(f"  scale {backend}: wrote {start + len(src)}/{n_items} ({time.perf_counter() - started:.0f}s)")
+        index_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for name in (store.name("images"), store.name("captions")):
+            store.client.flush(name)
+        flush_s = time.perf_counter() - started
+        base["index_wait_s"] = round(wait_indexed(store), 1)
+        base.update(index_type=store.index_type, index_params=store.index_params, search_params=store.search_params)
+        log(f"scale {backend}: wrote {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s)")
+    finally:
+        service.close()
+    base.update(index_s=round(index_s, 1), index_items_per_s=round(n_items / index_s, 1), flush_s=round(flush_s, 1))
+    entries = []
+    started = time.perf_counter()
+    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
+    try:
+        service.thread.server.cache.loaded.wait(3600)
+        load_s = time.perf_counter() - started
+        timing = measure(service, data, queries)
+        stats = cache_stats(service)
+        entries.append(
+            {
+                **base,
+                "rerank_cache": True,
+                **timing,
+                "cache_load_s": round(load_s, 1),
+                "cache_mib": round(stats["bytes"] / 2**20, 1),
+                "cache_items": stats["items"],
+                "cache_full": stats["full"],
+                "cache_misses": stats["misses"],
+                "rss_mb": rss_mb(server_pid) if server_pid else None,
+                "service_rss_mb": rss_mb(os.getpid()),
+            }
+        )
+        log(entries[-1])
+    finally:
+        service.close()
+    if args.compare_no_cache:
+        service = Service(uri, rerank_cache_mb=0, **common)
+        try:
+            entries.append({**base, "rerank_cache": False, **measure(service, data, queries)})
+            log(entries[-1])
+        finally:
+            service.close()
+    if args.drop:
+        from search_fixtures import drop_collections
+
+        drop_collections(uri, prefix)
+    return entries
+
+
+def merge_latency(old: list[dict], new: list[dict]) -> list[dict]:
+    """Replace old entries measured again (same backend, N, cache setting); keep the others."""
+
+    def key(e: dict) -> tuple:
+        return (e.get("backend"), e.get("n_items"), e.get("rerank_cache", False))
+
+    fresh = {key(e) for e in new}
+    return [e for e in old if key(e) not in fresh] + new
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,51 +540,106 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000, help="caption queries of the agreement part")
     parser.add_argument("--multipliers", default="1,2,3,5,10")
     parser.add_argument("--rerank-multiplier", type=int, default=10, help="R_m of the top-level agreement_at_10")
+    parser.add_argument(
+        "--parts",
+        default="agreement,latency",
+        help="comma-separated: agreement (service + strategies), strategies (only the numpy first-stage table), latency, "
+        "scale (--scale-sizes with small items, on --scale-backend)",
+    )
+    parser.add_argument("--scale-sizes", default="1000000")
+    parser.add_argument("--scale-backend", default="server")
+    parser.add_argument("--scale-concepts", type=int, default=1, help="concept vectors per item of the scale part")
+    parser.add_argument("--boc", default="256:1,1024:1,1024:4", help="Bag of Concepts settings SIZE:TOP of the strategies table")
     parser.add_argument("--sizes", default="100000", help="collection sizes on the Milvus server backend")
-    parser.add_argument("--lite-sizes", default="10000", help="collection sizes on milvus-lite (pure Python: slow to fill)")
+    parser.add_argument("--lite-sizes", default="100000", help="collection sizes on milvus-lite")
     parser.add_argument("--backends", default="lite,server")
     parser.add_argument("--latency-queries", type=int, default=200)
+    parser.add_argument("--index-type", default="auto", help="dense index (search service --index-type)")
+    parser.add_argument("--index-params", type=json.loads, default={}, help="JSON build parameters (search service --index-params)")
+    parser.add_argument("--rerank-cache-mb", type=float, default=8192, help="re-rank cache limit of the latency runs")
+    parser.add_argument("--no-compare", dest="compare_no_cache", action="store_false", help="skip the run without the cache")
+    parser.add_argument("--keep", dest="drop", action="store_false", help="keep the latency collections")
+    parser.add_argument("--merge", action="store_true", help="update --output in place: keep the parts and entries not re-run")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "bench-search.json")
     args = parser.parse_args(argv)
+    parts = {p for p in args.parts.split(",") if p}
+    boc = [(int(a), int(b)) for a, b in (x.split(":") for x in args.boc.split(",") if x)]
     multipliers = [int(x) for x in args.multipliers.split(",")]
     data = encode_dev(args.model_dir, args.images)
     log(f"embeddings: {data['image_concepts'].shape} images, {data['caption_concepts'].shape} captions")
-    report: dict = {
-        "model": {"name": str(data["model"][0]), "version": int(data["model"][1]), "dimension": int(data["model"][2])},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "rerank_multiplier": args.rerank_multiplier,
+    report: dict = json.loads(args.output.read_text()) if args.merge and args.output.exists() else {}
+    command = "python bench/bench_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
+    if "agreement" in parts:
+        report["model"] = {"name": str(data["model"][0]), "version": int(data["model"][1]), "dimension": int(data["model"][2])}
+        report["rerank_multiplier"] = args.rerank_multiplier
+        report["command"] = command
+    else:
+        report.setdefault("rerank_multiplier", args.rerank_multiplier)
     workdir = Path(tempfile.mkdtemp(prefix="bench-search-"))
     standalone = None
     try:
-        report["agreement"] = agreement(data, multipliers, min(args.queries, len(data["caption_global"])), workdir)
-        report["agreement_at_10"] = report["agreement"]["per_multiplier"][str(args.rerank_multiplier)]["agreement_at_10"]
-        report["latency"] = []
-        for backend in [b for b in args.backends.split(",") if b]:
-            if backend == "server":
+        if "agreement" in parts:
+            report["agreement"] = agreement(data, multipliers, min(args.queries, len(data["caption_global"])), workdir, boc)
+            report["agreement_at_10"] = report["agreement"]["per_multiplier"][str(args.rerank_multiplier)]["agreement_at_10"]
+        elif "strategies" in parts:
+            queries = min(args.queries, len(data["caption_global"]))
+            full, exhaustive, _ = exhaustive_mrsw(data, queries)
+            owners = data["caption_owner"][:queries]
+            report.setdefault("agreement", {})["strategies"] = strategies(data, full, exhaustive, owners, multipliers, boc)
+            report["strategies_command"] = command
+        if "scale" in parts:
+            if args.scale_backend == "server":
                 from search_fixtures import MilvusStandalone
 
-                standalone = MilvusStandalone(workdir / "milvus")
+                standalone = MilvusStandalone(workdir / "milvus-scale")
                 uri, pid = standalone.uri, standalone.pid
             else:
-                uri, pid = str(workdir / "latency.db"), None
-            for n in [int(x) for x in (args.sizes if backend == "server" else args.lite_sizes).split(",") if x]:
-                entry = latency(data, backend, uri, n, args.latency_queries, pid)
-                log(entry)
-                report["latency"].append(entry)
+                uri, pid = str(workdir / "scale.db"), None
+            report["scale_command"] = command
+            scale_entries: list[dict] = []
+            for n in [int(x) for x in args.scale_sizes.split(",") if x]:
+                scale_entries += scale(data, args.scale_backend, uri, n, args.latency_queries, pid, args)
+                report["latency"] = merge_latency(report.get("latency", []), scale_entries)
                 args.output.write_text(json.dumps(report, indent=2) + "\n")
             if standalone is not None:
                 standalone.stop()
                 standalone = None
+        if "latency" in parts:
+            report["latency_command"] = command
+            report["latency_model"] = {"name": str(data["model"][0]), "version": int(data["model"][1])}
+            latency_entries: list[dict] = []
+            for backend in [b for b in args.backends.split(",") if b]:
+                if backend == "server":
+                    from search_fixtures import MilvusStandalone
+
+                    standalone = MilvusStandalone(workdir / "milvus")
+                    uri, pid = standalone.uri, standalone.pid
+                else:
+                    uri, pid = str(workdir / "latency.db"), None
+                for n in [int(x) for x in (args.sizes if backend == "server" else args.lite_sizes).split(",") if x]:
+                    latency_entries += latency(data, backend, uri, n, args.latency_queries, pid, args)
+                    report["latency"] = merge_latency(report.get("latency", []), latency_entries)
+                    args.output.write_text(json.dumps(report, indent=2) + "\n")
+                if standalone is not None:
+                    standalone.stop()
+                    standalone = None
     finally:
         if standalone is not None:
             standalone.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"wrote {args.output}: agreement_at_10={report['agreement_at_10']} at R_m={args.rerank_multiplier}")
-    for entry in report["latency"]:
-        log(f"  {entry['backend']:>6} n={entry['n_items']:>7}: p50 {entry['p50_ms']} ms, p99 {entry['p99_ms']} ms")
+    log(f"wrote {args.output}: agreement_at_10={report.get('agreement_at_10')} at R_m={report.get('rerank_multiplier')}")
+    for entry in report.get("latency", []):
+        cached = entry.get("rerank_cache")
+        log(f"  {entry['backend']:>6} n={entry['n_items']:>7} cache={cached}: p50 {entry['p50_ms']} ms, p99 {entry['p99_ms']} ms")
     return 0
 
 

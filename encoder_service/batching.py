@@ -7,7 +7,10 @@ item its row of the result. Items carry a bucket key (caption length bucket, reg
 bucket): a batch never mixes buckets, so short captions are not padded to long ones. The queue
 is bounded: `submit` raises Overloaded when it is full. Items whose deadline has passed, or
 whose caller went away, are dropped before they run. With `active_calls` (the RPCs in flight)
-a batch does not wait for more items when every call in flight has already queued its items.
+a batch does not wait for more items when every call in flight has already queued its items,
+and a call that finds the batcher idle (nothing queued, no batch of this graph running, no other
+call in flight) runs its items at once from `submit`, without the queue / worker-task hop.
+`workers` bounds the batches of one graph running at a time, the fast path included.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class BatcherStats:
     batches: int = 0
     items: int = 0
     sizes: list[int] = field(default_factory=list)
+    immediate: int = 0  # batches started by the idle fast path (no queueing)
 
 
 class DynamicBatcher:
@@ -78,6 +82,7 @@ class DynamicBatcher:
         self._waiting_calls = 0  # submit() calls with items queued or running
         self._buckets: dict[Hashable, deque[_Item]] = {}
         self._pending = 0
+        self._running = 0  # batches of this graph running now (workers and the idle fast path)
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
@@ -116,6 +121,8 @@ class DynamicBatcher:
                 f"server overloaded: {self._pending} items queued for {self.name}, {len(payloads)} more would exceed "
                 f"the queue limit of {self.max_queue} (--max-queue); retry with backoff"
             )
+        if self._idle_for(payloads, buckets):
+            return await self._run_now(list(payloads), deadline)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = []
@@ -137,6 +144,56 @@ class DynamicBatcher:
             raise
         finally:
             self._waiting_calls -= 1
+
+    def _idle_for(self, payloads: Sequence[Any], buckets: Sequence[Hashable] | None) -> bool:
+        """True when `payloads` can run as one batch right now: nothing queued, no batch of this
+        graph running, no other call in flight that could add items, one bucket, <= max_batch."""
+        if self._pending or self._running >= self.workers or self.active_calls is None or not payloads:
+            return False
+        if len(payloads) > self.max_batch or self.active_calls() > self._waiting_calls + 1:
+            return False
+        return buckets is None or all(b == buckets[0] for b in buckets)
+
+    async def _run_now(self, payloads: list[Any], deadline: float | None) -> list[Any]:
+        """The idle fast path: the same batch a worker would form (these items alone), run without queueing."""
+        if deadline is not None and time.monotonic() >= deadline:
+            if self.metrics:
+                self.metrics.expired.labels(self.name).inc(len(payloads))
+            raise DeadlineExpired(f"{self.name}: deadline passed while queued")
+        self._running += 1
+        self._waiting_calls += 1
+        self.stats.immediate += 1
+        started = time.monotonic()
+        if self.metrics:
+            self.metrics.batch_size.labels(self.name).observe(len(payloads))
+            for _ in payloads:
+                self.metrics.queue_wait.labels(self.name).observe(0.0)
+
+        def finished(done: asyncio.Future) -> None:  # the run is over (not merely its caller gone): free the slot
+            self._running -= 1
+            if not done.cancelled():
+                done.exception()  # retrieved here too, so a caller that went away leaves no "never retrieved" warning
+            if self.metrics:
+                self.metrics.inference.labels(self.name).observe(time.monotonic() - started)
+            if self._pending:  # items queued meanwhile: a worker runs them now
+                self._wakeup.set()
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, payloads)
+        future.add_done_callback(finished)
+        try:
+            results = await asyncio.shield(future)
+        finally:
+            self._waiting_calls -= 1
+        if len(results) != len(payloads):
+            raise RuntimeError(f"{self.name}: batch of {len(payloads)} items returned {len(results)} results")
+        self._record(len(payloads))
+        return list(results)
+
+    def _record(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.items += size
+        if len(self.stats.sizes) < 100_000:
+            self.stats.sizes.append(size)
 
     def _more_expected(self) -> bool:
         """Could more items arrive soon? Not when every call in flight already has its items here
@@ -199,6 +256,10 @@ class DynamicBatcher:
                     break
             if bucket not in self._buckets:  # another worker took it
                 continue
+            if self._running >= self.workers:  # the idle fast path is running a batch: wait for it
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
             items = self._take(bucket)
             if not items:
                 continue
@@ -207,6 +268,7 @@ class DynamicBatcher:
                 self.metrics.batch_size.labels(self.name).observe(len(items))
                 for item in items:
                     self.metrics.queue_wait.labels(self.name).observe(started - item.enqueued)
+            self._running += 1
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, [item.payload for item in items])
                 if len(results) != len(items):
@@ -222,12 +284,10 @@ class DynamicBatcher:
                         item.future.set_exception(exc)
                 continue
             finally:
+                self._running -= 1
                 if self.metrics:
                     self.metrics.inference.labels(self.name).observe(time.monotonic() - started)
-            self.stats.batches += 1
-            self.stats.items += len(items)
-            if len(self.stats.sizes) < 100_000:
-                self.stats.sizes.append(len(items))
+            self._record(len(items))
             for item, result in zip(items, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)

@@ -21,7 +21,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from encoder_service._proto import encoder_pb2, encoder_pb2_grpc
-from encoder_service.tensors import decode, dtype_code, to_tensor
+from encoder_service.tensors import FLOAT16, FLOAT32, decode, dtype_code, fill_tensor
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "teran.v1.EncoderService"
@@ -110,8 +110,8 @@ def image_request(
         item = request.images.add()
         if isinstance(image, RegionFeatures):
             features = np.asarray(image.features)
-            item.regions.features.CopyFrom(to_tensor(features, np.float16 if features.dtype == np.float16 else np.float32))
-            item.regions.boxes.CopyFrom(to_tensor(np.asarray(image.boxes), np.float32))
+            fill_tensor(item.regions.features, features, FLOAT16 if features.dtype == np.float16 else FLOAT32)
+            fill_tensor(item.regions.boxes, np.asarray(image.boxes), FLOAT32)
             item.regions.image_width, item.regions.image_height = int(image.width), int(image.height)
         elif isinstance(image, bytes | bytearray | memoryview):
             item.encoded = bytes(image)

@@ -23,7 +23,7 @@ from encoder_service.config import EncoderConfig
 from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
-from encoder_service.tensors import FLOAT32, dtype_code, from_tensor, to_tensor
+from encoder_service.tensors import FLOAT32, dtype_code, fill_tensor, from_tensor
 from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
     HEALTH_EXEMPT,
     BearerTokenInterceptor,
@@ -68,6 +68,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, server: EncoderServer):
         self._server = server
         self.metrics = server.metrics
+        self._ref: common_pb2.ModelRef | None = None
+        self._ref_for: EncoderModel | None = None
 
     @property
     def model(self) -> EncoderModel:
@@ -78,8 +80,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         return model
 
     def _model_ref(self) -> common_pb2.ModelRef:
-        m = self.model.manifest
-        return common_pb2.ModelRef(name=m.model_name, version=m.model_version, dimension=m.joint_dim)
+        model = self.model
+        if self._ref_for is not model:  # built once per model, not per response
+            m = model.manifest
+            self._ref = common_pb2.ModelRef(name=m.model_name, version=m.model_version, dimension=m.joint_dim)
+            self._ref_for = model
+        return self._ref
 
     @staticmethod
     def _deadline(context) -> float | None:
@@ -142,9 +148,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         response = encoder_pb2.EncodeCaptionsResponse(model=self._model_ref(), request_id=request.request_id)
         for r in results:
             item = response.captions.add()
-            item.global_vector.CopyFrom(to_tensor(r.global_vec, dtype))
+            fill_tensor(item.global_vector, r.global_vec, dtype)
             if not request.global_only:
-                item.concepts.CopyFrom(to_tensor(r.concepts, dtype))
+                fill_tensor(item.concepts, r.concepts, dtype)
                 item.word_pieces.extend(r.word_pieces)
                 item.token_positions.extend(r.token_positions)
             item.num_tokens = r.num_tokens
@@ -190,10 +196,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         response = encoder_pb2.EncodeImagesResponse(model=self._model_ref(), request_id=request.request_id)
         for r in results:
             item = response.images.add()
-            item.global_vector.CopyFrom(to_tensor(r.global_vec, dtype))
+            fill_tensor(item.global_vector, r.global_vec, dtype)
             if not request.global_only:
-                item.concepts.CopyFrom(to_tensor(r.concepts, dtype))
-                item.boxes.CopyFrom(to_tensor(r.boxes, FLOAT32))
+                fill_tensor(item.concepts, r.concepts, dtype)
+                fill_tensor(item.boxes, r.boxes, FLOAT32)
             item.image_width, item.image_height = r.width, r.height
         return response
 

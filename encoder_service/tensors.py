@@ -37,9 +37,16 @@ def dtype_code(dtype) -> int:
 
 
 def to_tensor(array: np.ndarray, dtype=FLOAT32) -> common_pb2.Tensor:
-    code = dtype_code(dtype)
+    return fill_tensor(Tensor(), array, dtype_code(dtype))
+
+
+def fill_tensor(tensor: common_pb2.Tensor, array: np.ndarray, code: int) -> common_pb2.Tensor:
+    """Write `array` into `tensor` (e.g. a response's sub-message, in place: no CopyFrom) as dtype `code` (a Tensor.DType)."""
     data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
-    return Tensor(dtype=code, shape=list(data.shape), data=data.tobytes())
+    tensor.dtype = code
+    tensor.shape[:] = data.shape
+    tensor.data = data.tobytes()
+    return tensor
 
 
 def from_tensor(

@@ -1,19 +1,23 @@
 """Run locust scenarios headless in this process and write a JSON report.
 
-    python -m loadtest --scenario all --users 4 --spawn-rate 4 --run-time 30 \
-        --encoder 127.0.0.1:50051 --search 127.0.0.1:50052 --output reports/loadtest.json
+    python -m loadtest --start-local artifacts/teran-flickr8k --scenario all --users 4 --run-time 45 \
+        --soak-seconds 180 --fault-seconds 45 --fault-restarts 2 --fault-signal TERM,KILL --output reports/loadtest.json
+    python -m loadtest --scenario all --encoder 127.0.0.1:50051 --search 127.0.0.1:50052   # services already running
 
 `run(...)` is the Python API (it imports locust, which gevent-monkey-patches the process);
-`run_isolated(...)` runs the same in a fresh interpreter and returns the report.
+`run_isolated(...)` runs the same in a fresh interpreter and returns the report. See loadtest/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,12 +27,38 @@ from pathlib import Path
 SCENARIO_NAMES = ["encode-captions", "encode-images", "search", "mixed"]
 ROOT = Path(__file__).resolve().parent.parent
 
+# Options of `run` / flags of `python -m loadtest` (flag = "--" + name with dashes), with their defaults.
+DEFAULTS = {
+    "users": 2,
+    "spawn_rate": 2.0,
+    "run_time": 10.0,
+    "encoder": "127.0.0.1:50051",
+    "search": "127.0.0.1:50052",
+    "timeout": 10.0,
+    "start_local": None,
+    "workdir": None,
+    "data_dir": None,
+    "soak_seconds": 0.0,
+    "soak_window": 30.0,
+    "fault_seconds": 0.0,
+    "fault_restarts": 1,
+    "fault_signal": "TERM",
+}
 
-def command_line(scenario, users, spawn_rate, run_time, encoder, search, output, timeout) -> list[str]:
-    return [
-        "python", "-m", "loadtest", "--scenario", scenario, "--users", str(users), "--spawn-rate", str(spawn_rate),
-        "--run-time", str(run_time), "--encoder", encoder, "--search", search, "--output", str(output), "--timeout", str(timeout),
-    ]  # fmt: skip
+
+def command_line(scenario: str, output, **options) -> list[str]:
+    """The `python -m loadtest ...` command that runs `run(scenario, output=output, **options)`."""
+    opts = {**DEFAULTS, **options}
+    argv = ["python", "-m", "loadtest", "--scenario", scenario]
+    for name, value in opts.items():
+        if value is None or (opts["start_local"] and name in ("encoder", "search")):
+            continue
+        if (name == "soak_window" and not opts["soak_seconds"]) or (
+            name in ("fault_restarts", "fault_signal") and not opts["fault_seconds"]
+        ):
+            continue
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return [*argv, "--output", str(output)]
 
 
 def machine() -> dict:
@@ -43,16 +73,16 @@ def machine() -> dict:
     }
 
 
-def _seed(search: str, timeout: float) -> str | None:
-    """Index the sample captions once so that search scenarios have hits (not counted in the stats)."""
-    from loadtest.scenarios import CAPTIONS
+def _seed(search: str, timeout: float, samples) -> str | None:
+    """Index sample photos (what caption searches find) and captions once (not counted in the stats)."""
     from search_service.client import SearchClient
 
     try:
-        with SearchClient(search, timeout=timeout) as client:
-            client.index_captions(
-                {f"lt-seed-{i}": c for i, c in enumerate(CAPTIONS)}, {f"lt-seed-{i}": {"source": "loadtest"} for i in range(len(CAPTIONS))}
-            )
+        with SearchClient(search, timeout=max(timeout, 120.0)) as client:
+            photos = {f"lt-seed-img-{i}": image for i, image in enumerate(samples.images)}
+            client.index_images(photos, {k: {"source": "loadtest"} for k in photos})
+            captions = {f"lt-seed-{i}": c for i, c in enumerate(samples.captions[:32])}
+            client.index_captions(captions, {k: {"source": "loadtest"} for k in captions})
         return None
     except Exception as exc:  # noqa: BLE001 - the scenario then records the failures itself
         return str(exc)
@@ -77,62 +107,321 @@ def _summary(name: str, stats, duration: float) -> dict:
     }
 
 
-def run_scenario(name: str, *, users: int, spawn_rate: float, run_time: float, encoder: str, search: str, timeout: float = 10.0) -> dict:
+def _run_users(user_class, *, users: int, spawn_rate: float, run_time: float, driver=None):
+    """Run `users` users of `user_class` for `run_time` s (and until `driver(started)`, run in a greenlet
+    alongside, has returned). Returns (stats, duration, events, started); `events` holds one
+    (monotonic time at completion, method, response ms, status code name) per call."""
     import gevent
     import grpc.experimental.gevent as grpc_gevent
     from locust.env import Environment
 
-    from loadtest.scenarios import SCENARIOS
-
     grpc_gevent.init_gevent()
-    attrs = {"encoder_address": encoder, "search_address": search, "timeout_s": timeout}
-    user_class = type(SCENARIOS[name].__name__, (SCENARIOS[name],), attrs)
-    env = Environment(user_classes=[user_class])
+    # quit() lets each user finish the call it is in (up to a deadline more), so that stopping adds no failures
+    env = Environment(user_classes=[user_class], stop_timeout=user_class.timeout_s + 5.0)
+    events: list[tuple[float, str, float, str]] = []
+
+    def record(request_type, name, response_time, response_length, exception=None, context=None, **_):
+        events.append((time.monotonic(), name, response_time, (context or {}).get("code") or ("OK" if exception is None else "ERROR")))
+
+    env.events.request.add_listener(record)
     runner = env.create_local_runner()
     started = time.monotonic()
     runner.start(users, spawn_rate=spawn_rate)
     end = started + run_time
+    helper = gevent.spawn(driver, started) if driver else None
 
     def stop_at_end():  # wall clock, not gevent's cached loop time (spawn_later can fire early)
-        while time.monotonic() < end:
-            gevent.sleep(min(0.1, max(0.0, end - time.monotonic())))
+        while time.monotonic() < end or (helper is not None and not helper.ready()):
+            gevent.sleep(min(0.1, max(0.01, end - time.monotonic())))
         runner.quit()
 
     gevent.spawn(stop_at_end)
     runner.greenlet.join()
-    return _summary(name, env.stats, time.monotonic() - started)
+    if helper is not None:
+        helper.get()  # re-raise what the driver raised
+    return env.stats, time.monotonic() - started, events, started
 
 
-def run(
-    scenario: str = "all",
-    *,
-    users: int = 2,
-    spawn_rate: float = 2.0,
-    run_time: float = 10.0,
-    encoder: str = "127.0.0.1:50051",
-    search: str = "127.0.0.1:50052",
-    output: str | Path | None = None,
-    timeout: float = 10.0,
+def _user_class(base, **attrs):
+    return type(base.__name__, (base,), attrs)
+
+
+def _attrs(encoder: str, search: str, timeout: float, samples) -> dict:
+    return {
+        "encoder_address": encoder,
+        "search_address": search,
+        "timeout_s": timeout,
+        "captions": samples.captions,
+        "images": samples.images,
+    }
+
+
+def run_scenario(
+    name: str, *, users: int, spawn_rate: float, run_time: float, encoder: str, search: str, timeout: float = 10.0, samples=None
 ) -> dict:
-    """Run one scenario (or "all", one after the other) and return (and write, with `output`) the report."""
-    names = SCENARIO_NAMES if scenario == "all" else [scenario]
+    from loadtest.scenarios import SCENARIOS, load_samples
+
+    samples = samples or load_samples()
+    user_class = _user_class(SCENARIOS[name], **_attrs(encoder, search, timeout, samples))
+    stats, duration, _, _ = _run_users(user_class, users=users, spawn_rate=spawn_rate, run_time=run_time)
+    return _summary(name, stats, duration)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile(values, q)), 2) if values else 0.0
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+
+def run_soak(*, seconds: float, window: float, users: int, spawn_rate: float, attrs: dict, services: dict) -> dict:
+    """The mixed workload for `seconds`: latency per `window` and each service's RSS (process tree) as it goes."""
+    import gevent
+
+    from loadtest.scenarios import MixedUser
+
+    count = max(1, round(seconds / window))
+    window = seconds / count
+    rss = {name: [_mb(service.rss_bytes())] for name, service in services.items()}  # at the start, then after each window
+
+    def sample_memory(started):
+        for k in range(1, count + 1):
+            while time.monotonic() < started + k * window:
+                gevent.sleep(0.2)
+            for name, service in services.items():
+                rss[name].append(_mb(service.rss_bytes()))
+
+    stats, duration, events, started = _run_users(
+        _user_class(MixedUser, **attrs), users=users, spawn_rate=spawn_rate, run_time=seconds, driver=sample_memory
+    )
+    buckets: list[list[tuple]] = [[] for _ in range(count)]
+    for event in events:
+        buckets[min(count - 1, int((event[0] - started) // window))].append(event)
+    windows = [
+        {
+            "start_s": round(k * window, 1),
+            "requests": len(bucket),
+            "failures": sum(1 for e in bucket if e[3] != "OK"),
+            "rps": round(len(bucket) / window, 3),
+            "p50_ms": _percentile([e[2] for e in bucket], 50),
+            "p99_ms": _percentile([e[2] for e in bucket], 99),
+            "rss_mb": {name: values[k + 1] for name, values in rss.items()},
+        }
+        for k, bucket in enumerate(buckets)
+    ]
+    memory = {
+        name: {
+            "start": values[0],
+            "end": values[-1],
+            "growth": None if values[0] is None or values[-1] is None else round(values[-1] - values[0], 1),
+        }
+        for name, values in rss.items()
+    }
+    summary = _summary("soak", stats, duration)
+    summary["soak"] = {
+        "workload": "mixed",
+        "seconds": seconds,
+        "window_s": round(window, 3),
+        "rss_mb": memory,
+        "p99_first_window_ms": windows[0]["p99_ms"],
+        "p99_last_window_ms": windows[-1]["p99_ms"],
+        "windows": windows,
+    }
+    return summary
+
+
+def _verify_acked(address: str, ids: list[str], timeout: float) -> tuple[list[str], int]:
+    """Get every id back (captions collection); returns (missing ids, stored captions per Stats)."""
+    from search_service.client import CAPTION, SearchClient, SearchError
+
+    def retrying(fn, *args):
+        for attempt in range(30):
+            try:
+                return fn(*args)
+            except SearchError as exc:
+                if exc.code.name != "UNAVAILABLE" or attempt == 29:
+                    raise
+                time.sleep(1.0)
+
+    missing: list[str] = []
+    with SearchClient(address, timeout=max(timeout, 60.0)) as client:
+        for start in range(0, len(ids), 500):
+            response = retrying(client.get, CAPTION, ids[start : start + 500])
+            missing.extend(item.id for item in response.items if not item.found)
+        return missing, retrying(client.stats).captions
+
+
+def _signals(value: str) -> list[str]:
+    """Signal names from a comma list: "TERM,KILL" -> ["SIGTERM", "SIGKILL"] (one fault run each)."""
+    names = [f"SIG{part.strip().upper().removeprefix('SIG')}" for part in value.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ("SIGTERM", "SIGKILL", "SIGINT")]
+    if unknown or not names:
+        raise ValueError(f"--fault-signal: expected TERM, KILL or INT (comma separated), got {value!r}")
+    return names
+
+
+def run_fault(
+    *, seconds: float, restarts: int, sig: str, users: int, spawn_rate: float, attrs: dict, search_service, timeout: float
+) -> dict:
+    """The mixed workload (Index retried until acknowledged) while the search service is stopped with SIGsig and
+    started again on the same port and milvus-lite file `restarts` times; then every acknowledged id is looked up."""
+    import gevent
+
+    from loadtest.scenarios import RETRYABLE, FaultMixedUser
+
+    signum = signal.Signals[sig]
+    acked: list[str] = []
+    gave_up: list[str] = []
+    timeline: list[dict] = []
+
+    def restart_search(started):
+        for k in range(restarts):
+            at = started + seconds * (k + 1) / (restarts + 1)
+            while time.monotonic() < at:
+                gevent.sleep(0.05)
+            signalled = time.monotonic()
+            exit_code = search_service.stop(signum)
+            stopped = time.monotonic()
+            search_service.start()
+            serving = time.monotonic()
+            timeline.append(
+                {
+                    "signal": signum.name,
+                    "at_s": round(signalled - started, 3),
+                    "exit_code": exit_code,
+                    "stopped_after_s": round(stopped - signalled, 3),
+                    "serving_after_s": round(serving - signalled, 3),
+                    "_signalled": signalled,
+                }
+            )
+        while time.monotonic() < serving + seconds / (restarts + 1):  # load goes on after the last restart too
+            gevent.sleep(0.05)
+
+    user_class = _user_class(FaultMixedUser, **attrs, acked=acked, gave_up=gave_up)
+    stats, duration, events, started = _run_users(user_class, users=users, spawn_rate=spawn_rate, run_time=seconds, driver=restart_search)
+    for entry in timeline:  # what clients saw: the first failure after the signal, then the first success of a call started after it
+        signalled = entry.pop("_signalled")
+        failed_at = next((e[0] for e in events if e[0] >= signalled and e[3] != "OK"), None)
+        recovered = None
+        if failed_at is not None:
+            recovered = min((e[0] for e in events if e[3] == "OK" and e[0] - e[2] / 1000.0 >= failed_at), default=None)
+        entry["first_failure_after_s"] = None if failed_at is None else round(failed_at - signalled, 3)
+        entry["client_outage_s"] = None if recovered is None else round(recovered - failed_at, 3)
+        entry["recovered_after_s"] = None if recovered is None else round(recovered - signalled, 3)
+    codes = collections.Counter(e[3] for e in events if e[3] != "OK")
+    unique = list(dict.fromkeys(acked))
+    missing, stored = _verify_acked(search_service.address, unique, timeout)
+    summary = _summary(f"fault-{signum.name.lower()}", stats, duration)
+    summary["fault"] = {
+        "workload": "mixed, Index retried with the same ids on a retryable code until acknowledged",
+        "restarts": len(timeline),
+        "signal": signum.name,
+        "timeline": timeline,
+        "time_to_recovery_s": max((e["recovered_after_s"] or e["serving_after_s"] for e in timeline), default=None),
+        "error_codes": dict(sorted(codes.items())),
+        "retryable_errors": sum(n for code, n in codes.items() if code in RETRYABLE),
+        "non_retryable_errors": sum(n for code, n in codes.items() if code not in RETRYABLE),
+        "acked_index_calls": len(unique) // FaultMixedUser.batch,
+        "acked_ids": len(unique),
+        "verified_ids": len(unique) - len(missing),
+        "missing_ids": len(missing),
+        "missing_sample": missing[:10],
+        "given_up_ids": len(gave_up),
+        "stored_captions": stored,
+    }
+    return summary
+
+
+def run(scenario: str = "all", *, output: str | Path | None = None, **options) -> dict:
+    """Run one scenario (or "all", one after the other, or "none"), then the soak and fault runs when their
+    seconds are set; return (and write, with `output`) the report. Options: see DEFAULTS."""
+    from loadtest.scenarios import load_samples
+    from loadtest.services import start_local
+
+    unknown_options = set(options) - set(DEFAULTS)
+    if unknown_options:
+        raise TypeError(f"unknown options {sorted(unknown_options)}")
+    opts = {**DEFAULTS, **options}
+    names = SCENARIO_NAMES if scenario == "all" else [] if scenario == "none" else [scenario]
     unknown = [n for n in names if n not in SCENARIO_NAMES]
     if unknown:
-        raise ValueError(f"unknown scenario {unknown[0]!r}; choose from {SCENARIO_NAMES} or 'all'")
-    if users < 1 or run_time <= 0 or spawn_rate <= 0:
-        raise ValueError("users, spawn rate and run time must be positive")
-    scenarios = []
-    for name in names:
-        if name in ("search", "mixed"):
-            _seed(search, timeout)
-        scenarios.append(
-            run_scenario(name, users=users, spawn_rate=spawn_rate, run_time=run_time, encoder=encoder, search=search, timeout=timeout)
-        )
+        raise ValueError(f"unknown scenario {unknown[0]!r}; choose from {SCENARIO_NAMES}, 'all' or 'none'")
+    users, spawn_rate, run_time, timeout = opts["users"], opts["spawn_rate"], opts["run_time"], opts["timeout"]
+    if users < 1 or run_time <= 0 or spawn_rate <= 0 or opts["soak_seconds"] < 0 or opts["fault_seconds"] < 0:
+        raise ValueError("users, spawn rate and run time must be positive (soak and fault seconds >= 0)")
+    if opts["fault_seconds"] and not opts["start_local"]:
+        raise ValueError("the fault run restarts the search service: it needs --start-local MODEL_DIR")
+    _signals(opts["fault_signal"])
+    if opts["fault_restarts"] < 1:
+        raise ValueError("--fault-restarts must be at least 1")
+    samples = load_samples(opts["data_dir"])
     report = {
-        "command": shlex.join(command_line(scenario, users, spawn_rate, run_time, encoder, search, output or "-", timeout)),
+        "command": shlex.join(command_line(scenario, output or "-", **options)),
         "machine": machine(),
-        "scenarios": scenarios,
+        "data": samples.describe(),
+        "scenarios": [],
     }
+    with contextlib.ExitStack() as stack:
+        services = {}
+        encoder, search = opts["encoder"], opts["search"]
+        if opts["start_local"]:
+            workdir = opts["workdir"] or stack.enter_context(tempfile.TemporaryDirectory(prefix="teran-loadtest-"))
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            encoder_service, search_service = stack.enter_context(start_local(opts["start_local"], workdir))
+            services = {"encoder": encoder_service, "search": search_service}
+            encoder, search = encoder_service.address, search_service.address
+            report["services"] = {
+                "started_by": "--start-local",
+                "model_dir": str(opts["start_local"]),
+                "milvus": "fresh milvus-lite file" + ("" if opts["workdir"] else " in a temporary directory"),
+                "start_s": round(time.monotonic() - started, 3),
+            }
+        attrs = _attrs(encoder, search, timeout, samples)
+        if any(n in ("search", "mixed") for n in names) or opts["soak_seconds"] or opts["fault_seconds"]:
+            report["seed_error"] = _seed(search, timeout, samples)
+        for name in names:
+            report["scenarios"].append(
+                run_scenario(
+                    name,
+                    users=users,
+                    spawn_rate=spawn_rate,
+                    run_time=run_time,
+                    encoder=encoder,
+                    search=search,
+                    timeout=timeout,
+                    samples=samples,
+                )
+            )
+        if opts["soak_seconds"]:
+            report["scenarios"].append(
+                run_soak(
+                    seconds=opts["soak_seconds"],
+                    window=opts["soak_window"],
+                    users=users,
+                    spawn_rate=spawn_rate,
+                    attrs=attrs,
+                    services=services,
+                )
+            )
+        for sig in _signals(opts["fault_signal"]) if opts["fault_seconds"] else []:
+            report["scenarios"].append(
+                run_fault(
+                    seconds=opts["fault_seconds"],
+                    restarts=opts["fault_restarts"],
+                    sig=sig,
+                    users=users,
+                    spawn_rate=spawn_rate,
+                    attrs=attrs,
+                    search_service=services["search"],
+                    timeout=timeout,
+                )  # fmt: skip
+            )
+    if services:
+        report["services"]["pids"] = {name: service.pids for name, service in services.items()}
     if output:
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,16 +433,7 @@ def run_isolated(scenario: str = "all", *, deadline_s: float = 300.0, **options)
     """`run` in a fresh `python -m loadtest` process (keeps gevent's monkey-patching out of the caller)."""
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "report.json"
-        defaults = {
-            "users": 2,
-            "spawn_rate": 2.0,
-            "run_time": 10.0,
-            "encoder": "127.0.0.1:50051",
-            "search": "127.0.0.1:50052",
-            "timeout": 10.0,
-        }
-        defaults.update(options)
-        args = command_line(scenario, output=output, **defaults)[3:]
+        args = command_line(scenario, output, **options)[3:]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         done = subprocess.run(
             [sys.executable, "-m", "loadtest", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=deadline_s
@@ -165,22 +445,52 @@ def run_isolated(scenario: str = "all", *, deadline_s: float = 300.0, **options)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description="Locust gRPC load tests for the encoder and search services")
-    parser.add_argument("--scenario", default="all", choices=[*SCENARIO_NAMES, "all"])
-    parser.add_argument("--users", type=int, default=2)
-    parser.add_argument("--spawn-rate", type=float, default=2.0)
-    parser.add_argument("--run-time", type=float, default=10.0, help="seconds per scenario")
-    parser.add_argument("--encoder", default="127.0.0.1:50051", help="encoder service address")
-    parser.add_argument("--search", default="127.0.0.1:50052", help="search service address")
-    parser.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
-    parser.add_argument("--output", default="reports/loadtest.json")
-    args = parser.parse_args(argv)
-    report = run(
-        args.scenario, users=args.users, spawn_rate=args.spawn_rate, run_time=args.run_time, encoder=args.encoder,
-        search=args.search, output=args.output, timeout=args.timeout,
+    parser.add_argument("--scenario", default="all", choices=[*SCENARIO_NAMES, "all", "none"], help="'none': only the soak / fault runs")
+    parser.add_argument("--users", type=int, default=DEFAULTS["users"])
+    parser.add_argument("--spawn-rate", type=float, default=DEFAULTS["spawn_rate"])
+    parser.add_argument("--run-time", type=float, default=DEFAULTS["run_time"], help="seconds per scenario")
+    parser.add_argument("--encoder", default=DEFAULTS["encoder"], help="encoder service address (ignored with --start-local)")
+    parser.add_argument("--search", default=DEFAULTS["search"], help="search service address (ignored with --start-local)")
+    parser.add_argument("--timeout", type=float, default=DEFAULTS["timeout"], help="deadline of each call, seconds")
+    parser.add_argument(
+        "--start-local", metavar="MODEL_DIR", default=None,
+        help="start the encoder on this exported model and the search service on a fresh milvus-lite file (loopback), stop both after",
     )  # fmt: skip
+    parser.add_argument(
+        "--workdir", default=None,
+        help="with --start-local: folder for the milvus-lite file and the service logs, kept (default: a temporary one, removed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-dir", default=None,
+        help="Flickr8k-style folder for real dev captions and photos (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k; "
+        "built-in samples when absent)",
+    )  # fmt: skip
+    parser.add_argument("--soak-seconds", type=float, default=0.0, help="also run the mixed workload this long (soak; 0: no soak)")
+    parser.add_argument("--soak-window", type=float, default=DEFAULTS["soak_window"], help="soak latency / memory window, seconds")
+    parser.add_argument(
+        "--fault-seconds", type=float, default=0.0, help="also run the fault run (mixed load, search service restarted) this long"
+    )
+    parser.add_argument("--fault-restarts", type=int, default=DEFAULTS["fault_restarts"], help="search service restarts in the fault run")
+    parser.add_argument(
+        "--fault-signal", default=DEFAULTS["fault_signal"],
+        help="signal that stops the search service: TERM (graceful drain), KILL (crash) or INT; comma separated: one fault run each",
+    )  # fmt: skip
+    parser.add_argument("--output", default="reports/loadtest.json")
+    args = vars(parser.parse_args(argv))
+    scenario, output = args.pop("scenario"), args.pop("output")
+    report = run(scenario, output=output, **args)
     for s in report["scenarios"]:
         print(
             f"{s['name']:16s} requests={s['requests']} failures={s['failures']} rps={s['rps']} "
             f"p50={s['p50_ms']}ms p95={s['p95_ms']}ms p99={s['p99_ms']}ms"
         )
+        if "soak" in s:
+            soak = s["soak"]
+            print(f"  soak: p99 first/last window {soak['p99_first_window_ms']}/{soak['p99_last_window_ms']} ms, RSS MB {soak['rss_mb']}")
+        if "fault" in s:
+            f = s["fault"]
+            print(
+                f"  fault: restarts={f['restarts']} acked_ids={f['acked_ids']} missing_ids={f['missing_ids']} "
+                f"errors={f['error_codes']} time_to_recovery_s={f['time_to_recovery_s']}"
+            )
     return 0

@@ -56,6 +56,8 @@ class SearchConfig:
     max_rerank_multiplier: int = 100
     max_candidates: int = 2000
     rerank_chunk: int = 256
+    rerank_cache_mb: float = 1024.0
+    rerank_cache_refresh_s: float = 0.0
     # request limits
     max_top_k: int = 100
     max_index_items: int = 256
@@ -90,6 +92,8 @@ class SearchConfig:
         ):  # fmt: skip
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         need(all(k in ("sq", "dp") for k in self.sparse_surrogates), "sparse_surrogates", "a comma-separated subset of sq, dp")
+        need(self.rerank_cache_mb >= 0, "rerank_cache_mb", f"must be >= 0 (0 disables the cache), got {self.rerank_cache_mb}")
+        need(self.rerank_cache_refresh_s >= 0, "rerank_cache_refresh_s", f"must be >= 0 (0: never), got {self.rerank_cache_refresh_s}")
         need(self.sq_scale > 0, "sq_scale", f"must be > 0, got {self.sq_scale}")
         need(self.dp_keep >= 1, "dp_keep", f"must be >= 1, got {self.dp_keep}")
         need(self.max_candidates <= 16384, "max_candidates", "Milvus returns at most 16384 hits per search")
@@ -117,7 +121,8 @@ _SETTINGS: list[tuple[str, str, str]] = [
     (
         "index_type",
         "str",
-        "dense index of the global vectors: auto (FLAT on milvus-lite, HNSW on a server), FLAT, HNSW, IVF_FLAT, IVF_SQ8, AUTOINDEX",
+        "dense index of the global vectors: auto (HNSW M=16 efConstruction=200, ef raised to the candidate count; on both "
+        "backends), FLAT (exact), HNSW, IVF_FLAT, IVF_SQ8, AUTOINDEX",
     ),
     ("index_params", "json", 'JSON build parameters of --index-type, e.g. {"M": 16, "efConstruction": 200} or {"nlist": 1024}'),
     ("search_params", "json", 'JSON search parameters, e.g. {"ef": 128} (HNSW ef is raised to the candidate count) or {"nprobe": 16}'),
@@ -151,6 +156,19 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("max_rerank_multiplier", "int", "LIMIT: largest R_m a request may ask"),
     ("max_candidates", "int", "LIMIT: first-stage candidates per query (R_m x top_k is capped to it; <= 16384)"),
     ("rerank_chunk", "int", "candidates scored per numpy batch in the re-rank"),
+    (
+        "rerank_cache_mb",
+        "float",
+        "re-rank cache: MiB of decoded fp16 concept vectors kept in memory (loaded from Milvus at start, kept current by "
+        "this service's writes, validated per search by each row's stamp); items beyond it are fetched from Milvus per "
+        "search (logged, teran_search_rerank_cache_full=1). Size: items x concepts x dimension x 2 bytes. 0 disables",
+    ),
+    (
+        "rerank_cache_refresh_s",
+        "float",
+        "re-rank cache: seconds between reconciliations with Milvus (drops rows deleted or rewritten by other replicas, "
+        "loads rows they wrote; stale entries are never served either way). 0: never",
+    ),
     ("max_top_k", "int", "LIMIT: hits per search"),
     ("max_index_items", "int", "LIMIT: items per Index request / StreamIndex message"),
     ("max_ids", "int", "LIMIT: ids per Get / Delete request"),

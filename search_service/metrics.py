@@ -28,3 +28,16 @@ class Metrics(MetricsServer):
         self.inflight = Gauge("teran_search_inflight_requests", "RPCs being served", registry=r)
         self.ready = Gauge("teran_search_ready", "1 when Milvus is open and the service is serving", registry=r)
         self.info = Info("teran_search_backend", "storage backend", registry=r)
+        self.cache_lookups = Counter(
+            "teran_search_rerank_cache_lookups", "re-rank candidates served from the cache (hit) or fetched from Milvus (miss)", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.cache_items = Gauge("teran_search_rerank_cache_items", "items in the re-rank cache", ["modality"], registry=r)
+        self.cache_bytes = Gauge("teran_search_rerank_cache_bytes", "fp16 concept bytes held by the re-rank cache", registry=r)
+        self.cache_limit = Gauge("teran_search_rerank_cache_limit_bytes", "--rerank-cache-mb in bytes (0: disabled)", registry=r)
+        self.cache_full = Gauge(
+            "teran_search_rerank_cache_full",
+            "1 when items were left out of the re-rank cache for its limit (misses go to Milvus)",
+            registry=r,
+        )
+        self.cache_loading = Gauge("teran_search_rerank_cache_loading", "1 while the re-rank cache is loading from Milvus", registry=r)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teran.alignment_numpy import alignment_scores, best_regions
+from teran.alignment_numpy import best_regions
 
 
 def pad(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,19 +25,46 @@ def pad(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
+def stack_concepts(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """[N_i, D] arrays -> float16 block [len, max N_i, D] (zero padding) + counts [len]."""
+    counts = np.array([s.shape[0] for s in sets], dtype=np.int64)
+    block = np.zeros((len(sets), max(1, int(counts.max(initial=1))), dim), dtype=np.float16)
+    for i, s in enumerate(sets):
+        block[i, : s.shape[0]] = s
+    return block, counts
+
+
+def mrsw_block(query: np.ndarray, query_is_caption: bool, block: np.ndarray, counts: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """MrSw of one query ([W, D] words or [R, D] regions) against C candidates given as one padded block
+    [C, L, D] (float16 or float32; candidate i has counts[i] real concept vectors): batched numpy, one matmul per chunk.
+
+    MrSw = sum over the caption's word pieces of the max over the image's REAL regions of the cosine
+    (padding never takes part, so a score does not depend on the other candidates of the batch)."""
+    query = np.asarray(query, dtype=np.float32)
+    counts = np.asarray(counts, dtype=np.int64)
+    size, width, dim = block.shape
+    scores = np.zeros(size, dtype=np.float32)
+    offsets = np.arange(width)[None, :]
+    for start in range(0, size, chunk):
+        part = block[start : start + chunk]
+        n = part.shape[0]
+        sims = (part.reshape(n * width, dim).astype(np.float32) @ query.T).reshape(n, width, query.shape[0])  # [n, L, Q]
+        valid = offsets < counts[start : start + n, None]  # [n, L]
+        if query_is_caption:  # candidates are images: max over their regions (L), sum over the query's words (Q)
+            sims = np.where(valid[:, :, None], sims, -np.inf)
+            scores[start : start + n] = sims.max(axis=1).sum(axis=1)
+        else:  # candidates are captions: max over the query's regions (Q), sum over their real words (L)
+            scores[start : start + n] = np.where(valid, sims.max(axis=2), np.float32(0.0)).sum(axis=1)
+    return scores
+
+
 def mrsw_scores(query: np.ndarray, query_is_caption: bool, candidates: list[np.ndarray], chunk: int = 256) -> np.ndarray:
     """MrSw of one query ([W, D] words or [R, D] regions) against each candidate's concept set."""
     query = np.asarray(query, dtype=np.float32)
-    dim = query.shape[1]
-    scores = np.zeros(len(candidates), dtype=np.float32)
-    qmask = np.ones((1, query.shape[0]), dtype=bool)
-    for start in range(0, len(candidates), chunk):
-        block, mask = pad(candidates[start : start + chunk], dim)
-        if query_is_caption:
-            scores[start : start + len(block)] = alignment_scores(block, mask, query[None], qmask, "MrSw")[:, 0]
-        else:
-            scores[start : start + len(block)] = alignment_scores(query[None], qmask, block, mask, "MrSw")[0, :]
-    return scores
+    if not candidates:
+        return np.zeros(0, dtype=np.float32)
+    block, mask = pad(candidates, query.shape[1])
+    return mrsw_block(query, query_is_caption, block, mask.sum(axis=1), chunk)
 
 
 @dataclass

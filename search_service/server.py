@@ -21,11 +21,13 @@ from grpc_health.v1 import health, health_pb2
 from encoder_service._proto import common_pb2
 from encoder_service.client import AsyncEncoderClient, EncoderError, RegionFeatures
 from encoder_service.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
+from search_service import cache as rerank_cache
 from search_service._proto import search_pb2, search_pb2_grpc
+from search_service.cache import RerankCache
 from search_service.config import SearchConfig
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
-from search_service.ranking import explain, mrsw_scores
+from search_service.ranking import explain, mrsw_block, stack_concepts
 from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
 from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server
 from teran.errors import TeranInputError
@@ -365,6 +367,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if batch:
                 await self._db(store.upsert, modality, batch)
                 self.metrics.items.labels(modality).inc(len(batch))
+                await self._db(self._server.cache_written, modality, batch)
         return len(batches[IMAGES]), len(batches[CAPTIONS])
 
     async def Index(self, request, context):
@@ -411,6 +414,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             modality = self._modality(request.modality)
             ids = self._ids(request.ids)
             deleted, missing = await self._db(self.store.delete, modality, ids)
+            self._server.cache_deleted(modality, ids)
             return search_pb2.DeleteResponse(deleted=deleted, not_found=missing)
 
         return await self._unary("Delete", context, "", work)
@@ -545,8 +549,16 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             n = min(multiplier * top_k, cfg.max_candidates) if rerank else top_k
             started = time.perf_counter()
             need_concepts = rerank or not request.skip_explanation
-            candidates = await self._db(store.search, target, query.global_vector, n, expr, first_stage, need_concepts)
+            cache = self._server.usable_cache()
+            candidates = await self._db(store.search, target, query.global_vector, n, expr, first_stage, need_concepts and cache is None)
             self.metrics.stage.labels("first_stage").observe(time.perf_counter() - started)
+            if need_concepts and candidates:
+                started = time.perf_counter()
+                if cache is not None:
+                    block, counts, candidates = await self._db(self._server.cached_concepts, cache, target, candidates)
+                else:
+                    block, counts = stack_concepts([c.concepts for c in candidates], store.model.dimension)
+                self.metrics.stage.labels("concepts").observe(time.perf_counter() - started)
             self.metrics.candidates.observe(len(candidates))
             response.candidates = len(candidates)
             if not candidates:
@@ -556,7 +568,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             if rerank:
                 started = time.perf_counter()
                 final = await asyncio.get_running_loop().run_in_executor(
-                    None, mrsw_scores, query.concepts, query.modality == CAPTIONS, [c.concepts for c in candidates], cfg.rerank_chunk
+                    None, mrsw_block, query.concepts, query.modality == CAPTIONS, block, counts, cfg.rerank_chunk
                 )
                 self.metrics.stage.labels("rerank").observe(time.perf_counter() - started)
                 order.sort(key=lambda i: (-float(final[i]), i))
@@ -571,10 +583,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 )
                 if request.skip_explanation:
                     continue
+                concepts = block[i, : counts[i]]
                 if query.modality == CAPTIONS:
-                    terms = explain(c.concepts, c.boxes, query.concepts, query.labels)
+                    terms = explain(concepts, c.boxes, query.concepts, query.labels)
                 else:
-                    terms = explain(query.concepts, query.boxes, c.concepts, c.labels)
+                    terms = explain(query.concepts, query.boxes, concepts, c.labels)
                 for t in terms:
                     hit.alignment.add(
                         word_index=t.word_index, word_piece=t.word_piece, region_index=t.region_index, box=t.box, similarity=t.similarity
@@ -605,6 +618,128 @@ class SearchServer:
         self.inflight = InflightCalls()
         self._server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
+        self.cache: RerankCache | None = RerankCache(int(config.rerank_cache_mb * 2**20)) if config.rerank_cache_mb > 0 else None
+        self._cache_stop = threading.Event()
+        self._cache_thread: threading.Thread | None = None
+        self._cache_full_logged = False
+        self.metrics.cache_limit.set(config.rerank_cache_mb * 2**20)
+
+    # ------------------------------------------------------------------ re-rank cache
+
+    def usable_cache(self) -> RerankCache | None:
+        """The cache, if enabled and the collections carry stamps (schema format 2)."""
+        store = self.store
+        if self.cache is None or store is None or store.model is None or not store.stamped:
+            return None
+        return self.cache
+
+    def _cache_gauges(self) -> None:
+        cache = self.cache
+        if cache is None:
+            return
+        for modality in (IMAGES, CAPTIONS):
+            self.metrics.cache_items.labels(modality).set(cache.items(modality))
+        self.metrics.cache_bytes.set(cache.bytes())
+        self.metrics.cache_full.set(1 if cache.full else 0)
+        if cache.full and not self._cache_full_logged:
+            self._cache_full_logged = True
+            log.warning(
+                "rerank cache full: items beyond --rerank-cache-mb are not cached; their concepts are fetched from Milvus per search",
+                extra={"limit_mib": self.config.rerank_cache_mb, "items": cache.items(), "mib": round(cache.bytes() / 2**20, 1)},
+            )
+        elif not cache.full:
+            self._cache_full_logged = False
+
+    def cache_written(self, modality: str, items: list[Item]) -> None:
+        """After Milvus acknowledged an upsert: cache the new versions (their stamps were set by the upsert)."""
+        cache = self.usable_cache()
+        if cache is None:
+            return
+        for item in items:
+            if not cache.put(modality, item.id, item.stamp, item.concepts):
+                cache.remove(modality, [item.id])  # an older version must not linger (it would only miss, but holds memory)
+        self._cache_gauges()
+
+    def cache_deleted(self, modality: str, ids: list[str]) -> None:
+        if self.cache is not None:
+            self.cache.remove(modality, ids)
+            self._cache_gauges()
+
+    def cached_concepts(self, cache: RerankCache, modality: str, candidates: list):
+        """(block [C, L, D] fp16, counts [C], candidates): hits from the cache, misses (absent or stale stamp) from Milvus.
+        A candidate deleted since the first stage is dropped; one rewritten since takes the new version's fields."""
+        store = self.store
+        dim = store.model.dimension
+        gathered = cache.gather(
+            modality, [c.id for c in candidates], [c.stamp for c in candidates], [c.num_concepts for c in candidates], dim
+        )
+        block, counts = gathered.block, gathered.counts
+        self.metrics.cache_lookups.labels("hit").inc(len(candidates) - len(gathered.missing))
+        if not gathered.missing:
+            return block, counts, candidates
+        self.metrics.cache_lookups.labels("miss").inc(len(gathered.missing))
+        fetched = store.concepts(modality, [candidates[i].id for i in gathered.missing])
+        keep = np.ones(len(candidates), dtype=bool)
+        for i in gathered.missing:
+            c = candidates[i]
+            row = fetched.get(c.id)
+            if row is None:
+                keep[i] = False
+                continue
+            if row.stamp != c.stamp:  # rewritten between the first stage and now: serve the new version whole
+                c.metadata, c.labels, c.boxes, c.num_concepts, c.model, c.stamp = (
+                    row.metadata,
+                    row.labels,
+                    row.boxes,
+                    row.num_concepts,
+                    row.model,
+                    row.stamp,
+                )
+            count = row.concepts.shape[0]
+            if count > block.shape[1]:
+                block = np.pad(block, ((0, 0), (0, count - block.shape[1]), (0, 0)))
+            block[i, :count] = row.concepts
+            counts[i] = count
+            cache.put(modality, c.id, row.stamp, row.concepts)
+        self._cache_gauges()
+        if not keep.all():
+            candidates = [c for c, k in zip(candidates, keep, strict=True) if k]
+            block, counts = block[keep], counts[keep]
+        return block, counts, candidates
+
+    def _cache_worker(self) -> None:
+        """Startup load, then (if --rerank-cache-refresh-s) periodic reconciliation with Milvus."""
+        cache, cfg = self.cache, self.config
+        try:
+            if self.usable_cache() is not None:
+                started = time.perf_counter()
+                cache.state = "loading"
+                self.metrics.cache_loading.set(1)
+                log.info("rerank cache loading from Milvus", extra={"limit_mib": cfg.rerank_cache_mb})
+                counts = rerank_cache.load(cache, self.store, (IMAGES, CAPTIONS), log, self._cache_stop, on_progress=self._cache_gauges)
+                self._cache_gauges()
+                log.info(
+                    "rerank cache loaded",
+                    extra={
+                        "items": counts, "mib": round(cache.bytes() / 2**20, 1), "limit_mib": cfg.rerank_cache_mb,
+                        "full": cache.full, "s": round(time.perf_counter() - started, 2),
+                    },
+                )  # fmt: skip
+        except Exception:  # noqa: BLE001 - the cache is an optimisation: misses still go to Milvus
+            log.exception("rerank cache load failed; concepts missing from the cache are fetched from Milvus")
+        finally:
+            cache.state = "ready"
+            self.metrics.cache_loading.set(0)
+            cache.loaded.set()
+        while cfg.rerank_cache_refresh_s > 0 and not self._cache_stop.wait(cfg.rerank_cache_refresh_s):
+            if self.usable_cache() is None:
+                continue
+            try:
+                result = rerank_cache.refresh(cache, self.store, (IMAGES, CAPTIONS), self._cache_stop)
+                self._cache_gauges()
+                log.info("rerank cache refreshed", extra={"result": result, "mib": round(cache.bytes() / 2**20, 1)})
+            except Exception:  # noqa: BLE001
+                log.exception("rerank cache refresh failed; retrying after --rerank-cache-refresh-s")
 
     async def start(self) -> None:
         cfg = self.config
@@ -636,6 +771,16 @@ class SearchServer:
         )
         await asyncio.get_running_loop().run_in_executor(self.milvus_pool, store.open)
         self.store = store
+        if self.cache is not None:
+            if store.model is not None and not store.stamped:
+                log.warning(
+                    "rerank cache disabled: the collections predate row stamps (schema format 1), so entries could not be "
+                    "validated; concepts come with each search. Re-index into new collections (--collection-prefix) to use it"
+                )
+                self.cache.loaded.set()
+            else:
+                self._cache_thread = threading.Thread(target=self._cache_worker, name="rerank-cache", daemon=True)
+                self._cache_thread.start()
         if cfg.encoder_address:
             self.encoder = AsyncEncoderClient(cfg.encoder_address, token=cfg.encoder_token or None, timeout=cfg.encoder_timeout_s)
         self.metrics.info.info({"backend": store.backend, "server_version": store.server_version, "index_type": store.index_type})
@@ -669,6 +814,9 @@ class SearchServer:
         self.ready = False
         if self.encoder is not None:
             await self.encoder.close()
+        self._cache_stop.set()
+        if self._cache_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._cache_thread.join, 60)
         if self.store is not None:
             await asyncio.get_running_loop().run_in_executor(self.milvus_pool, self.store.close)
         self.milvus_pool.shutdown(wait=False)

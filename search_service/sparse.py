@@ -8,6 +8,16 @@ inner product):
   scale sets the sparsity;
 - deep permutation (DP): the `keep` largest components, weight keep - rank (the truncated
   permutation as term frequencies); `keep` sets the sparsity.
+
+Bag of Concepts (BoC) encodes the CONCEPT vectors instead: a k-means codebook of concept vectors
+(spherical, `kmeans_codebook`, fitted on the image side's region vectors: word and region vectors need
+not share clusters) is the vocabulary; each concept vector is soft-assigned to its `top` most similar
+codewords (weights: softmax of the cosines / temperature over those), and the item's weights are pooled per
+codeword: max over an image's regions, sum over a caption's word pieces, so that the inner product of a
+caption's and an image's BoC approximates MrSw (sum over words of the max over regions). The codebook
+size and `top` set the sparsity (`keep` optionally truncates to the largest weights). So far a
+library + benchmark surrogate (bench/bench_search.py strategies); serving it needs a codebook stored
+with the collections and a FirstStage enum value in the API.
 """
 
 from __future__ import annotations
@@ -47,3 +57,65 @@ def surrogate(kind: str, vector: np.ndarray, params: dict) -> dict[int, float]:
     if kind == DP:
         return deep_permutation(vector, int(params.get("dp_keep", 64)))
     raise ValueError(f"unknown sparse surrogate {kind!r}; choose from {KINDS}")
+
+
+BOC = "boc"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def kmeans_codebook(vectors: np.ndarray, size: int, iterations: int = 15, seed: int = 0, sample: int = 50000) -> np.ndarray:
+    """Spherical k-means (cosine, k-means++ seeding) over concept vectors [M, D] -> unit codebook [size, D]
+    (deterministic for a seed; at most `sample` vectors are used)."""
+    rng = np.random.default_rng(seed)
+    x = _unit(vectors)
+    if len(x) > sample:
+        x = x[rng.choice(len(x), sample, replace=False)]
+    if len(x) < size:
+        raise ValueError(f"{len(x)} vectors for a codebook of {size}")
+    # k-means++ seeding on the cosine distance 1 - cos
+    centroids = np.empty((size, x.shape[1]), dtype=np.float32)
+    centroids[0] = x[rng.integers(len(x))]
+    distance = np.maximum(1.0 - x @ centroids[0], 0.0)
+    for k in range(1, size):
+        total = float(distance.sum())
+        pick = rng.choice(len(x), p=distance / total) if total > 0 else rng.integers(len(x))
+        centroids[k] = x[pick]
+        distance = np.minimum(distance, np.maximum(1.0 - x @ centroids[k], 0.0))
+    for _ in range(iterations):
+        assign = np.argmax(x @ centroids.T, axis=1)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assign, x)
+        counts = np.bincount(assign, minlength=size)
+        empty = counts == 0
+        sums[empty] = x[rng.choice(len(x), int(empty.sum()), replace=False)]  # re-seed empty clusters
+        centroids = _unit(sums)
+    return centroids
+
+
+def bag_of_concepts(
+    concepts: np.ndarray, codebook: np.ndarray, top: int = 1, pool: str = "sum", keep: int = 0, temperature: float = 0.05
+) -> dict[int, float]:
+    """Sparse BoC of one item's concept vectors [N, D]: each soft-assigned to its `top` most similar codewords with
+    weights softmax(cosine / temperature) over those (positive, summing to 1 per concept; top=1: hard assignment),
+    pooled per codeword by `pool` (max: an image's regions, sum: a caption's words); `keep` > 0 keeps the largest."""
+    sims = _unit(concepts) @ codebook.T  # [N, K]
+    top = min(top, codebook.shape[0])
+    idx = np.argpartition(-sims, top - 1, axis=1)[:, :top]
+    chosen = np.take_along_axis(sims, idx, axis=1) / temperature
+    weights = np.exp(chosen - chosen.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    out = np.zeros(codebook.shape[0], dtype=np.float32)
+    if pool == "max":
+        np.maximum.at(out, idx.ravel(), weights.ravel().astype(np.float32))
+    elif pool == "sum":
+        np.add.at(out, idx.ravel(), weights.ravel().astype(np.float32))
+    else:
+        raise ValueError(f"pool must be max or sum, got {pool!r}")
+    nonzero = np.flatnonzero(out > 0)
+    if keep and len(nonzero) > keep:
+        nonzero = nonzero[np.argsort(-out[nonzero], kind="stable")[:keep]]
+    return _nonempty(sims.max(axis=0), {int(i): float(out[i]) for i in nonzero})

@@ -11,6 +11,8 @@ Two collections, PREFIX_images and PREFIX_captions, same schema:
     boxes           VARCHAR                    images: [N, 4] float32 normalised boxes, base64; captions: ""
     metadata        JSON                       the caller's metadata object
     model           VARCHAR                    "name@version" of the model that produced the vectors
+    stamp           INT64                      random 63-bit version, new at every write (re-rank cache validation;
+                                               collections of schema format 1, before the cache, have none)
 
 The collection description (JSON) records the model (name, version, dimension), the concept
 encoding and K, so a restarted service, or another replica, reads them back from Milvus.
@@ -23,9 +25,11 @@ VARCHAR is portable everywhere, fp16 halves the bytes of fp32 (D=256, 49 regions
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 
@@ -38,7 +42,7 @@ IMAGES, CAPTIONS = "images", "captions"
 MODALITIES = (IMAGES, CAPTIONS)
 CHUNK_CHARS = 65535  # Milvus VARCHAR max_length
 CONCEPT_ENCODING = "fp16-le-base64-varchar"
-SCHEMA_FORMAT = 1
+SCHEMA_FORMAT = 2  # 2: rows carry `stamp`
 ID_FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
@@ -74,6 +78,7 @@ class Item:
     metadata: dict
     labels: list[str] = field(default_factory=list)
     boxes: np.ndarray | None = None
+    stamp: int = 0  # set by MilvusStore.upsert
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Stored:
     global_vector: np.ndarray | None = None
     concepts: np.ndarray | None = None  # float16 [N, D]
     score: float = 0.0  # first-stage score (search results)
+    stamp: int = 0  # the row's version (0: collections without stamps)
 
 
 def encode_concepts(concepts: np.ndarray, chunks: int) -> list[str]:
@@ -165,7 +171,7 @@ class MilvusStore:
         self.token = token
         self.prefix = prefix
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
-        self.index_type = ("FLAT" if self.is_lite else "HNSW") if index_type == "auto" else index_type
+        self.index_type = "HNSW" if index_type == "auto" else index_type
         default_params = {"HNSW": {"M": 16, "efConstruction": 200}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}}
         self.index_params = dict(index_params or default_params.get(self.index_type, {}))
         self.search_params = dict(search_params or {})
@@ -181,7 +187,12 @@ class MilvusStore:
         self.server_version = ""
         self.model: ModelInfo | None = None
         self.chunks = 0
+        self.stamped = True  # rows carry `stamp` (False for collections created before schema format 2)
         self._lock = threading.Lock()
+        # milvus-lite 3.x applies concurrent writes to one collection without a lock: two at once
+        # interleave in its write-ahead log, and a crash then loses everything after the damage.
+        # One writer at a time per process (the lite file's LOCK already means one process).
+        self._lite_write_lock = threading.Lock() if self.is_lite else contextlib.nullcontext()
         self._valid_filters: dict[str, None] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -221,8 +232,8 @@ class MilvusStore:
     def name(self, modality: str) -> str:
         return f"{self.prefix}_{modality}"
 
-    def _info(self) -> dict:
-        m = self.model
+    def _info(self, model: ModelInfo | None = None) -> dict:
+        m = model or self.model
         return {
             "format": SCHEMA_FORMAT,
             "model": {"name": m.name, "version": m.version, "dimension": m.dimension},
@@ -232,6 +243,7 @@ class MilvusStore:
             "max_id_length": self.max_id_length,
             "sparse": self.surrogates,
             "sparse_params": self.sparse_params,
+            "row_stamp": self.stamped,
         }
 
     def _load_existing(self) -> None:
@@ -255,6 +267,7 @@ class MilvusStore:
         self.max_id_length = int(info.get("max_id_length", self.max_id_length))
         self.surrogates = list(info.get("sparse", []))
         self.sparse_params = dict(info.get("sparse_params", self.sparse_params))
+        self.stamped = bool(info.get("row_stamp", False))
         for modality in existing:
             self.client.load_collection(self.name(modality))
         self._create_missing()
@@ -274,6 +287,7 @@ class MilvusStore:
                     "max_concepts": self.max_concepts,
                     "max_id_length": int(fields["id"]["params"]["max_length"]),
                     "sparse": [k for k in SPARSE_KINDS if f"{k}_vector" in fields],
+                    "row_stamp": "stamp" in fields,
                 }
         for modality in existing:
             self.client.drop_collection(self.name(modality))
@@ -287,14 +301,15 @@ class MilvusStore:
         """Create the collections for `model` if there are none; else check the model matches."""
         with self._lock:
             if self.model is None:
-                self.model = model
                 self.chunks = concept_chunks(model.dimension, self.max_concepts)
                 self.surrogates = list(self.requested_surrogates) if self.sparse_supported else []
+                self.stamped = True
                 try:
-                    self._create_missing()
+                    self._create_missing(model)
                 except Exception as exc:  # noqa: BLE001
-                    self.model = None
                     raise StoreError(f"cannot create collections: {exc}") from exc
+                # Published only once the collections exist: writers test `model is None` without the lock.
+                self.model = model
         self.check_model(model)
         return self.model
 
@@ -314,15 +329,15 @@ class MilvusStore:
                 "(vectors of different models are not comparable): use the same model, or new collections (--collection-prefix)"
             )
 
-    def _create_missing(self) -> None:
+    def _create_missing(self, model: ModelInfo | None = None) -> None:
         from pymilvus import DataType, MilvusClient
 
-        m = self.model
+        m = model or self.model
         for modality in MODALITIES:
             name = self.name(modality)
             if self.client.has_collection(name):
                 continue
-            description = json.dumps({**self._info(), "modality": modality})
+            description = json.dumps({**self._info(m), "modality": modality})
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=self.max_id_length)
             schema.add_field("global_vector", DataType.FLOAT_VECTOR, dim=m.dimension)
@@ -333,6 +348,8 @@ class MilvusStore:
             schema.add_field("boxes", DataType.VARCHAR, max_length=CHUNK_CHARS)
             schema.add_field("metadata", DataType.JSON)
             schema.add_field("model", DataType.VARCHAR, max_length=512)
+            if self.stamped:
+                schema.add_field("stamp", DataType.INT64)
             for kind in self.surrogates:
                 schema.add_field(f"{kind}_vector", DataType.SPARSE_FLOAT_VECTOR)
             index = self.client.prepare_index_params()
@@ -350,7 +367,7 @@ class MilvusStore:
             index.add_index(field_name="v", index_type="FLAT", metric_type="L2")
             self.client.create_collection(self.meta_name, schema=schema, index_params=index, consistency_level="Strong")
             self.client.load_collection(self.meta_name)
-        self.client.upsert(self.meta_name, [{"id": "collections", "info": self._info(), "v": [0.0, 0.0]}])
+        self.client.upsert(self.meta_name, [{"id": "collections", "info": self._info(m), "v": [0.0, 0.0]}])
 
     # ------------------------------------------------------------------ writes
 
@@ -364,6 +381,7 @@ class MilvusStore:
             "boxes": encode_boxes(item.boxes),
             "metadata": item.metadata,
             "model": f"{self.model.name}@{self.model.version}",
+            **({"stamp": item.stamp} if self.stamped else {}),
             **{f"{k}_vector": surrogate(k, item.global_vector, self.sparse_params) for k in self.surrogates},
         }
 
@@ -371,22 +389,25 @@ class MilvusStore:
         """Upsert; returns once Milvus has acknowledged every row (then a crash loses nothing)."""
         if not items:
             return 0
+        for item in items:
+            item.stamp = secrets.randbits(63)  # a new version, unique across replicas with overwhelming probability
         rows = [self._row(item) for item in items]
         name = self.name(modality)
         try:
-            batch: list[dict] = []
-            size = 0
-            for row in rows:
-                row_bytes = sum(len(row[f"concepts_{k}"]) for k in range(self.chunks)) + 4 * len(row["global_vector"]) + 1024
-                if batch and size + row_bytes > max_batch_bytes:
+            with self._lite_write_lock:
+                batch: list[dict] = []
+                size = 0
+                for row in rows:
+                    row_bytes = sum(len(row[f"concepts_{k}"]) for k in range(self.chunks)) + 4 * len(row["global_vector"]) + 1024
+                    if batch and size + row_bytes > max_batch_bytes:
+                        self.client.upsert(name, batch)
+                        batch, size = [], 0
+                    batch.append(row)
+                    size += row_bytes
+                if batch:
                     self.client.upsert(name, batch)
-                    batch, size = [], 0
-                batch.append(row)
-                size += row_bytes
-            if batch:
-                self.client.upsert(name, batch)
-            if self.flush_on_index:
-                self.client.flush(name)
+                if self.flush_on_index:
+                    self.client.flush(name)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"Milvus upsert into {name} failed: {exc}") from exc
         return len(rows)
@@ -399,9 +420,10 @@ class MilvusStore:
             existing = {r["id"] for r in self.client.query(name, filter=id_filter(ids), output_fields=["id"], consistency_level="Strong")}
             present = [i for i in ids if i in existing]
             if present:
-                self.client.delete(name, filter=id_filter(present))
-                if self.flush_on_index:
-                    self.client.flush(name)
+                with self._lite_write_lock:
+                    self.client.delete(name, filter=id_filter(present))
+                    if self.flush_on_index:
+                        self.client.flush(name)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"Milvus delete from {name} failed: {exc}") from exc
         return len(present), [i for i in ids if i not in existing]
@@ -412,7 +434,7 @@ class MilvusStore:
         return {"consistency_level": self.consistency_level}
 
     def _fields(self, vectors: bool, global_vector: bool = True) -> list[str]:
-        names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"]
+        names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"] + (["stamp"] if self.stamped else [])
         if vectors:
             names += [f"concepts_{k}" for k in range(self.chunks)]
             if global_vector:
@@ -428,6 +450,7 @@ class MilvusStore:
             labels=list((row.get("labels") or {}).get("word_pieces", [])),
             boxes=decode_boxes(row.get("boxes") or "", count),
             model=row.get("model", ""),
+            stamp=int(row.get("stamp") or 0),
         )
         if vectors:
             if "global_vector" in row:
@@ -444,6 +467,56 @@ class MilvusStore:
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
         return {row["id"]: self._stored(row, vectors) for row in rows}
+
+    def concepts(self, modality: str, ids: list[str]) -> dict[str, Stored]:
+        """The rows still stored among `ids`, with concepts (no global vector): the re-rank cache's misses."""
+        if self.model is None or not ids:
+            return {}
+        name = self.name(modality)
+        try:
+            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(True, global_vector=False), **self._read())
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
+        return {row["id"]: self._stored(row, True) for row in rows}
+
+    def _concepts(self, row: dict) -> np.ndarray:
+        return decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], int(row["num_concepts"]), self.model.dimension)
+
+    def scan(self, modality: str, concepts: bool, batch_size: int = 0, batch_bytes: int = 16 * 2**20):
+        """Every stored row, in batches (pymilvus query iterator): lists of (id, stamp, concepts float16 [N, D] or None).
+        batch_size 0: sized to about `batch_bytes` per batch from a sample of rows (each iterator call costs ~0.2 s on
+        Milvus 2.3, so 256-row batches of small items would take 13 min per million rows)."""
+        if self.model is None:
+            return
+        name = self.name(modality)
+        fields = ["id", *(["stamp"] if self.stamped else [])]
+        if concepts:
+            fields += ["num_concepts", *[f"concepts_{k}" for k in range(self.chunks)]]
+        if not batch_size:
+            batch_size = 16384
+            if concepts:
+                try:
+                    sample = self.client.query(name, filter="", output_fields=fields, limit=64, **self._read())
+                except Exception as exc:  # noqa: BLE001
+                    raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
+                if sample:
+                    row_bytes = sum(len(r[f"concepts_{k}"]) for r in sample for k in range(self.chunks)) / len(sample) + 256
+                    batch_size = int(min(16384, max(64, batch_bytes // row_bytes)))
+        try:
+            iterator = self.client.query_iterator(name, batch_size=batch_size, filter="", output_fields=fields, **self._read())
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus query iterator on {name} failed: {exc}") from exc
+        try:
+            while True:
+                try:
+                    rows = iterator.next()
+                except Exception as exc:  # noqa: BLE001
+                    raise StoreError(f"Milvus query iterator on {name} failed: {exc}") from exc
+                if not rows:
+                    return
+                yield [(row["id"], int(row.get("stamp") or 0), self._concepts(row) if concepts else None) for row in rows]
+        finally:
+            iterator.close()
 
     def count(self, modality: str) -> int:
         if self.model is None:

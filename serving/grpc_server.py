@@ -111,6 +111,8 @@ class InflightCalls:
     """Counts service RPCs in flight (health watches are not counted) so that a graceful stop
     can let them finish, bounded by a grace period. `reset()` must run inside the event loop."""
 
+    SETTLE_S = 0.2  # how long "no RPC in flight" must last before the server stops
+
     def __init__(self):
         self.count = 0
         self._idle: asyncio.Event | None = None
@@ -134,8 +136,19 @@ class InflightCalls:
         started = time.monotonic()
         if self.count:
             log.info("waiting for in-flight RPCs", extra={"inflight": self.count})
-            try:
-                await asyncio.wait_for(self._idle.wait(), grace)
-            except TimeoutError:
-                log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self.count})
+        # Idle must hold for a moment: calls already on the wire when shutdown began still reach
+        # their handlers, which answer UNAVAILABLE (retryable) instead of being cancelled by stop().
+        while True:
+            if self.count:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), max(0.0, grace - (time.monotonic() - started)))
+                except TimeoutError:
+                    log.warning("grace period over; cancelling in-flight RPCs", extra={"inflight": self.count})
+                    break
+            left = grace - (time.monotonic() - started)
+            if left <= 0:
+                break
+            await asyncio.sleep(min(self.SETTLE_S, left))
+            if self.count == 0:
+                break
         await server.stop(max(0.0, min(0.5, grace - (time.monotonic() - started))))

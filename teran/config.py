@@ -29,12 +29,18 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    margin: float = 0.2
-    alignment_weight: float = 1.0  # VSE++ hinge on the MrSw alignment score (TERAN)
-    global_weight: float = 1.0  # VSE++ hinge on the global cosine (TERN)
+    # "hinge": VSE++ triplet loss (TERAN/TERN as published); "contrastive": symmetric InfoNCE
+    # with a learned temperature per score, which overfits far less on small data sets.
+    kind: str = "hinge"
+    margin: float = 0.2  # hinge only
+    alignment_weight: float = 1.0  # weight of the loss on the MrSw alignment score (TERAN)
+    global_weight: float = 1.0  # weight of the loss on the global cosine (TERN)
     alignment_mode: str = "MrSw"
-    # Epochs summing all violating negatives before switching to the hardest negative (VSE++).
+    # Hinge only: epochs summing all violating negatives before switching to the hardest negative (VSE++).
     sum_violations_epochs: int = 1
+    # Contrastive only: initial temperatures (learned from there on).
+    global_temperature: float = 0.07
+    alignment_temperature: float = 1.0
 
 
 @dataclass

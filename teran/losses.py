@@ -1,8 +1,13 @@
-"""VSE++ hinge triplet loss, applied to the alignment score (TERAN) and the global cosine (TERN)."""
+"""Matching losses on the alignment score (TERAN) and the global cosine (TERN): the VSE++ hinge
+triplet loss of the papers, or a symmetric InfoNCE with learned temperatures."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from teran.alignment import alignment_scores, global_scores
 from teran.config import LossConfig
@@ -26,19 +31,47 @@ def hinge_triplet_loss(scores: torch.Tensor, margin: float, hardest: bool) -> to
     return cost_caption.sum() + cost_image.sum()
 
 
-class TeranLoss:
-    """Weighted sum of the hinge loss on the alignment scores and on the global scores."""
+def contrastive_loss(scores: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch: scores[i, j] = s(image i, caption j), pairs on the diagonal.
+
+    Each image must pick its caption among the batch's captions and vice versa. The logits are
+    scores * exp(log_scale), the inverse temperature, capped at 100 as in CLIP. Mean over anchors.
+    """
+    logits = scores * log_scale.exp().clamp(max=100.0)
+    targets = torch.arange(scores.shape[0], device=scores.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+LOSS_KINDS = ("hinge", "contrastive")
+
+
+class TeranLoss(nn.Module):
+    """Weighted sum of one matching loss on the alignment scores and one on the global scores.
+
+    A module because the contrastive kind learns its temperatures: optimise it with the model.
+    """
 
     def __init__(self, cfg: LossConfig):
+        super().__init__()
+        if cfg.kind not in LOSS_KINDS:
+            raise ValueError(f"unknown loss kind {cfg.kind!r}; choose one of {LOSS_KINDS}")
         self.cfg = cfg
+        if cfg.kind == "contrastive":
+            self.global_log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.global_temperature)))
+            self.alignment_log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.alignment_temperature)))
 
-    def __call__(self, image: Encoded, text: Encoded, hardest: bool) -> dict[str, torch.Tensor]:
+    def _loss(self, scores: torch.Tensor, which: str, hardest: bool) -> torch.Tensor:
+        if self.cfg.kind == "contrastive":
+            return contrastive_loss(scores, getattr(self, f"{which}_log_scale"))
+        return hinge_triplet_loss(scores, self.cfg.margin, hardest)
+
+    def forward(self, image: Encoded, text: Encoded, hardest: bool) -> dict[str, torch.Tensor]:
         parts = {}
         if self.cfg.alignment_weight:
             scores = alignment_scores(image.concepts, image.concept_mask, text.concepts, text.concept_mask, self.cfg.alignment_mode)
-            parts["alignment"] = self.cfg.alignment_weight * hinge_triplet_loss(scores, self.cfg.margin, hardest)
+            parts["alignment"] = self.cfg.alignment_weight * self._loss(scores, "alignment", hardest)
         if self.cfg.global_weight:
             scores = global_scores(image.global_vec, text.global_vec)
-            parts["global"] = self.cfg.global_weight * hinge_triplet_loss(scores, self.cfg.margin, hardest)
+            parts["global"] = self.cfg.global_weight * self._loss(scores, "global", hardest)
         parts["total"] = sum(parts.values())
         return parts

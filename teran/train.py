@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
@@ -70,6 +71,14 @@ class CaptionSampler:
         return batches
 
 
+def make_optimizer(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the model and the loss's own parameters (learned temperatures), which get no decay."""
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    if loss_params := list(loss_fn.parameters()):
+        groups.append({"params": loss_params, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
 def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True, command: str = "") -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -87,15 +96,16 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
 
     device = torch.device(cfg.device)
     model = TeranModel(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = TeranLoss(cfg.loss)
+    loss_fn = TeranLoss(cfg.loss).to(device)
+    optimizer = make_optimizer(cfg, model, loss_fn)
     start_epoch, step, best_rsum, history = 0, 0, -1.0, []
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
     if resume and last_path.exists():
         state = read_checkpoint(last_path)
         model, _ = load_model(last_path)
         model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        loss_fn.load_state_dict(state.get("loss_state", {}))
+        optimizer = make_optimizer(cfg, model, loss_fn)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best_rsum, history = state["epoch"] + 1, state["step"], state["best_rsum"], json.loads(state["history"])
         torch.set_rng_state(state["torch_rng"])
@@ -153,6 +163,7 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
             **extra,
             best_rsum=best_rsum,
             optimizer=optimizer.state_dict(),
+            loss_state=loss_fn.state_dict(),
             torch_rng=torch.get_rng_state(),
         )
     summary = {

@@ -171,6 +171,74 @@ def test_concurrent_requests_are_batched_by_length_bucket(model_dir):
     assert 'teran_encoder_batch_size_bucket{graph="text_encoder",le="1.0"}' in text
 
 
+def test_a_lone_request_takes_the_idle_fast_path_with_the_batched_results(model_dir):
+    backend = SlowBackend(ort_backend(model_dir), delay=0.03)
+    caption, others = "a dog runs on the beach", ["a cat runs on the grass", "two dogs play in the snow"]
+    with ServerThread(make_config(model_dir, max_queue_delay_ms=20), backend=backend) as running:
+        batcher = running.server.model.batchers["text_encoder"]
+        with EncoderClient(running.target) as c:
+            before = batcher.stats.immediate
+            alone = c.encode_captions([caption])[0]
+            assert batcher.stats.immediate == before + 1 and batcher.stats.sizes[-1] == 1
+            # the same caption again, now merged with concurrent ones into one queued batch
+            with ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(c.encode_captions, [text]) for text in [caption, *others] * 4]
+                merged = [f.result(30)[0] for f in futures]
+        sizes = batcher.stats.sizes
+        text = metrics_text(running)
+    assert max(sizes) > 1, f"concurrent requests were not batched: {sizes}"
+    for result in merged[::3]:
+        np.testing.assert_allclose(result.global_vector, alone.global_vector, atol=ATOL)
+        np.testing.assert_allclose(result.concepts, alone.concepts, atol=ATOL)
+        assert result.word_pieces == alone.word_pieces and result.token_positions == alone.token_positions
+    assert 'teran_encoder_queue_wait_seconds_count{graph="text_encoder"}' in text
+
+
+def test_batcher_fast_path_only_when_idle_and_merges_what_queues_meanwhile():
+    from encoder_service.batching import DynamicBatcher
+
+    release = threading.Event()
+    runs: list[list[int]] = []
+
+    def run_batch(payloads):
+        runs.append(list(payloads))
+        if payloads == [0]:
+            release.wait(10)  # the first (fast path) batch runs until the others have queued
+        return [p * 10 for p in payloads]
+
+    async def scenario():
+        calls = {"active": 0}
+        with ThreadPoolExecutor(2) as executor:
+            batcher = DynamicBatcher(
+                "g", run_batch, executor=executor, max_batch=8, max_delay_s=0.05, max_queue=64, active_calls=lambda: calls["active"]
+            )
+            batcher.start()
+
+            async def call(value):
+                calls["active"] += 1
+                try:
+                    return await batcher.submit([value])
+                finally:
+                    calls["active"] -= 1
+
+            first = asyncio.ensure_future(call(0))
+            await asyncio.sleep(0.05)
+            assert batcher.stats.immediate == 1 and runs == [[0]]
+            rest = [asyncio.ensure_future(call(v)) for v in (1, 2, 3)]
+            await asyncio.sleep(0.05)
+            assert runs == [[0]], "a batch ran while the fast-path batch held the only worker"
+            release.set()
+            results = await asyncio.gather(first, *rest)
+            lone = await call(4)  # idle again: fast path
+            await batcher.close()
+        return results, lone, batcher.stats
+
+    results, lone, stats = asyncio.run(scenario())
+    assert results == [[0], [10], [20], [30]] and lone == [40]
+    assert runs == [[0], [1, 2, 3], [4]]
+    assert stats.immediate == 2 and stats.sizes == [1, 3, 1] and stats.items == 5
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -15,6 +15,7 @@ from search_fixtures import (
     MilvusStandalone,
     SearchProcess,
     drop_collections,
+    random_unit,
     search_config,
     unique_prefix,
     vector_item,
@@ -553,3 +554,173 @@ def test_sparse_surrogate_first_stages(make_search):
     again = make_search(collection_prefix=search.prefix)
     assert list(again.stats().first_stages) == list(stats.first_stages)
     assert again.search(vectors=query, top_k=1, first_stage=search_pb2.DEEP_PERMUTATION, disable_rerank=True).hits[0].id == "p4"
+
+
+# --------------------------------------------------------------------------- re-rank cache
+
+
+def cache_of(search: Search):
+    cache = search.thread.server.cache
+    assert cache is not None
+    assert cache.loaded.wait(60)
+    return cache
+
+
+def cached_concepts(search: Search, modality: str, ids):
+    """id -> (stamp, float16 [N, D]) as the cache holds them (None when absent)."""
+    cache = cache_of(search)
+    out = {}
+    with cache._lock:
+        m = cache._modalities.get(modality)
+        for i in ids:
+            entry = m.index.get(i) if m else None
+            out[i] = None if entry is None else (entry[2], m.rows[entry[0] : entry[0] + entry[1]].copy())
+    return out
+
+
+def assert_cache_matches_milvus(search: Search, modality: str, ids, complete: bool = True):
+    """Every cached entry is exactly what Milvus stores (fp16 bytes) at the row's current stamp; complete: every row is cached."""
+    store = search.thread.server.store
+    stored = store.concepts(modality, list(ids))
+    cached = cached_concepts(search, modality, ids)
+    for i in ids:
+        if i not in stored:
+            assert cached[i] is None, i
+            continue
+        if cached[i] is None and not complete:
+            continue
+        assert cached[i] is not None, i
+        stamp, concepts = cached[i]
+        assert stamp == stored[i].stamp != 0
+        np.testing.assert_array_equal(concepts, stored[i].concepts)
+
+
+def hit_tuples(response):
+    return [
+        (h.id, h.score, h.first_stage_score, h.metadata_json, [(t.word_index, t.region_index, t.similarity) for t in h.alignment])
+        for h in response.hits
+    ]
+
+
+def caption_queries(count: int, seed: int = 7):
+    rng = np.random.default_rng(seed)
+    out = []
+    for q in range(count):
+        n = 2 + q % 4
+        out.append(vectors_message("captions", random_unit(rng, DIM), random_unit(rng, n, DIM), word_pieces=[f"q{j}" for j in range(n)]))
+    return out
+
+
+def image_items(prefix: str, count: int, seed: int = 0, **kwargs):
+    return [vector_item(f"{prefix}{i}", "images", DIM, seed=seed + i, n=3 + i % 5, metadata={"i": i}, **kwargs) for i in range(count)]
+
+
+def test_rerank_cache_follows_index_upsert_delete(make_search):
+    search = make_search()
+    items = image_items("c", 12)
+    search.index(items)
+    plain = make_search(collection_prefix=search.prefix, rerank_cache_mb=0)  # the same collections, no cache
+    assert plain.thread.server.cache is None
+    captions = [vector_item(f"t{i}", "captions", DIM, seed=50 + i, n=2 + i) for i in range(3)]
+    search.index(captions)
+    ids = [f"c{i}" for i in range(12)]
+    assert cache_of(search).items("images") == 12 and cache_of(search).items("captions") == 3
+    assert_cache_matches_milvus(search, "images", ids)
+    assert_cache_matches_milvus(search, "captions", ["t0", "t1", "t2"])
+    before = {i: s for i, (s, _) in cached_concepts(search, "images", ids).items()}
+    # upsert: new concepts (and a new concept count) replace the cached ones, with a new stamp
+    search.index([vector_item("c3", "images", DIM, seed=999, n=7, metadata={"i": "new"})])
+    after = cached_concepts(search, "images", ["c3"])["c3"]
+    assert after[0] != before["c3"] and after[1].shape == (7, DIM)
+    assert_cache_matches_milvus(search, "images", ids)
+    # delete: gone from the cache
+    search.stub.Delete(search_pb2.DeleteRequest(modality=search_pb2.IMAGE, ids=["c5", "c6"]), timeout=60)
+    assert cached_concepts(search, "images", ["c5", "c6"]) == {"c5": None, "c6": None}
+    assert cache_of(search).items("images") == 10
+    assert_cache_matches_milvus(search, "images", ids)
+    # searches: identical to the service without a cache, served from the cache alone (no misses)
+    misses = cache_of(search).misses
+    for query in caption_queries(4):
+        for multiplier in (1, 3):
+            got = search.search(vectors=query, top_k=4, rerank_multiplier=multiplier)
+            assert hit_tuples(got) == hit_tuples(plain.search(vectors=query, top_k=4, rerank_multiplier=multiplier))
+            assert not {"c5", "c6"} & {h.id for h in got.hits}
+    assert cache_of(search).misses == misses and cache_of(search).hits > 0
+    # an image query re-ranks cached captions
+    image_query = items[0].vectors
+    query = vectors_message("images", decode(image_query.global_vector), decode(image_query.concepts), boxes=decode(image_query.boxes))
+    assert hit_tuples(search.search(vectors=query, top_k=3)) == hit_tuples(plain.search(vectors=query, top_k=3))
+
+
+def test_rerank_cache_rebuilt_from_milvus_on_restart(make_search):
+    first = make_search()
+    first.index(image_items("r", 20))
+    first.index([vector_item("r7", "images", DIM, seed=77, n=4)])  # an upsert before the restart
+    first.stub.Delete(search_pb2.DeleteRequest(modality=search_pb2.IMAGE, ids=["r9"]), timeout=60)
+    queries = caption_queries(3, seed=11)
+    expected = [hit_tuples(first.search(vectors=q, top_k=5, rerank_multiplier=4)) for q in queries]
+    first.close(drop=False)
+    again = make_search(collection_prefix=first.prefix)
+    cache = cache_of(again)  # loaded from Milvus by the query iterator
+    ids = [f"r{i}" for i in range(20)]
+    assert cache.items("images") == 19 and cache.stats()["state"] == "ready"
+    assert_cache_matches_milvus(again, "images", ids)
+    assert [hit_tuples(again.search(vectors=q, top_k=5, rerank_multiplier=4)) for q in queries] == expected
+    assert cache.misses == 0
+
+
+def test_rerank_cache_memory_limit_falls_back_to_milvus(make_search):
+    """A limit below the collection: part is cached, misses are fetched from Milvus, results identical to no cache."""
+    items = image_items("m", 24)
+    row_bytes = 2 * DIM
+    total_rows = sum(3 + i % 5 for i in range(24))
+    limit_mib = (total_rows // 2) * row_bytes / 2**20  # room for about half of the concept rows
+    search = make_search(rerank_cache_mb=limit_mib)
+    search.index(items)
+    plain = make_search(collection_prefix=search.prefix, rerank_cache_mb=0)
+    cache = cache_of(search)
+    assert cache.full and 0 < cache.items("images") < 24
+    assert cache.bytes() <= limit_mib * 2**20
+    assert_cache_matches_milvus(search, "images", [f"m{i}" for i in range(24)], complete=False)
+    for query in caption_queries(5, seed=3):
+        assert hit_tuples(search.search(vectors=query, top_k=6, rerank_multiplier=4)) == hit_tuples(
+            plain.search(vectors=query, top_k=6, rerank_multiplier=4)
+        )
+    assert cache.misses > 0 and cache.hits > 0
+    assert search.thread.server.metrics.cache_full._value.get() == 1
+    # restart with the same limit: the load stops at the limit, results still identical
+    restarted = make_search(collection_prefix=search.prefix, rerank_cache_mb=limit_mib)
+    again = cache_of(restarted)
+    assert again.full and 0 < again.items("images") < 24
+    query = caption_queries(1, seed=9)[0]
+    assert hit_tuples(restarted.search(vectors=query, top_k=24, rerank_multiplier=1)) == hit_tuples(
+        plain.search(vectors=query, top_k=24, rerank_multiplier=1)
+    )
+
+
+def test_rerank_cache_sees_writes_of_another_replica(make_search):
+    """Replica B caches; replica A rewrites and deletes rows: B's stale entries are never served (stamp check), and
+    a refresh drops them / loads A's new rows."""
+    from search_service import cache as rerank_cache
+
+    a = make_search()
+    a.index(image_items("x", 10))
+    b = make_search(collection_prefix=a.prefix)
+    b_cache = cache_of(b)
+    assert b_cache.items("images") == 10
+    old_stamp = cached_concepts(b, "images", ["x2"])["x2"][0]
+    a.index([vector_item("x2", "images", DIM, seed=500, n=6, metadata={"i": "rewritten"})])
+    a.stub.Delete(search_pb2.DeleteRequest(modality=search_pb2.IMAGE, ids=["x4"]), timeout=60)
+    a.index([vector_item("x10", "images", DIM, seed=501, n=3)])
+    query = vectors_message("captions", decode(a.get(search_pb2.IMAGE, ["x2"], vectors=True).items[0].global_vector), np.eye(DIM)[:3])
+    got_a, got_b = (s.search(vectors=query, top_k=11, rerank_multiplier=1) for s in (a, b))
+    assert hit_tuples(got_b) == hit_tuples(got_a)
+    assert json.loads({h.id: h.metadata_json for h in got_b.hits}["x2"]) == {"i": "rewritten"} and "x4" not in {h.id for h in got_b.hits}
+    assert cached_concepts(b, "images", ["x2"])["x2"][0] != old_stamp  # the miss re-cached the new version
+    assert_cache_matches_milvus(b, "images", ["x2", "x10"])
+    # B learnt nothing of x4's delete until a refresh (a stale entry costs memory, it is never served)
+    assert cached_concepts(b, "images", ["x4"])["x4"] is not None
+    result = rerank_cache.refresh(b_cache, b.thread.server.store, ("images", "captions"), threading.Event())
+    assert result["images"]["dropped"] == 1 and result["images"]["rows"] == 10
+    assert cached_concepts(b, "images", ["x4"])["x4"] is None
+    assert_cache_matches_milvus(b, "images", [f"x{i}" for i in range(11)])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from search_service.config import ConfigError, SearchConfig, build_parser, from_args
-from search_service.ranking import explain, mrsw_scores, pad
+from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, stack_concepts
 from search_service.store import (
     CHUNK_CHARS,
     BadFilter,
@@ -131,18 +131,74 @@ def test_mrsw_scores_match_the_library_for_ragged_sets():
     dim = 12
     images = [unit(rng, n, dim) for n in (3, 7, 1, 5, 9)]
     caption = unit(rng, 4, dim)
-    regions, mask = pad(images, dim)
+    # each image alone (no padding): the max runs over its real regions only
+    expected = [alignment_scores(im[None], np.ones((1, len(im)), bool), caption[None], np.ones((1, 4), bool))[0, 0] for im in images]
+    np.testing.assert_allclose(mrsw_scores(caption, True, images, chunk=2), expected, rtol=1e-5)
+    for im, s in zip(images, mrsw_scores(caption, True, images), strict=True):  # MrSw by hand
+        assert s == pytest.approx(float((caption @ im.T).max(axis=1).sum()), abs=1e-5)
+    # equal-length sets: the same as the library's padded batch
+    same = [unit(rng, 6, dim) for _ in range(4)]
+    regions, mask = pad(same, dim)
     expected = alignment_scores(regions, mask, caption[None], np.ones((1, 4), bool))[:, 0]
-    np.testing.assert_allclose(mrsw_scores(caption, True, images, chunk=2), expected, rtol=1e-6)
+    np.testing.assert_allclose(mrsw_scores(caption, True, same, chunk=3), expected, rtol=1e-5)
     # image query: its regions against ragged captions
     captions = [unit(rng, n, dim) for n in (2, 6, 3)]
     words, wmask = pad(captions, dim)
     image = unit(rng, 5, dim)
     expected = alignment_scores(image[None], np.ones((1, 5), bool), words, wmask)[0]
-    np.testing.assert_allclose(mrsw_scores(image, False, captions, chunk=2), expected, rtol=1e-6)
+    np.testing.assert_allclose(mrsw_scores(image, False, captions, chunk=2), expected, rtol=1e-5)
     # MrSw by hand
     for c, s in zip(captions, mrsw_scores(image, False, captions), strict=True):
         assert s == pytest.approx(float((c @ image.T).max(axis=1).sum()), abs=1e-5)
+
+
+def test_mrsw_block_does_not_depend_on_the_batch():
+    rng = np.random.default_rng(3)
+    images = [unit(rng, n, 8).astype(np.float16).astype(np.float32) for n in (1, 4, 9)]  # exact in the fp16 block
+    caption = unit(rng, 3, 8)
+    alone = [mrsw_scores(caption, True, [im])[0] for im in images]
+    block, counts = stack_concepts(images, 8)
+    assert block.dtype == np.float16 and counts.tolist() == [1, 4, 9]
+    together = mrsw_block(caption, True, block.astype(np.float32), counts, chunk=2)
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+
+
+def test_rerank_cache_put_gather_remove_compact_limit():
+    from search_service.cache import RerankCache
+
+    rng = np.random.default_rng(0)
+    dim = 4
+    sets = {f"i{k}": rng.standard_normal((k + 1, dim)).astype(np.float16) for k in range(6)}  # 1..6 rows: 21 rows
+    cache = RerankCache(limit_bytes=21 * 2 * dim)
+    for k, (item_id, c) in enumerate(sets.items()):
+        assert cache.put("images", item_id, 100 + k, c)
+    assert cache.items() == 6 and cache.bytes() == 21 * 2 * dim and not cache.full
+    ids = ["i5", "i0", "i3", "nope"]
+    got = cache.gather("images", ids, [105, 100, 103, 1], [6, 1, 4, 2], dim)
+    assert got.missing == [3] and got.block.shape == (4, 6, dim) and got.counts.tolist() == [6, 1, 4, 2]
+    for row, item_id in enumerate(ids[:3]):
+        n = sets[item_id].shape[0]
+        np.testing.assert_array_equal(got.block[row, :n], sets[item_id])
+    assert cache.gather("images", ["i2"], [999], [3], dim).missing == [0]  # another stamp: stale, a miss
+    assert cache.hits == 3 and cache.misses == 2
+    # full: a new item does not fit until garbage is reclaimed
+    assert not cache.put("images", "new", 7, np.ones((2, dim), np.float16)) and cache.full
+    cache.remove("images", ["i1"])  # 2 rows of garbage: < 1/8 of the rows, not worth a compaction
+    assert not cache.put("images", "new", 7, np.ones((2, dim), np.float16))
+    cache.remove("images", ["i4"])  # 7 rows of garbage
+    assert cache.put("images", "new", 7, np.ones((2, dim), np.float16))  # compaction made room
+    assert cache.bytes() == (21 - 7 + 2) * 2 * dim
+    # an upsert with another stamp replaces the rows; the same stamp is a no-op; if_absent keeps the entry
+    assert cache.put("images", "i0", 200, np.full((1, dim), 3, np.float16))
+    assert not cache.put("images", "i0", 201, np.zeros((1, dim), np.float16), if_absent=True) or cache.has("images", "i0", 200)
+    for item_id in ("i2", "i3", "i5"):
+        got = cache.gather("images", [item_id], [100 + int(item_id[1:])], [sets[item_id].shape[0]], dim)
+        assert not got.missing
+        np.testing.assert_array_equal(got.block[0, : sets[item_id].shape[0]], sets[item_id])
+    np.testing.assert_array_equal(cache.gather("images", ["i0"], [200], [1], dim).block[0], np.full((1, dim), 3, np.float16))
+    # retain: entries absent from Milvus or at another stamp are dropped
+    assert cache.retain("images", {"i2": 102, "i3": 0, "new": 7}) == 3  # i0 (stamp 200), i3 (stamp), i5 (gone)
+    assert cache.items() == 2 and cache.has("images", "i2", 102) and cache.has("images", "new", 7)
 
 
 def test_explain_uses_best_regions():
@@ -196,3 +252,27 @@ def test_sparse_surrogates():
     approx = sum(w * sb.get(i, 0.0) for i, w in sa.items()) / 100**2
     exact = float(crelu(a) @ crelu(b))
     assert abs(approx - exact) < 0.05
+
+
+def test_bag_of_concepts_codebook_and_encoding():
+    from search_service.sparse import bag_of_concepts, kmeans_codebook
+
+    rng = np.random.default_rng(0)
+    centres = unit(rng, 8, 16)
+    points = unit(rng, 1, 16)[:0]
+    points = np.concatenate([centres[i] + 0.05 * rng.standard_normal((50, 16)).astype(np.float32) for i in range(8)])
+    codebook = kmeans_codebook(points, 8, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(codebook, axis=1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(codebook, kmeans_codebook(points, 8, seed=1))  # deterministic
+    assert sorted(np.argmax(centres @ codebook.T, axis=1).tolist()) == list(range(8))  # one codeword per cluster
+    word = {int(np.argmax(codebook @ centres[i])): i for i in range(8)}
+    regions = centres[[0, 0, 3]]
+    hard_max = bag_of_concepts(regions, codebook, top=1, pool="max")
+    hard_sum = bag_of_concepts(regions, codebook, top=1, pool="sum")
+    assert {word[k] for k in hard_max} == {0, 3} and sorted(hard_max.values()) == pytest.approx([1.0, 1.0])
+    assert sorted(hard_sum.values()) == pytest.approx([1.0, 2.0])  # two regions on cluster 0
+    soft = bag_of_concepts(regions, codebook, top=3, pool="sum", temperature=1.0)
+    assert len(soft) >= 3 and sum(soft.values()) == pytest.approx(3.0, rel=1e-5)  # each concept spreads a mass of 1
+    assert len(bag_of_concepts(regions, codebook, top=3, pool="sum", keep=2)) == 2
+    with pytest.raises(ValueError, match="pool"):
+        bag_of_concepts(regions, codebook, pool="mean")

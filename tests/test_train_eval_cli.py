@@ -101,3 +101,17 @@ def test_evaluate_rejects_a_foreign_checkpoint(tmp_path, capsys):
     foreign.write_bytes(b"garbage")
     assert evaluate.main(["--checkpoint", str(foreign)]) == 2
     assert "foreign.pt: not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_contrastive_training_resumes_with_its_learned_temperatures(data_dir, config, tmp_path):
+    config.write_text(config.read_text() + "loss: {kind: contrastive, global_temperature: 0.1, alignment_temperature: 0.5}\n")
+    out = tmp_path / "run"
+    args = ["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]
+    assert train.main(args) == 0
+    saved = read_checkpoint(out / "last.pt")["loss_state"]
+    assert set(saved) == {"global_log_scale", "alignment_log_scale"}
+    # The temperatures moved away from their initial values and are restored on resume.
+    assert float(saved["global_log_scale"]) != pytest.approx(np.log(10.0))
+    assert train.main([*args, "--resume", "--epochs", "3"]) == 0
+    resumed = read_checkpoint(out / "last.pt")
+    assert resumed["epoch"] == 2 and float(resumed["loss_state"]["global_log_scale"]) != float(saved["global_log_scale"])
