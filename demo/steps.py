@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+from demo.launcher import PYTHON, REPO, LocalService, ServiceStartError
 
 
 def short_path(path: Path) -> str:
@@ -62,47 +58,20 @@ def ensure_model_dir(checkpoint: Path, model_dir: Path) -> Path:
     return model_dir
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def service(module: str, health_name: str, args: list[str]):
     """Start `python -m MODULE` on a free loopback port; yield its address once its grpc.health.v1
     status is SERVING; SIGTERM (graceful shutdown) on exit. Its log goes to artifacts/demo/."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     log_path = REPO / "artifacts" / "demo" / f"{module}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [PYTHON, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1"]
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            started = time.monotonic()
-            with grpc.insecure_channel(address) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    if process.poll() is not None:
-                        raise SystemExit(f"[demo] {module} exited with code {process.returncode}; see {short_path(log_path)}")
-                    if time.monotonic() - started > 180:
-                        raise SystemExit(f"[demo] {module} did not become SERVING in 180 s; see {short_path(log_path)}")
-                    try:
-                        status = health.Check(health_pb2.HealthCheckRequest(service=health_name), timeout=2).status
-                        if status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    time.sleep(0.2)
-            log(f"{module}: SERVING on {address} after {time.monotonic() - started:.1f}s (log: {short_path(log_path)})")
-            yield address
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    log_path.write_text("")  # a fresh log for each demo run
+    launched = LocalService(module, health_name, args, log_path)
+    try:
+        seconds = launched.start()  # stops the process itself when it fails
+    except ServiceStartError as error:
+        raise SystemExit(f"[demo] {error.reason}; see {short_path(log_path)}") from None
+    log(f"{module}: SERVING on {launched.address} after {seconds:.1f}s (log: {short_path(log_path)})")
+    try:
+        yield launched.address
+    finally:
+        launched.stop()
