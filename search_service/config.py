@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from serving.settings import ConfigError, Settings
 
@@ -34,6 +35,10 @@ class SearchConfig:
     sparse_surrogates: list[str] = field(default_factory=list)
     sq_scale: float = 30.0
     dp_keep: int = 64
+    boc_codebook: Path | None = None
+    boc_top: int = 1
+    boc_keep: int = 0
+    boc_temperature: float = 0.05
     milvus_timeout_s: float = 30.0
     # model used to create the collections when neither the encoder nor the request names one
     model_name: str = "unspecified"
@@ -91,7 +96,15 @@ class SearchConfig:
             "max_metadata_bytes", "max_concepts", "max_filter_chars",
         ):  # fmt: skip
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        need(all(k in ("sq", "dp") for k in self.sparse_surrogates), "sparse_surrogates", "a comma-separated subset of sq, dp")
+        need(all(k in ("sq", "dp", "boc") for k in self.sparse_surrogates), "sparse_surrogates", "a comma-separated subset of sq, dp, boc")
+        need(
+            "boc" not in self.sparse_surrogates or self.boc_codebook is not None,
+            "sparse_surrogates",
+            "boc needs a codebook: set --boc-codebook PATH (build one with python -m search_service.codebook)",
+        )
+        need(self.boc_top >= 1, "boc_top", f"must be >= 1, got {self.boc_top}")
+        need(self.boc_keep >= 0, "boc_keep", f"must be >= 0 (0: keep all), got {self.boc_keep}")
+        need(self.boc_temperature > 0, "boc_temperature", f"must be > 0, got {self.boc_temperature}")
         need(self.rerank_cache_mb >= 0, "rerank_cache_mb", f"must be >= 0 (0 disables the cache), got {self.rerank_cache_mb}")
         need(self.rerank_cache_refresh_s >= 0, "rerank_cache_refresh_s", f"must be >= 0 (0: never), got {self.rerank_cache_refresh_s}")
         need(self.sq_scale > 0, "sq_scale", f"must be > 0, got {self.sq_scale}")
@@ -133,10 +146,21 @@ _SETTINGS: list[tuple[str, str, str]] = [
         "sparse_surrogates",
         "csv",
         "sparse first stages stored with new collections where the backend has sparse vectors (milvus-lite 3.x, Milvus >= 2.4): "
-        "sq (scalar quantization), dp (deep permutation), e.g. sq,dp; fixed when the collections are created",
+        "sq (scalar quantization), dp (deep permutation), boc (Bag of Concepts: needs --boc-codebook), e.g. sq,dp; fixed when "
+        "the collections are created",
     ),
     ("sq_scale", "float", "scalar quantization: weight floor(scale x c-relu(v)); larger = denser"),
     ("dp_keep", "int", "deep permutation: components kept (the sparsity)"),
+    (
+        "boc_codebook",
+        "path",
+        "Bag of Concepts first stage: a k-means codebook of concept vectors, .npy [codewords, dimension] (python -m "
+        "search_service.codebook); implies boc in --sparse-surrogates. Stored with new collections in PREFIX_meta; on "
+        "existing collections the stored one is used (omit the flag), and a different one is refused at start",
+    ),
+    ("boc_top", "int", "Bag of Concepts: codewords each concept vector is soft-assigned to (1: hard); sets the sparsity"),
+    ("boc_keep", "int", "Bag of Concepts: keep only the largest weights per item (0: all)"),
+    ("boc_temperature", "float", "Bag of Concepts: softmax temperature of the soft assignment (on cosines)"),
     ("milvus_timeout_s", "float", "LIMIT: seconds per Milvus call"),
     ("model_name", "str", "model name recorded when collections are created from vectors without a ModelRef and no encoder"),
     ("model_version", "int", "model version recorded in that case"),

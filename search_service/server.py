@@ -28,6 +28,7 @@ from search_service.config import SearchConfig
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.ranking import explain, mrsw_block, stack_concepts
+from search_service.sparse import load_codebook
 from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
 from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server
 from teran.errors import TeranInputError
@@ -37,7 +38,13 @@ log = get_logger("server")
 access = get_logger("access")
 MODALITY = {search_pb2.IMAGE: IMAGES, search_pb2.CAPTION: CAPTIONS}
 MODALITY_ENUM = {IMAGES: search_pb2.IMAGE, CAPTIONS: search_pb2.CAPTION}
-FIRST_STAGE = {search_pb2.DENSE: "dense", search_pb2.SCALAR_QUANTIZATION: "sq", search_pb2.DEEP_PERMUTATION: "dp"}
+FIRST_STAGE = {
+    search_pb2.DENSE: "dense",
+    search_pb2.SCALAR_QUANTIZATION: "sq",
+    search_pb2.DEEP_PERMUTATION: "dp",
+    search_pb2.BAG_OF_CONCEPTS: "boc",
+}
+FIRST_STAGE_FLAGS = {"sq": "--sparse-surrogates sq", "dp": "--sparse-surrogates dp", "boc": "--boc-codebook PATH"}
 FIRST_STAGE_ENUM = {v: k for k, v in FIRST_STAGE.items()}
 _ENCODER_FIELD = re.compile(r"\b(captions|images)\[(\d+)\]")
 
@@ -521,11 +528,14 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 raise invalid(f"first_stage: unknown value {request.first_stage}")
             first_stage = FIRST_STAGE[request.first_stage]
             if first_stage != "dense" and store.model is not None and first_stage not in store.surrogates:
+                allowed = ", ".join(search_pb2.FirstStage.Name(FIRST_STAGE_ENUM[k]) for k in ("dense", *store.surrogates))
+                backend = f"{store.backend} {store.server_version}".strip()
                 raise RpcFailure(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"first_stage {search_pb2.FirstStage.Name(request.first_stage)}: the collections have no {first_stage} surrogate "
-                    f"(they have: {', '.join(store.surrogates) or 'none'}); it needs --sparse-surrogates {first_stage} when the "
-                    f"collections are created, on a backend with sparse vectors (this one: {store.sparse_supported})",
+                    f"first_stage {search_pb2.FirstStage.Name(request.first_stage)}: the collections have no {first_stage}_vector "
+                    f"field; allowed here: {allowed}. It needs {FIRST_STAGE_FLAGS[first_stage]} when the collections are created, "
+                    f"on a backend with sparse vectors (milvus-lite 3.x, Milvus >= 2.4); this backend, {backend}, "
+                    f"{'has' if store.sparse_supported else 'has no'} sparse vectors",
                 )
             expr = request.filter.strip()
             if len(expr) > cfg.max_filter_chars:
@@ -550,7 +560,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             started = time.perf_counter()
             need_concepts = rerank or not request.skip_explanation
             cache = self._server.usable_cache()
-            candidates = await self._db(store.search, target, query.global_vector, n, expr, first_stage, need_concepts and cache is None)
+            candidates = await self._db(
+                store.search, target, query.global_vector, n, expr, first_stage, need_concepts and cache is None, query.concepts
+            )
             self.metrics.stage.labels("first_stage").observe(time.perf_counter() - started)
             if need_concepts and candidates:
                 started = time.perf_counter()
@@ -767,7 +779,14 @@ class SearchServer:
             flush_on_index=cfg.flush_on_index,
             timeout=cfg.milvus_timeout_s,
             sparse_surrogates=cfg.sparse_surrogates,
-            sparse_params={"sq_scale": cfg.sq_scale, "dp_keep": cfg.dp_keep},
+            sparse_params={
+                "sq_scale": cfg.sq_scale,
+                "dp_keep": cfg.dp_keep,
+                "boc_top": cfg.boc_top,
+                "boc_keep": cfg.boc_keep,
+                "boc_temperature": cfg.boc_temperature,
+            },
+            boc_codebook=load_codebook(cfg.boc_codebook) if cfg.boc_codebook is not None else None,
         )
         await asyncio.get_running_loop().run_in_executor(self.milvus_pool, store.open)
         self.store = store

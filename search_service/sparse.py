@@ -15,14 +15,20 @@ not share clusters) is the vocabulary; each concept vector is soft-assigned to i
 codewords (weights: softmax of the cosines / temperature over those), and the item's weights are pooled per
 codeword: max over an image's regions, sum over a caption's word pieces, so that the inner product of a
 caption's and an image's BoC approximates MrSw (sum over words of the max over regions). The codebook
-size and `top` set the sparsity (`keep` optionally truncates to the largest weights). So far a
-library + benchmark surrogate (bench/bench_search.py strategies); serving it needs a codebook stored
-with the collections and a FirstStage enum value in the API.
+size and `top` set the sparsity (`keep` optionally truncates to the largest weights). Served as the
+BAG_OF_CONCEPTS first stage (`boc_vector` field) when the collections are created with a codebook
+(`python -m search_service.codebook` builds one; `--boc-codebook` passes it; the codebook is then stored
+in PREFIX_meta with the collections, see store.py). The benchmark's strategies table measures it too.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
+
+from teran.errors import TeranInputError
 
 SQ, DP = "sq", "dp"
 KINDS = (SQ, DP)
@@ -119,3 +125,57 @@ def bag_of_concepts(
     if keep and len(nonzero) > keep:
         nonzero = nonzero[np.argsort(-out[nonzero], kind="stable")[:keep]]
     return _nonempty(sims.max(axis=0), {int(i): float(out[i]) for i in nonzero})
+
+
+# --------------------------------------------------------------------------- serving the BoC
+
+BOC_DEFAULTS = {"boc_top": 1, "boc_keep": 0, "boc_temperature": 0.05}
+
+
+def check_codebook(codebook, where: str = "codebook") -> np.ndarray:
+    """A usable codebook: 2-D [K, D] finite float with K >= 1, D >= 1 and no zero rows -> unit float32 [K, D] (idempotent)
+    (raises TeranInputError naming `where`)."""
+    array = np.asarray(codebook)
+    if array.dtype.kind not in "fiu":
+        raise TeranInputError(f"{where}: dtype {array.dtype} is not numeric; expected float [codewords, dimension]")
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise TeranInputError(f"{where}: shape {list(array.shape)}; expected [codewords, dimension] with both >= 1")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise TeranInputError(f"{where}: contains NaN or infinite values")
+    norms = np.linalg.norm(array, axis=1)
+    if (norms == 0).any():
+        raise TeranInputError(f"{where}: has all-zero codewords (rows)")
+    off = np.abs(norms - 1) > 1e-5  # rows already unit stay bit-identical: checking twice changes nothing
+    array[off] = _unit(array[off])
+    return np.ascontiguousarray(array, dtype="<f4")
+
+
+def load_codebook(path: str | Path) -> np.ndarray:
+    """Read a codebook .npy (as written by `python -m search_service.codebook`) -> unit float32 [K, D]."""
+    path = Path(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise TeranInputError(f"{path}: no such codebook file") from None
+    except (OSError, ValueError) as exc:
+        raise TeranInputError(f"{path}: not a .npy codebook ({exc})") from None
+    return check_codebook(array, str(path))
+
+
+def codebook_digest(codebook: np.ndarray) -> str:
+    """sha256 of the unit float32 little-endian bytes and the shape: identifies a codebook."""
+    array = np.ascontiguousarray(codebook, dtype="<f4")
+    return hashlib.sha256(f"{array.shape[0]}x{array.shape[1]}:".encode() + array.tobytes()).hexdigest()
+
+
+def item_boc(concepts: np.ndarray, image: bool, codebook: np.ndarray, params: dict) -> dict[int, float]:
+    """The BoC of an item or query: an image's regions max-pooled, a caption's word pieces sum-pooled."""
+    return bag_of_concepts(
+        np.asarray(concepts, dtype=np.float32),
+        codebook,
+        top=int(params.get("boc_top", BOC_DEFAULTS["boc_top"])),
+        pool="max" if image else "sum",
+        keep=int(params.get("boc_keep", BOC_DEFAULTS["boc_keep"])),
+        temperature=float(params.get("boc_temperature", BOC_DEFAULTS["boc_temperature"])),
+    )

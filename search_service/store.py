@@ -13,6 +13,12 @@ Two collections, PREFIX_images and PREFIX_captions, same schema:
     model           VARCHAR                    "name@version" of the model that produced the vectors
     stamp           INT64                      random 63-bit version, new at every write (re-rank cache validation;
                                                collections of schema format 1, before the cache, have none)
+    {sq,dp}_vector  SPARSE_FLOAT_VECTOR        surrogates of the global vector (--sparse-surrogates, sparse backends)
+    boc_vector      SPARSE_FLOAT_VECTOR        Bag of Concepts of the concept vectors (--boc-codebook, sparse backends)
+
+The BoC codebook is stored with the collections in PREFIX_meta: rows `boc_codebook_0..P-1` (JSON
+{"data": base64 of the unit float32 [K, D] bytes, split in parts of BOC_PART_CHARS}) written before the
+`collections` row, which records its shape and sha256 (`boc`); every replica reads it back from there.
 
 The collection description (JSON) records the model (name, version, dimension), the concept
 encoding and K, so a restarted service, or another replica, reads them back from Milvus.
@@ -35,8 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from search_service.sparse import BOC, BOC_DEFAULTS, check_codebook, codebook_digest, item_boc, surrogate
 from search_service.sparse import KINDS as SPARSE_KINDS
-from search_service.sparse import surrogate
 
 IMAGES, CAPTIONS = "images", "captions"
 MODALITIES = (IMAGES, CAPTIONS)
@@ -44,6 +50,7 @@ CHUNK_CHARS = 65535  # Milvus VARCHAR max_length
 CONCEPT_ENCODING = "fp16-le-base64-varchar"
 SCHEMA_FORMAT = 2  # 2: rows carry `stamp`
 ID_FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
+BOC_PART_CHARS = 32768  # base64 characters per codebook row in PREFIX_meta (well below Milvus's JSON limit)
 
 
 class StoreError(Exception):
@@ -52,6 +59,10 @@ class StoreError(Exception):
 
 class ModelMismatch(Exception):
     """Vectors from a model other than the collections' (FAILED_PRECONDITION)."""
+
+
+class CodebookMismatch(ModelMismatch):
+    """A BoC codebook other than the collections' (FAILED_PRECONDITION; at startup: the service does not start)."""
 
 
 class BadFilter(ValueError):
@@ -166,6 +177,7 @@ class MilvusStore:
         timeout: float = 30.0,
         sparse_surrogates: list[str] | tuple[str, ...] = (),
         sparse_params: dict | None = None,
+        boc_codebook: np.ndarray | None = None,
     ):
         self.uri = uri
         self.token = token
@@ -182,7 +194,12 @@ class MilvusStore:
         self.timeout = timeout
         self.requested_surrogates = list(sparse_surrogates)
         self.surrogates: list[str] = []  # those the collections have
-        self.sparse_params = dict(sparse_params or {"sq_scale": 30.0, "dp_keep": 64})
+        self.sparse_params = {"sq_scale": 30.0, "dp_keep": 64, **BOC_DEFAULTS, **(sparse_params or {})}
+        # BoC: the codebook given at start (None: none given); `codebook` is the collections' (None: no boc_vector)
+        self.requested_codebook = None if boc_codebook is None else check_codebook(boc_codebook, "--boc-codebook")
+        if self.requested_codebook is not None and BOC not in self.requested_surrogates:
+            self.requested_surrogates.append(BOC)
+        self.codebook: np.ndarray | None = None
         self.client = None
         self.server_version = ""
         self.model: ModelInfo | None = None
@@ -204,6 +221,8 @@ class MilvusStore:
             self.client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
             self.server_version = str(self.client.get_server_version())
             self._load_existing()
+        except CodebookMismatch:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure to reach Milvus
             raise StoreError(f"cannot open Milvus at {self.safe_uri}: {exc}") from exc
 
@@ -244,7 +263,55 @@ class MilvusStore:
             "sparse": self.surrogates,
             "sparse_params": self.sparse_params,
             "row_stamp": self.stamped,
+            **({"boc": self._boc_info()} if self.codebook is not None else {}),
         }
+
+    def _boc_info(self) -> dict:
+        size, dim = self.codebook.shape
+        parts = math.ceil(4 * math.ceil(size * dim * 4 / 3) / BOC_PART_CHARS)
+        return {"codewords": size, "dimension": dim, "sha256": codebook_digest(self.codebook), "parts": parts}
+
+    def _write_codebook(self) -> None:
+        text = base64.b64encode(np.ascontiguousarray(self.codebook, dtype="<f4").tobytes()).decode("ascii")
+        rows = [
+            {"id": f"boc_codebook_{i}", "info": {"data": text[start : start + BOC_PART_CHARS]}, "v": [0.0, 0.0]}
+            for i, start in enumerate(range(0, len(text), BOC_PART_CHARS))
+        ]
+        for start in range(0, len(rows), 16):
+            self.client.upsert(self.meta_name, rows[start : start + 16])
+
+    def _read_codebook(self, boc: dict) -> np.ndarray:
+        ids = [f"boc_codebook_{i}" for i in range(int(boc["parts"]))]
+        rows = self.client.query(self.meta_name, filter=id_filter(ids), output_fields=["id", "info"], consistency_level="Strong")
+        parts = {r["id"]: r["info"]["data"] for r in rows}
+        if len(parts) != len(ids):
+            raise StoreError(f"{self.meta_name}: the BoC codebook is incomplete ({len(parts)} of {len(ids)} parts)")
+        raw = base64.b64decode("".join(parts[i] for i in ids))
+        codebook = np.frombuffer(raw, dtype="<f4").reshape(int(boc["codewords"]), int(boc["dimension"])).copy()
+        if codebook_digest(codebook) != boc["sha256"]:
+            raise StoreError(f"{self.meta_name}: the stored BoC codebook does not match its sha256")
+        return codebook
+
+    def _check_requested_codebook(self) -> None:
+        """Existing collections: a codebook given at start must be theirs (they were encoded with it)."""
+        given = self.requested_codebook
+        if given is None:
+            return
+        names = f"{self.name(IMAGES)}/{self.name(CAPTIONS)}"
+        if self.codebook is None:
+            if not self.sparse_supported:
+                return  # like sq/dp: no sparse fields on this backend, the codebook is unused
+            raise CodebookMismatch(
+                f"--boc-codebook was given, but the existing collections {names} were created without a BoC codebook "
+                "(no boc_vector field): drop --boc-codebook, or index into new collections (--collection-prefix)"
+            )
+        if given.shape != self.codebook.shape or codebook_digest(given) != codebook_digest(self.codebook):
+            raise CodebookMismatch(
+                f"--boc-codebook ({given.shape[0]} codewords x {given.shape[1]}, sha256 {codebook_digest(given)[:12]}) differs from "
+                f"the codebook stored with the collections {names} ({self.codebook.shape[0]} x {self.codebook.shape[1]}, sha256 "
+                f"{codebook_digest(self.codebook)[:12]}): their boc_vector fields were encoded with the stored one. Drop "
+                "--boc-codebook (the stored codebook is used), or index into new collections (--collection-prefix)"
+            )
 
     def _load_existing(self) -> None:
         """Read the collections' model and layout back from PREFIX_meta (milvus-lite keeps no collection descriptions)."""
@@ -260,6 +327,10 @@ class MilvusStore:
             info = self._recover_info(existing)
             if info is None:
                 return
+            if "boc" in info:  # the codebook rows may be missing too: rewrite them (the given codebook)
+                self.codebook = info["boc"]["codebook"]
+                self._create_meta()
+                self._write_codebook()
         model = info["model"]
         self.model = ModelInfo(str(model["name"]), int(model["version"]), int(model["dimension"]))
         self.chunks = int(info["concept_chunks"])
@@ -268,6 +339,9 @@ class MilvusStore:
         self.surrogates = list(info.get("sparse", []))
         self.sparse_params = dict(info.get("sparse_params", self.sparse_params))
         self.stamped = bool(info.get("row_stamp", False))
+        if BOC in self.surrogates:
+            self.codebook = info["boc"]["codebook"] if "codebook" in info.get("boc", {}) else self._read_codebook(info["boc"])
+        self._check_requested_codebook()
         for modality in existing:
             self.client.load_collection(self.name(modality))
         self._create_missing()
@@ -286,12 +360,35 @@ class MilvusStore:
                     "concept_chunks": sum(1 for f in fields if f.startswith("concepts_")),
                     "max_concepts": self.max_concepts,
                     "max_id_length": int(fields["id"]["params"]["max_length"]),
-                    "sparse": [k for k in SPARSE_KINDS if f"{k}_vector" in fields],
+                    "sparse": [k for k in (*SPARSE_KINDS, BOC) if f"{k}_vector" in fields],
                     "row_stamp": "stamp" in fields,
+                    **self._recover_boc(fields),
                 }
         for modality in existing:
             self.client.drop_collection(self.name(modality))
         return None
+
+    def _recover_boc(self, fields: dict) -> dict:
+        """PREFIX_meta lost its `collections` row: the codebook rows (written before the collections) if there, else the
+        given one (checked against the rows' later, as on any reopen)."""
+        if "boc_vector" not in fields:
+            return {}
+        dim = int(fields["global_vector"]["params"]["dim"])
+        if self.client.has_collection(self.meta_name):
+            self.client.load_collection(self.meta_name)
+            rows = self.client.query(
+                self.meta_name, filter='id like "boc_codebook_%"', output_fields=["id", "info"], consistency_level="Strong"
+            )
+            text = "".join(r["info"]["data"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("_", 1)[1])))
+            raw = base64.b64decode(text)
+            if raw and len(raw) % (4 * dim) == 0:
+                return {"boc": {"codebook": np.frombuffer(raw, dtype="<f4").reshape(-1, dim).copy()}}
+        if self.requested_codebook is None:
+            raise StoreError(
+                f"{self.meta_name} lost the layout of collections with a boc_vector field: restart once with the "
+                "--boc-codebook they were created with"
+            )
+        return {"boc": {"codebook": self.requested_codebook}}
 
     @property
     def meta_name(self) -> str:
@@ -303,6 +400,14 @@ class MilvusStore:
             if self.model is None:
                 self.chunks = concept_chunks(model.dimension, self.max_concepts)
                 self.surrogates = list(self.requested_surrogates) if self.sparse_supported else []
+                self.codebook = self.requested_codebook if BOC in self.surrogates else None
+                if self.codebook is not None and self.codebook.shape[1] != model.dimension:
+                    self.surrogates, self.codebook = [], None
+                    raise CodebookMismatch(
+                        f"--boc-codebook has dimension {self.requested_codebook.shape[1]}, but the vectors ({model.describe()}) "
+                        f"have dimension {model.dimension}: build the codebook from this model's concept vectors "
+                        "(python -m search_service.codebook)"
+                    )
                 self.stamped = True
                 try:
                     self._create_missing(model)
@@ -333,6 +438,9 @@ class MilvusStore:
         from pymilvus import DataType, MilvusClient
 
         m = model or self.model
+        if self.codebook is not None and model is not None:  # new collections: the codebook first (recovery reads it)
+            self._create_meta()
+            self._write_codebook()
         for modality in MODALITIES:
             name = self.name(modality)
             if self.client.has_collection(name):
@@ -358,6 +466,12 @@ class MilvusStore:
                 index.add_index(field_name=f"{kind}_vector", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
             self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
             self.client.load_collection(name)
+        self._create_meta()
+        self.client.upsert(self.meta_name, [{"id": "collections", "info": self._info(m), "v": [0.0, 0.0]}])
+
+    def _create_meta(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
         if not self.client.has_collection(self.meta_name):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="teran search service layout")
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -367,11 +481,10 @@ class MilvusStore:
             index.add_index(field_name="v", index_type="FLAT", metric_type="L2")
             self.client.create_collection(self.meta_name, schema=schema, index_params=index, consistency_level="Strong")
             self.client.load_collection(self.meta_name)
-        self.client.upsert(self.meta_name, [{"id": "collections", "info": self._info(m), "v": [0.0, 0.0]}])
 
     # ------------------------------------------------------------------ writes
 
-    def _row(self, item: Item) -> dict:
+    def _row(self, item: Item, modality: str) -> dict:
         return {
             "id": item.id,
             "global_vector": np.asarray(item.global_vector, dtype=np.float32).tolist(),
@@ -382,8 +495,12 @@ class MilvusStore:
             "metadata": item.metadata,
             "model": f"{self.model.name}@{self.model.version}",
             **({"stamp": item.stamp} if self.stamped else {}),
-            **{f"{k}_vector": surrogate(k, item.global_vector, self.sparse_params) for k in self.surrogates},
+            **{f"{k}_vector": surrogate(k, item.global_vector, self.sparse_params) for k in self.surrogates if k != BOC},
+            **({"boc_vector": self._boc(item.concepts, modality == IMAGES)} if BOC in self.surrogates else {}),
         }
+
+    def _boc(self, concepts: np.ndarray, image: bool) -> dict[int, float]:
+        return item_boc(concepts, image, self.codebook, self.sparse_params)
 
     def upsert(self, modality: str, items: list[Item], max_batch_bytes: int = 16 * 1024 * 1024) -> int:
         """Upsert; returns once Milvus has acknowledged every row (then a crash loses nothing)."""
@@ -391,7 +508,7 @@ class MilvusStore:
             return 0
         for item in items:
             item.stamp = secrets.randbits(63)  # a new version, unique across replicas with overwhelming probability
-        rows = [self._row(item) for item in items]
+        rows = [self._row(item, modality) for item in items]
         name = self.name(modality)
         try:
             with self._lite_write_lock:
@@ -546,9 +663,17 @@ class MilvusStore:
         self._valid_filters[expr] = None
 
     def search(
-        self, modality: str, vector: np.ndarray, limit: int, expr: str = "", first_stage: str = "dense", concepts: bool = True
+        self,
+        modality: str,
+        vector: np.ndarray,
+        limit: int,
+        expr: str = "",
+        first_stage: str = "dense",
+        concepts: bool = True,
+        query_concepts: np.ndarray | None = None,
     ) -> list[Stored]:
-        """First stage: the `limit` best by inner product (dense global vector, or a sparse surrogate of it), with concepts."""
+        """First stage: the `limit` best by inner product (dense global vector, a sparse surrogate of it, or the BoC of the
+        query's concept vectors `query_concepts`: pooled as the other modality's, i.e. as a caption when searching images)."""
         if self.model is None:
             return []
         if first_stage == "dense":
@@ -556,6 +681,11 @@ class MilvusStore:
             if self.index_type == "HNSW":
                 params["ef"] = max(int(params.get("ef", 64)), limit)
             data, field = [np.asarray(vector, dtype=np.float32).tolist()], "global_vector"
+        elif first_stage == BOC:
+            if self.codebook is None:
+                raise ValueError("the collections have no BoC codebook")
+            params = {}
+            data, field = [self._boc(query_concepts, modality != IMAGES)], "boc_vector"
         else:
             params = {}
             data, field = [surrogate(first_stage, vector, self.sparse_params)], f"{first_stage}_vector"

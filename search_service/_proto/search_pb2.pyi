@@ -20,12 +20,14 @@ class FirstStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DENSE: _ClassVar[FirstStage]
     SCALAR_QUANTIZATION: _ClassVar[FirstStage]
     DEEP_PERMUTATION: _ClassVar[FirstStage]
+    BAG_OF_CONCEPTS: _ClassVar[FirstStage]
 MODALITY_UNSPECIFIED: Modality
 IMAGE: Modality
 CAPTION: Modality
 DENSE: FirstStage
 SCALAR_QUANTIZATION: FirstStage
 DEEP_PERMUTATION: FirstStage
+BAG_OF_CONCEPTS: FirstStage
 
 class Vectors(_message.Message):
     __slots__ = ("modality", "global_vector", "concepts", "boxes", "word_pieces", "model")
