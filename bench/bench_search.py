@@ -359,12 +359,7 @@ def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, serv
     try:
         index_s = service.index(data, n_items, noise=0.05, batch=256)
         store = service.thread.server.store
-        started = time.perf_counter()
-        for name in (store.name("images"), store.name("captions")):
-            store.client.flush(name)
-        flush_s = time.perf_counter() - started
-        base["index_wait_s"] = round(wait_indexed(store), 1)
-        base.update(index_type=store.index_type, index_params=store.index_params, search_params=store.search_params)
+        flush_s = seal(store, base)
         log(f"{backend}: indexed {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), index {store.index_type}")
     finally:
         service.close()
@@ -431,6 +426,17 @@ def wait_indexed(store, timeout: float = 1800.0) -> float:
     return time.perf_counter() - started
 
 
+def seal(store, base: dict) -> float:
+    """Flush both collections, wait for their indexes and record the index settings in `base`; returns the flush seconds."""
+    started = time.perf_counter()
+    for name in (store.name("images"), store.name("captions")):
+        store.client.flush(name)
+    flush_s = time.perf_counter() - started
+    base["index_wait_s"] = round(wait_indexed(store), 1)
+    base.update(index_type=store.index_type, index_params=store.index_params, search_params=store.search_params)
+    return flush_s
+
+
 def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
     """Large N where full-size items do not fit this machine: items with `--scale-concepts` concept vectors each
     (global vector: a dev image's + noise; concepts: its first regions + noise), written in-process through the
@@ -474,12 +480,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
             if start % 100000 == 0:
                 log(f"  scale {backend}: wrote {start + len(src)}/{n_items} ({time.perf_counter() - started:.0f}s)")
         index_s = time.perf_counter() - started
-        started = time.perf_counter()
-        for name in (store.name("images"), store.name("captions")):
-            store.client.flush(name)
-        flush_s = time.perf_counter() - started
-        base["index_wait_s"] = round(wait_indexed(store), 1)
-        base.update(index_type=store.index_type, index_params=store.index_params, search_params=store.search_params)
+        flush_s = seal(store, base)
         log(f"scale {backend}: wrote {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s)")
     finally:
         service.close()

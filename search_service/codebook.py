@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from search_service.sparse import check_codebook, kmeans_codebook
+from search_service.sparse import check_codebook, kmeans_codebook, load_arrays
 from teran.errors import TeranInputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -49,12 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def vectors_from_npz(path: Path, keys: list[str]) -> np.ndarray:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise TeranInputError(f"--npz {path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise TeranInputError(f"--npz {path}: not an .npz/.npy file ({exc})") from None
+    data = load_arrays(path, f"--npz {path}", ".npz/.npy")
     arrays = {"": data} if isinstance(data, np.ndarray) else {k: data[k] for k in data.files}
     if keys:
         missing = [k for k in keys if k not in arrays]

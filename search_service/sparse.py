@@ -151,16 +151,19 @@ def check_codebook(codebook, where: str = "codebook") -> np.ndarray:
     return np.ascontiguousarray(array, dtype="<f4")
 
 
+def load_arrays(path: str | Path, what: str, kind: str):
+    """np.load without pickles; a missing or unreadable file is a TeranInputError naming `what` and `kind`."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise TeranInputError(f"{what}: no such {kind} file") from None
+    except (OSError, ValueError) as exc:
+        raise TeranInputError(f"{what}: not a {kind} file ({exc})") from None
+
+
 def load_codebook(path: str | Path) -> np.ndarray:
     """Read a codebook .npy (as written by `python -m search_service.codebook`) -> unit float32 [K, D]."""
-    path = Path(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise TeranInputError(f"{path}: no such codebook file") from None
-    except (OSError, ValueError) as exc:
-        raise TeranInputError(f"{path}: not a .npy codebook ({exc})") from None
-    return check_codebook(array, str(path))
+    return check_codebook(load_arrays(path, str(path), ".npy codebook"), str(path))
 
 
 def codebook_digest(codebook: np.ndarray) -> str:

@@ -339,7 +339,7 @@ def test_bad_codebook_files_and_settings(lite_uri, tmp_path):
         np.save(tmp_path / name, array)
         with pytest.raises(TeranInputError, match=re.escape(message)):
             load_codebook(tmp_path / name)
-    with pytest.raises(TeranInputError, match="no such codebook file"):
+    with pytest.raises(TeranInputError, match="no such .npy codebook file"):
         load_codebook(tmp_path / "missing.npy")
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
     with pytest.raises(TeranInputError, match="not a .npy codebook"):
@@ -392,7 +392,7 @@ def test_codebook_cli(tmp_path, data, capsys):
         (["--npz", str(npz), "--size", "4", "--out", str(out)], "different dimensions"),  # both arrays
         (["--npz", str(npz), "--key", "nope", "--out", str(out)], "--key: nope not in"),
         (["--npz", str(npz), "--key", "regions", "--size", "100", "--out", str(out)], "24 concept vectors for a codebook of --size 100"),
-        (["--npz", str(tmp_path / "missing.npz"), "--out", str(out)], "no such file"),
+        (["--npz", str(tmp_path / "missing.npz"), "--out", str(out)], "no such .npz/.npy file"),
         (["--npz", str(npz), "--size", "0", "--out", str(out)], "--size: must be >= 1"),
         (["--images", str(tmp_path), "--out", str(out)], "--images needs --encoder-address"),
         (["--images", str(tmp_path), "--encoder-address", "127.0.0.1:1", "--out", str(out)], "no *.jpg"),
