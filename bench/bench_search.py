@@ -341,38 +341,29 @@ def cache_stats(service: Service) -> dict:
     return cache.stats() if cache is not None else {}
 
 
-def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
-    """Index N items into a fresh collection pair (re-rank cache on, filled by the writes), flush (seal: milvus-lite
-    searches its unsealed memtable brute force), then: restart to time the cache rebuild from Milvus, query with the
-    cache, query again with --rerank-cache-mb 0 on the same collections (the previous design: concepts come with
-    the search)."""
-    prefix = f"lat_{n_items}_{os.getpid()}"
-    common = dict(
+def service_settings(prefix: str, args) -> dict:
+    """Service settings of a latency / scale run's collections."""
+    return dict(
         collection_prefix=prefix,
         consistency_level="Bounded",
         index_type=args.index_type,
         index_params=args.index_params,
         max_candidates=2000,
     )
-    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
-    base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
-    try:
-        index_s = service.index(data, n_items, noise=0.05, batch=256)
-        store = service.thread.server.store
-        flush_s = seal(store, base)
-        log(f"{backend}: indexed {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), index {store.index_type}")
-    finally:
-        service.close()
-    base.update(index_s=round(index_s, 1), index_items_per_s=round(n_items / index_s, 1), flush_s=round(flush_s, 1))
+
+
+def measure_phases(data: dict, uri: str, prefix: str, base: dict, queries: int, server_pid: int | None, args) -> list[dict]:
+    """After indexing: restart (the re-rank cache is rebuilt from Milvus, timed), query with the cache, then (with
+    --compare-no-cache) query the same collections with --rerank-cache-mb 0; --drop removes the collections."""
+    common = service_settings(prefix, args)
     entries = []
-    # with the cache: a restart rebuilds it from Milvus (query iterator)
     started = time.perf_counter()
     service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
     try:
         service.thread.server.cache.loaded.wait(3600)
         load_s = time.perf_counter() - started
         stats = cache_stats(service)
-        log(f"{backend}: re-rank cache rebuilt from Milvus in {load_s:.1f}s: {stats}")
+        log(f"{base['backend']} {base['n_items']}: re-rank cache rebuilt from Milvus in {load_s:.1f}s: {stats}")
         timing = measure(service, data, queries)
         stats = cache_stats(service)
         entries.append(
@@ -411,6 +402,26 @@ def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, serv
     return entries
 
 
+def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
+    """Index N items into a fresh collection pair (re-rank cache on, filled by the writes), flush (seal: milvus-lite
+    searches its unsealed memtable brute force), then: restart to time the cache rebuild from Milvus, query with the
+    cache, query again with --rerank-cache-mb 0 on the same collections (the previous design: concepts come with
+    the search)."""
+    prefix = f"lat_{n_items}_{os.getpid()}"
+    common = service_settings(prefix, args)
+    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
+    base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
+    try:
+        index_s = service.index(data, n_items, noise=0.05, batch=256)
+        store = service.thread.server.store
+        flush_s = seal(store, base)
+        log(f"{backend}: indexed {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), index {store.index_type}")
+    finally:
+        service.close()
+    base.update(index_s=round(index_s, 1), index_items_per_s=round(n_items / index_s, 1), flush_s=round(flush_s, 1))
+    return measure_phases(data, uri, prefix, base, queries, server_pid, args)
+
+
 def wait_indexed(store, timeout: float = 1800.0) -> float:
     """Seconds until the dense index covers every row (Milvus builds it in the background after a flush)."""
     started = time.perf_counter()
@@ -445,13 +456,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
     from search_service.store import Item, ModelInfo
 
     prefix = f"scale_{n_items}_{os.getpid()}"
-    common = dict(
-        collection_prefix=prefix,
-        consistency_level="Bounded",
-        index_type=args.index_type,
-        index_params=args.index_params,
-        max_candidates=2000,
-    )
+    common = service_settings(prefix, args)
     concepts_per_item = args.scale_concepts
     service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
     base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
@@ -485,43 +490,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
     finally:
         service.close()
     base.update(index_s=round(index_s, 1), index_items_per_s=round(n_items / index_s, 1), flush_s=round(flush_s, 1))
-    entries = []
-    started = time.perf_counter()
-    service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
-    try:
-        service.thread.server.cache.loaded.wait(3600)
-        load_s = time.perf_counter() - started
-        timing = measure(service, data, queries)
-        stats = cache_stats(service)
-        entries.append(
-            {
-                **base,
-                "rerank_cache": True,
-                **timing,
-                "cache_load_s": round(load_s, 1),
-                "cache_mib": round(stats["bytes"] / 2**20, 1),
-                "cache_items": stats["items"],
-                "cache_full": stats["full"],
-                "cache_misses": stats["misses"],
-                "rss_mb": rss_mb(server_pid) if server_pid else None,
-                "service_rss_mb": rss_mb(os.getpid()),
-            }
-        )
-        log(entries[-1])
-    finally:
-        service.close()
-    if args.compare_no_cache:
-        service = Service(uri, rerank_cache_mb=0, **common)
-        try:
-            entries.append({**base, "rerank_cache": False, **measure(service, data, queries)})
-            log(entries[-1])
-        finally:
-            service.close()
-    if args.drop:
-        from search_fixtures import drop_collections
-
-        drop_collections(uri, prefix)
-    return entries
+    return measure_phases(data, uri, prefix, base, queries, server_pid, args)
 
 
 def merge_latency(old: list[dict], new: list[dict]) -> list[dict]:
