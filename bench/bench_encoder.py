@@ -376,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-requests", type=int, default=400, help="requests at concurrency 16 (a third of it at concurrency 1)")
     parser.add_argument("--image-requests", type=int, default=160, help="requests at concurrency 16 (a third of it at concurrency 1)")
     parser.add_argument("--service-flags", default="", help="extra flags for python -m encoder_service (quoted string)")
+    parser.add_argument(
+        "--compare-flags",
+        default=None,
+        help="also measure captions on a second service started with these extra flags (A/B in the same run), "
+        "e.g. '--no-inline-lone-captions'",
+    )
     args = parser.parse_args(argv)
     command = "python bench/bench_encoder.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model_dir = args.model_dir.resolve()
@@ -400,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             info = client.model_info()
     finally:
         service.stop()
+    compare = None
+    if args.compare_flags is not None:
+        say(f"[1b/3] captions again, on a service with {args.compare_flags!r} ...")
+        other = Service(model_dir, flags + shlex.split(args.compare_flags))
+        try:
+            compare = measure_service(other, "text", captions, text_counts)
+        finally:
+            other.stop()
     say("[2/3] onnxruntime directly in-process, batch 1 ...")
     direct_text = direct_text_latency(model_dir, captions, text_counts[1])
     direct_image = direct_image_latency(model_dir, images, image_counts[1])
@@ -446,6 +460,19 @@ def main(argv: list[str] | None = None) -> int:
         "text": section(text, direct_text, eager["text"], service_text, eager["text_reference"]),
         "image": section(image, direct_image, eager["image"], service_image, eager["image_reference"]),
     }
+    if compare is not None:
+        c1, c16 = compare[1], compare[16]
+        report["text"]["compare"] = {
+            "flags": args.compare_flags,
+            "service_c1_per_s": c1["per_s"],
+            "service_c16_per_s": c16["per_s"],
+            "p50_ms": c1["p50_ms"],
+            "p99_ms": c1["p99_ms"],
+            "c1": c1,
+            "c16": c16,
+            "service_overhead_fraction_batch1": round(1 - direct_text["p50_ms"] / c1["p50_ms"], 4),
+            "grpc_overhead_fraction_batch1": round(1 - c1["server_handler_mean_ms"] / c1["mean_ms"], 4),
+        }
     report["goals"] = {
         "text_c16_at_least_1_5x_torch_eager": report["text"]["ratio"] >= 1.5,
         "grpc_overhead_under_10pct_at_batch1_text": report["text"]["grpc_overhead_fraction_batch1"] < 0.10,

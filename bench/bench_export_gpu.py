@@ -55,6 +55,9 @@ def gpu_status() -> dict:
     try:
         import onnxruntime as ort
 
+        if "CUDAExecutionProvider" in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
+            # CUDA / cuDNN from the nvidia-* wheels (e.g. those a CUDA torch brought) instead of system paths.
+            ort.preload_dlls()
         status["ort_providers"] = ort.get_available_providers()
         status["onnxruntime"] = ort.__version__
     except ImportError:

@@ -23,6 +23,22 @@ from teran.config import load_train_config
 from teran.train import train
 
 
+def apply_overrides(cfg, overrides: dict):
+    """Set top-level settings, and nested ones for `model` and `loss`; an unknown name is an error."""
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise SystemExit(f"train_sweep: unknown setting {key!r}")
+        if key in ("model", "loss"):
+            target = getattr(cfg, key)
+            for sub_key, sub_value in value.items():
+                if not hasattr(target, sub_key):
+                    raise SystemExit(f"train_sweep: unknown setting {key}.{sub_key}")
+                setattr(target, sub_key, sub_value)
+        else:
+            setattr(cfg, key, value)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="configs/flickr8k.yaml", help="base training config")
@@ -33,15 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     results = {}
+    report = {
+        "command": "python bench/train_sweep.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": {
+            "platform": platform.platform(),
+            "device": args.device,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "experiments": results,
+    }
     for name, overrides in json.loads(args.experiments).items():
-        cfg = load_train_config(args.base, {"device": args.device})
-        for key, value in overrides.items():
-            target = getattr(cfg, key) if key in ("model", "loss") else None
-            if target is not None:
-                for sub_key, sub_value in value.items():
-                    setattr(target, sub_key, sub_value)
-            else:
-                setattr(cfg, key, value)
+        cfg = apply_overrides(load_train_config(args.base, {"device": args.device}), overrides)
         started = time.monotonic()
         summary = train(cfg, Path(args.runs_dir) / name, None, resume=False, progress=False)
         best = max(summary["history"], key=lambda r: r["dev_rsum_alignment"] + r["dev_rsum_global"])
@@ -54,19 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             "dev_rsum_global": best["dev_rsum_global"],
             "dev_r1": best["dev_r1"],
             "curve_rsum_alignment": [round(r["dev_rsum_alignment"], 1) for r in summary["history"]],
+            "curve_rsum_global": [round(r["dev_rsum_global"], 1) for r in summary["history"]],
         }
         print(f"{name}: best epoch {best['epoch']} rsum alignment {best['dev_rsum_alignment']:.1f} global {best['dev_rsum_global']:.1f}")
-    report = {
-        "command": "python bench/train_sweep.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "machine": {
-            "platform": platform.platform(),
-            "device": args.device,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-        "experiments": results,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        # Written after every experiment, so a run cut short still leaves what it measured.
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -51,6 +51,7 @@ class EncoderConfig:
     max_queue_delay_ms: float = 1.0
     max_queue: int = 2048
     batch_workers: int = 1
+    inline_lone_captions: bool = True
     length_buckets: list[int] = field(default_factory=list)  # empty: 8, 16, 32, ... up to max_tokens
     max_stream_inflight: int = 4
     decode_workers: int = 2
@@ -155,6 +156,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("max_queue_delay_ms", "float", "dynamic batching: longest wait for more items before a not-full batch runs"),
     ("max_queue", "int", "LIMIT: items waiting per graph; beyond it requests get RESOURCE_EXHAUSTED (backpressure)"),
     ("batch_workers", "int", "batches of one graph run concurrently (1 suits a CPU; more for GPUs / Triton instances)"),
+    (
+        "inline_lone_captions",
+        "bool",
+        "run a lone caption request (batcher idle) on the event loop thread: ~0.5 ms less latency per request, "
+        "while other RPCs wait for that one run (a few ms); onnxruntime backend only",
+    ),
     (
         "length_buckets",
         "csv_int",

@@ -160,6 +160,8 @@ class EncoderModel:
                 workers=self.config.batch_workers,
                 metrics=self.metrics,
                 active_calls=self.active_calls,
+                # In-process text runs take a few ms; a Triton call would hold the loop for a network round trip.
+                inline_idle=graph == "text_encoder" and self.config.inline_lone_captions and self.config.backend == "onnxruntime",
             )
             batcher.start()
             self.batchers[graph] = batcher

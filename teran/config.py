@@ -9,6 +9,8 @@ import yaml
 
 from teran.errors import TeranInputError
 
+SHORTCUT_MODES = ("none", "global", "all")
+
 
 @dataclass
 class ModelConfig:
@@ -25,6 +27,14 @@ class ModelConfig:
     dropout: float = 0.1
     max_regions: int = 100
     max_tokens: int = 64  # word pieces incl. [CLS] and [SEP]
+    # Pooled shortcut: the masked mean of the backbone features, projected into the joint space and
+    # added before normalisation to the global vector ("global") or to every vector ("all"). Frozen
+    # generic features carry most of their signal in the pooled mean; the transformers refine it.
+    pooled_shortcut: str = "none"
+
+    def __post_init__(self):
+        if self.pooled_shortcut not in SHORTCUT_MODES:
+            raise TeranInputError(f"model.pooled_shortcut {self.pooled_shortcut!r} is not one of {list(SHORTCUT_MODES)}")
 
 
 @dataclass

@@ -45,6 +45,32 @@ def spatial_inputs(regions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([regions, boxes, area.unsqueeze(-1)], dim=-1)
 
 
+class PooledShortcut(nn.Module):
+    """Masked mean of backbone features [B, N, C] -> [B, D]: normalised, then one linear map."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.projection = nn.Linear(in_dim, out_dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).to(features.dtype)
+        pooled = (features * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.projection(self.dropout(self.norm(pooled)))
+
+
+def _add_shortcut(x: torch.Tensor, shortcut: torch.Tensor, mode: str) -> torch.Tensor:
+    """x [B, 1 + N, D] (position 0 is the global slot) + shortcut [B, D] per `mode`."""
+    if mode == "all":
+        return x + shortcut.unsqueeze(1)
+    return torch.cat([x[:, :1] + shortcut.unsqueeze(1), x[:, 1:]], dim=1)
+
+
+def _make_shortcut(in_dim: int, cfg: ModelConfig) -> PooledShortcut | None:
+    return None if cfg.pooled_shortcut == "none" else PooledShortcut(in_dim, cfg.joint_dim, cfg.dropout)
+
+
 class ImageEncoder(nn.Module):
     """Region features [B, R, C] + normalised boxes [B, R, 4] + mask [B, R] -> Encoded (N = R)."""
 
@@ -56,6 +82,8 @@ class ImageEncoder(nn.Module):
         self.reasoning = _encoder_stack(cfg.visual_dim, cfg.visual_layers, cfg)
         self.projection = nn.Linear(cfg.visual_dim, cfg.joint_dim)
         self.joint = _encoder_stack(cfg.joint_dim, cfg.joint_layers, cfg)
+        self.shortcut_mode = cfg.pooled_shortcut
+        self.shortcut = _make_shortcut(cfg.region_dim, cfg)
 
     def forward(self, regions: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor) -> Encoded:
         x = self.spatial(spatial_inputs(regions, boxes))
@@ -64,6 +92,8 @@ class ImageEncoder(nn.Module):
         padding = ~valid
         x = self.reasoning(x, src_key_padding_mask=padding)
         x = self.joint(self.projection(x), src_key_padding_mask=padding)
+        if self.shortcut is not None:
+            x = _add_shortcut(x, self.shortcut(regions, region_mask), self.shortcut_mode)
         x = _normalise(x)
         return Encoded(x[:, 0], x[:, 1:], region_mask)
 
@@ -87,9 +117,14 @@ class TextHead(nn.Module):
         super().__init__()
         self.projection = nn.Linear(cfg.text_hidden_dim, cfg.joint_dim)
         self.joint = _encoder_stack(cfg.joint_dim, cfg.joint_layers, cfg)
+        self.shortcut_mode = cfg.pooled_shortcut
+        self.shortcut = _make_shortcut(cfg.text_hidden_dim, cfg)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
         x = self.joint(self.projection(hidden), src_key_padding_mask=~attention_mask.bool())
+        if self.shortcut is not None:
+            # Mean over every real token, [CLS] and [SEP] included: the backbone's own sentence pooling.
+            x = _add_shortcut(x, self.shortcut(hidden, attention_mask.bool()), self.shortcut_mode)
         x = _normalise(x)
         return Encoded(x[:, 0], x[:, 1:], word_mask(attention_mask))
 

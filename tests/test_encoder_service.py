@@ -239,6 +239,44 @@ def test_batcher_fast_path_only_when_idle_and_merges_what_queues_meanwhile():
     assert stats.immediate == 2 and stats.sizes == [1, 3, 1] and stats.items == 5
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_batcher_inline_fast_path_runs_on_the_loop_thread_and_frees_its_slot(inline):
+    from encoder_service.batching import DynamicBatcher
+
+    threads: list[str] = []
+
+    def run_batch(payloads):
+        threads.append(threading.current_thread().name)
+        if payloads == [-1]:
+            raise ValueError("bad batch")
+        return [p * 10 for p in payloads]
+
+    async def scenario():
+        with ThreadPoolExecutor(1, thread_name_prefix="runner") as executor:
+            batcher = DynamicBatcher(
+                "g", run_batch, executor=executor, max_batch=8, max_delay_s=0.05, max_queue=64, active_calls=lambda: 1, inline_idle=inline
+            )
+            batcher.start()
+            first = await batcher.submit([1])
+            with pytest.raises(ValueError, match="bad batch"):
+                await batcher.submit([-1])
+            after_failure = await batcher.submit([2])  # the failed run gave its slot back: fast path again
+            await batcher.close()
+        return first, after_failure, batcher.stats, threading.current_thread().name
+
+    first, after_failure, stats, loop_thread = asyncio.run(scenario())
+    assert first == [10] and after_failure == [20] and stats.immediate == 3
+    assert threads == [loop_thread] * 3 if inline else all(name.startswith("runner") for name in threads)
+
+
+def test_inline_fast_path_is_for_in_process_captions_only(model_dir):
+    with ServerThread(make_config(model_dir)) as running:
+        batchers = running.server.model.batchers
+        assert batchers["text_encoder"].inline_idle and not batchers["image_encoder"].inline_idle
+    with ServerThread(make_config(model_dir, inline_lone_captions=False)) as running:
+        assert not running.server.model.batchers["text_encoder"].inline_idle
+
+
 # --------------------------------------------------------------------------- bad input
 
 

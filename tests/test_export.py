@@ -41,6 +41,7 @@ TINY = ModelConfig(
     dropout=0.0,
     max_regions=20,
     max_tokens=16,
+    pooled_shortcut="all",
 )
 VOCAB = 120
 

@@ -3,7 +3,7 @@ import torch
 
 from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
 from teran.config import ModelConfig
-from teran.errors import CheckpointError
+from teran.errors import CheckpointError, TeranInputError
 from teran.model import TeranModel, word_mask
 
 TINY = ModelConfig(region_dim=12, text_hidden_dim=10, visual_dim=16, visual_layers=1, joint_dim=8, joint_layers=1, heads=2)
@@ -88,3 +88,85 @@ def test_checkpoint_errors_name_the_file(tmp_path, model):
     torch.save(payload, wrong)
     with pytest.raises(CheckpointError, match="wrong.pt: weights do not match the model config"):
         load_model(wrong)
+
+
+SHORTCUT = {mode: ModelConfig(**{**TINY.__dict__, "pooled_shortcut": mode}) for mode in ("global", "all")}
+
+
+@pytest.mark.parametrize("mode", ["global", "all"])
+def test_pooled_shortcut_ignores_padding(mode):
+    torch.manual_seed(0)
+    model = TeranModel(SHORTCUT[mode]).eval()
+    regions, boxes, mask = _image_inputs(batch=1, regions=3)
+    alone = model.image(regions, boxes, mask)
+    padded = model.image(
+        torch.cat([regions, 100 * torch.randn(1, 2, TINY.region_dim)], 1),
+        torch.cat([boxes, torch.rand(1, 2, 4)], 1),
+        torch.cat([mask, torch.zeros(1, 2, dtype=torch.bool)], 1),
+    )
+    torch.testing.assert_close(alone.global_vec, padded.global_vec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone.concepts, padded.concepts[:, :3], atol=1e-5, rtol=1e-5)
+    hidden = torch.randn(1, 6, TINY.text_hidden_dim)
+    short = model.text(hidden[:, :4], torch.ones(1, 4, dtype=torch.long))
+    long = model.text(torch.cat([hidden[:, :4], 50 * hidden[:, 4:]], 1), torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(short.global_vec, long.global_vec, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["global", "all"])
+def test_pooled_shortcut_reaches_the_vectors_its_mode_names(mode):
+    """A zero shortcut gives the plain model's outputs; a non-zero one moves the global vector,
+    and the concepts too only in mode "all"."""
+    torch.manual_seed(0)
+    plain = TeranModel(TINY).eval()
+    model = TeranModel(SHORTCUT[mode]).eval()
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".shortcut." in key for key in missing)
+    regions, boxes, mask = _image_inputs()
+    hidden, attention = torch.randn(3, 6, TINY.text_hidden_dim), torch.ones(3, 6, dtype=torch.long)
+    for branch in (model.image.shortcut, model.text.shortcut):
+        torch.nn.init.zeros_(branch.projection.weight)
+        torch.nn.init.zeros_(branch.projection.bias)
+
+    def pairs():
+        image = (model.image(regions, boxes, mask), plain.image(regions, boxes, mask))
+        return image, (model.text(hidden, attention), plain.text(hidden, attention))
+
+    for got, want in pairs():
+        torch.testing.assert_close(got.global_vec, want.global_vec)
+        torch.testing.assert_close(got.concepts, want.concepts)
+    for branch in (model.image.shortcut, model.text.shortcut):
+        torch.nn.init.normal_(branch.projection.bias, std=5.0)
+    for got, want in pairs():
+        assert (got.global_vec - want.global_vec).abs().max() > 0.1
+        concepts_moved = (got.concepts - want.concepts).abs().max() > 0.1
+        assert concepts_moved == (mode == "all")
+
+
+def test_pooled_shortcut_is_the_masked_mean_through_norm_and_projection():
+    torch.manual_seed(0)
+    shortcut = TeranModel(SHORTCUT["all"]).eval().image.shortcut
+    features, mask = torch.randn(2, 4, TINY.region_dim), torch.tensor([[True, True, False, False], [True, True, True, True]])
+    expected = torch.stack([features[0, :2].mean(0), features[1].mean(0)])
+    torch.testing.assert_close(shortcut(features, mask), shortcut.projection(shortcut.norm(expected)))
+
+
+def test_pooled_shortcut_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = TeranModel(SHORTCUT["all"]).eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.config.pooled_shortcut == "all"
+    regions, boxes, mask = _image_inputs()
+    torch.testing.assert_close(loaded.image(regions, boxes, mask).concepts, model.image(regions, boxes, mask).concepts)
+
+
+def test_unknown_shortcut_mode_is_a_clear_error(tmp_path):
+    with pytest.raises(TeranInputError, match=r"pooled_shortcut 'mean' is not one of \['none', 'global', 'all'\]"):
+        ModelConfig(pooled_shortcut="mean")
+    model = TeranModel(TINY)
+    save_checkpoint(tmp_path / "m.pt", model)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["model_config"]["pooled_shortcut"] = "mean"
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad model config.*pooled_shortcut"):
+        load_model(tmp_path / "bad.pt")
