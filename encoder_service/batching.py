@@ -28,7 +28,6 @@ from typing import Any
 
 from encoder_service.metrics import Metrics
 
-
 INLINE_SETTLE_TURNS = 3
 
 
