@@ -10,6 +10,7 @@ Each experiment overrides settings of the base config (nested for `model` and `l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -24,18 +25,17 @@ from teran.train import train
 
 
 def apply_overrides(cfg, overrides: dict):
-    """Set top-level settings, and nested ones for `model` and `loss`; an unknown name is an error."""
+    """Set top-level settings, and nested ones for `model` and `loss` (rebuilt, so they are
+    validated again); an unknown name is an error."""
     for key, value in overrides.items():
         if not hasattr(cfg, key):
             raise SystemExit(f"train_sweep: unknown setting {key!r}")
         if key in ("model", "loss"):
-            target = getattr(cfg, key)
-            for sub_key, sub_value in value.items():
-                if not hasattr(target, sub_key):
-                    raise SystemExit(f"train_sweep: unknown setting {key}.{sub_key}")
-                setattr(target, sub_key, sub_value)
-        else:
-            setattr(cfg, key, value)
+            try:
+                value = dataclasses.replace(getattr(cfg, key), **value)
+            except TypeError as exc:
+                raise SystemExit(f"train_sweep: {key}: {exc}") from None
+        setattr(cfg, key, value)
     return cfg
 
 
