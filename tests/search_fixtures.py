@@ -13,12 +13,22 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
 
 from encoder_service.tensors import to_tensor
 from search_service._proto import search_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def expect_error(code, call, *args, match: str = "", **kwargs):
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details(), info.value.details()
+    return info.value.details()
 
 
 class MilvusStandalone:

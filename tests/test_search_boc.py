@@ -12,7 +12,16 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from search_fixtures import ROOT, MilvusStandalone, drop_collections, random_unit, search_config, unique_prefix, vectors_message
+from search_fixtures import (
+    ROOT,
+    MilvusStandalone,
+    drop_collections,
+    expect_error,
+    random_unit,
+    search_config,
+    unique_prefix,
+    vectors_message,
+)
 
 from search_service import codebook as codebook_cli
 from search_service._proto import search_pb2, search_pb2_grpc
@@ -117,14 +126,6 @@ def services(lite_uri):
     yield make
     for service in running:
         service.close()
-
-
-def expect_error(code, call, *args, match: str = "", **kwargs):
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    assert info.value.code() == code, info.value.details()
-    assert match in info.value.details(), info.value.details()
-    return info.value.details()
 
 
 def indexed(service, data):

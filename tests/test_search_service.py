@@ -15,6 +15,7 @@ from search_fixtures import (
     MilvusStandalone,
     SearchProcess,
     drop_collections,
+    expect_error,
     random_unit,
     search_config,
     unique_prefix,
@@ -136,14 +137,6 @@ def corpus(milvus_uri, encoder):
     assert (response.indexed, response.images, response.captions) == (14, 8, 6)
     yield search
     search.close()
-
-
-def expect_error(code, call, *args, match: str = "", **kwargs):
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    assert info.value.code() == code, info.value.details()
-    assert match in info.value.details(), info.value.details()
-    return info.value.details()
 
 
 def stored_vectors(search: Search, modality, ids):
