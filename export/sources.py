@@ -1,8 +1,9 @@
 """Checkpoints -> the torch modules to export, one per graph, with example inputs and axes.
 
 Two checkpoint kinds:
-- `project`: our training checkpoints (teran.checkpoint), heads only; the frozen backbones
-  (all-MiniLM-L6-v2, EfficientNet-Lite0) are loaded from their packages or injected (tests).
+- `project`: our training checkpoints (teran.checkpoint): heads plus any tuned top text layers;
+  the frozen backbones (all-MiniLM-L6-v2 without those layers, EfficientNet-Lite0) are loaded
+  from their packages or injected (tests).
 - `original`: the authors' TERAN `.pth.tar` (teran.original). Text and image branches only
   (bottom-up features are computed elsewhere, so there is no image backbone graph).
 """
@@ -270,7 +271,7 @@ def _project_source(
     max_regions = max_regions or cfg.max_regions
     injected = {}
     if text_backbone is None:
-        text_backbone = backbones.load_text_backbone()
+        text_backbone = backbones.load_text_backbone(drop_top_layers=cfg.text_tuned_layers)
         text_name = backbones.TEXT_BACKBONE
     else:
         text_name = f"injected:{type(text_backbone).__name__}"

@@ -1,7 +1,8 @@
 """Our training checkpoints: a plain dict of tensors and settings, loadable with weights_only=True.
 
-Only the trained heads are stored; the frozen backbones are named (and fingerprinted) so
-that export and serving can pair the heads with exactly the backbone they were trained on.
+Only the trained parts are stored (the heads, and any text backbone layers tuned with them); the
+frozen backbones are named so that export and serving can pair the heads with exactly the
+backbone they were trained on.
 """
 
 from __future__ import annotations

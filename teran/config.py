@@ -10,11 +10,12 @@ import yaml
 from teran.errors import TeranInputError
 
 SHORTCUT_MODES = ("none", "global", "all")
+TEXT_LAYERS = 6  # transformer layers of all-MiniLM-L6-v2
 
 
 @dataclass
 class ModelConfig:
-    """Our TERAN variant: frozen backbones, trained transformer heads, one joint space."""
+    """Our TERAN variant: frozen backbones (bar any tuned top text layers), trained transformer heads, one joint space."""
 
     region_dim: int = 1280  # EfficientNet-Lite0 channels per grid cell
     text_hidden_dim: int = 384  # all-MiniLM-L6-v2 hidden size
@@ -31,10 +32,18 @@ class ModelConfig:
     # added before normalisation to the global vector ("global") or to every vector ("all"). Frozen
     # generic features carry most of their signal in the pooled mean; the transformers refine it.
     pooled_shortcut: str = "none"
+    # Top layers of the text backbone trained with the head (initialised from the pretrained ones,
+    # stored in the checkpoint); the frozen backbone runs only the layers below them.
+    text_tuned_layers: int = 0
+    text_tuned_heads: int = 12  # attention heads of those layers (the backbone's)
 
     def __post_init__(self):
         if self.pooled_shortcut not in SHORTCUT_MODES:
             raise TeranInputError(f"model.pooled_shortcut {self.pooled_shortcut!r} is not one of {list(SHORTCUT_MODES)}")
+        if not (isinstance(self.text_tuned_layers, int) and 0 <= self.text_tuned_layers <= TEXT_LAYERS):
+            raise TeranInputError(f"model.text_tuned_layers must be an integer within 0..{TEXT_LAYERS}, got {self.text_tuned_layers!r}")
+        if self.text_tuned_layers and self.text_hidden_dim % self.text_tuned_heads:
+            raise TeranInputError(f"model.text_tuned_heads {self.text_tuned_heads} must divide text_hidden_dim {self.text_hidden_dim}")
 
 
 @dataclass
@@ -61,6 +70,7 @@ class TrainConfig:
     captions_per_image: int = 1  # rounds per epoch; each round pairs every image with a different caption
     batch_size: int = 128
     lr: float = 2e-4
+    tuned_lr_scale: float = 0.1  # lr multiplier for the tuned text backbone layers (model.text_tuned_layers)
     lr_decay_epoch: int = 20  # lr x0.1 from this epoch on
     warmup_steps: int = 200
     weight_decay: float = 1e-4

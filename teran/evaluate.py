@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         captions, owners = data.flat_captions()
         owners = np.asarray(owners)
         image_feats = image_features(data)
-        text_feats = text_features(captions, max_tokens=model.config.max_tokens)
+        text_feats = text_features(captions, max_tokens=model.config.max_tokens, tuned_layers=model.config.text_tuned_layers)
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Cache files are keyed by a fingerprint of everything they depend on (backbone weights,
 preprocessing, the exact image list or captions), so a change invalidates them.
 
-    python -m teran.features --split train --split dev     # precompute with progress
+    python -m teran.features --config configs/flickr8k.yaml     # precompute train + dev with progress
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from teran import backbones
 from teran.cache import cache_dir, file_digest, fingerprint
+from teran.config import ModelConfig, load_train_config
 from teran.data.flickr8k import CaptionedImages, load_split
 from teran.errors import TeranInputError
 from teran.preprocess import PixelSpec, read_image_file, to_pixels
@@ -106,23 +107,29 @@ def image_features(images: CaptionedImages, batch_size: int = 32, spec: PixelSpe
     return result
 
 
-def text_features(captions: list[str], max_tokens: int = 64, batch_size: int = 256, progress: bool = True) -> TextFeatures:
-    """Backbone hidden states of every caption (cached); over-long captions are truncated."""
-    key = fingerprint(
-        {
-            "version": FEATURE_FORMAT_VERSION,
-            "backbone": backbones.TEXT_BACKBONE,
-            "weights": file_digest(backbones.text_backbone_dir() / "model.safetensors"),
-            "max_tokens": max_tokens,
-            "captions": _names_digest(captions),
-        }
-    )
+def text_features(
+    captions: list[str], max_tokens: int = 64, tuned_layers: int = 0, batch_size: int = 256, progress: bool = True
+) -> TextFeatures:
+    """Backbone hidden states of every caption (cached); over-long captions are truncated.
+
+    `tuned_layers`: the model trains the backbone's top layers itself, so the states are taken below them.
+    """
+    settings = {
+        "version": FEATURE_FORMAT_VERSION,
+        "backbone": backbones.TEXT_BACKBONE,
+        "weights": file_digest(backbones.text_backbone_dir() / "model.safetensors"),
+        "max_tokens": max_tokens,
+        "captions": _names_digest(captions),
+    }
+    if tuned_layers:  # keeps the keys of existing caches for the whole backbone
+        settings["tuned_layers"] = tuned_layers
+    key = fingerprint(settings)
     path = cache_dir() / f"text-features-{key}.npz"
     if path.exists():
         with np.load(path) as stored:
             return TextFeatures(stored["hidden"], stored["offsets"], stored["input_ids"])
     tokenizer = CaptionTokenizer(backbones.tokenizer_file(), max_tokens=max_tokens)
-    model = backbones.load_text_backbone()
+    model = backbones.load_text_backbone(drop_top_layers=tuned_layers)
     hidden, ids, lengths = [], [], []
     started = time.monotonic()
     with torch.inference_mode(), tqdm(total=len(captions), desc="text features", unit="cap", disable=not progress) as bar:
@@ -152,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m teran.features", description=__doc__.splitlines()[0])
     parser.add_argument("--split", action="append", default=None, help="train, dev, test or all (repeatable; default train and dev)")
     parser.add_argument("--data-dir", default=None, help="Flickr8k-style folder (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="word pieces per caption incl. [CLS]/[SEP] (default 64)")
+    parser.add_argument("--config", default=None, help="training config: take max_tokens and text_tuned_layers from its model settings")
+    parser.add_argument("--max-tokens", type=int, default=None, help="word pieces per caption incl. [CLS]/[SEP] (default 64)")
+    parser.add_argument("--text-tuned-layers", type=int, default=None, help="top text backbone layers the model trains itself (default 0)")
     args = parser.parse_args(argv)
     try:
+        model = load_train_config(args.config).model if args.config else ModelConfig()
+        max_tokens = args.max_tokens if args.max_tokens is not None else model.max_tokens
+        tuned = args.text_tuned_layers if args.text_tuned_layers is not None else model.text_tuned_layers
+        ModelConfig(max_tokens=max_tokens, text_tuned_layers=tuned)  # validates both
         for split in args.split or ["train", "dev"]:
             data = load_split(split, args.data_dir)
             image_features(data)
-            text_features(data.flat_captions()[0], max_tokens=args.max_tokens)
+            text_features(data.flat_captions()[0], max_tokens=max_tokens, tuned_layers=tuned)
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teran.backbones import bert_layer_stack
 from teran.config import ModelConfig
 
 
@@ -111,16 +112,24 @@ def word_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TextHead(nn.Module):
-    """Backbone hidden states [B, L, H] + attention mask [B, L] -> Encoded (N = L - 1)."""
+    """Backbone hidden states [B, L, H] + attention mask [B, L] -> Encoded (N = L - 1).
+
+    With `text_tuned_layers` > 0 the hidden states come from the backbone without its top layers,
+    and the head runs its own trained copies of them first (`tuned`).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        tuned = cfg.text_tuned_layers
+        self.tuned = bert_layer_stack(tuned, cfg.text_hidden_dim, cfg.text_tuned_heads, cfg.dropout) if tuned else None
         self.projection = nn.Linear(cfg.text_hidden_dim, cfg.joint_dim)
         self.joint = _encoder_stack(cfg.joint_dim, cfg.joint_layers, cfg)
         self.shortcut_mode = cfg.pooled_shortcut
         self.shortcut = _make_shortcut(cfg.text_hidden_dim, cfg)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+        if self.tuned is not None:
+            hidden = self.tuned(hidden, src_key_padding_mask=~attention_mask.bool())
         x = self.joint(self.projection(hidden), src_key_padding_mask=~attention_mask.bool())
         if self.shortcut is not None:
             # Mean over every real token, [CLS] and [SEP] included: the backbone's own sentence pooling.
@@ -130,7 +139,11 @@ class TextHead(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids + attention mask -> Encoded: the frozen text backbone followed by the head."""
+    """Token ids + attention mask -> Encoded: the (frozen) text backbone followed by the head.
+
+    A head with tuned layers needs the backbone loaded without them:
+    `teran.backbones.load_text_backbone(drop_top_layers=config.text_tuned_layers)`.
+    """
 
     def __init__(self, backbone: nn.Module, head: TextHead):
         super().__init__()
@@ -143,7 +156,7 @@ class TextEncoder(nn.Module):
 
 
 class TeranModel(nn.Module):
-    """The trainable part of our model: image encoder and text head (backbones are frozen)."""
+    """The trainable part of our model: image encoder and text head (plus any tuned text backbone layers)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from teran.backbones import pretrained_top_text_layers
 from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
 from teran.config import TrainConfig, load_train_config, to_dict
 from teran.data.flickr8k import load_split
@@ -42,6 +43,7 @@ def seed_everything(seed: int) -> None:
 
 
 def learning_rate(cfg: TrainConfig, step: int, epoch: int) -> float:
+    """The base lr at `step`: linear warm-up, then x0.1 from `lr_decay_epoch` (groups scale it by `lr_scale`)."""
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     decay = 0.1 if epoch >= cfg.lr_decay_epoch else 1.0
     return cfg.lr * warm * decay
@@ -71,11 +73,17 @@ class CaptionSampler:
         return batches
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, loss_fn: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the model and the loss's own parameters (learned temperatures), which get no decay."""
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+def make_optimizer(cfg: TrainConfig, model: TeranModel, loss_fn: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the model and the loss's own parameters (learned temperatures), which get no decay.
+
+    Tuned backbone layers learn at `tuned_lr_scale` x the lr, so the pretrained weights move gently.
+    """
+    tuned = {id(p) for p in model.text.tuned.parameters()} if model.text.tuned is not None else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in tuned], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    if tuned:
+        groups.append({"params": list(model.text.tuned.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": cfg.tuned_lr_scale})
     if loss_params := list(loss_fn.parameters()):
-        groups.append({"params": loss_params, "weight_decay": 0.0})
+        groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": 1.0})
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
@@ -90,12 +98,16 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     train_caps, train_owners = train_split.flat_captions()
     dev_caps, dev_owners = dev_split.flat_captions()
     train_images: ImageFeatures = image_features(train_split, progress=progress)
-    train_text: TextFeatures = text_features(train_caps, max_tokens=cfg.model.max_tokens, progress=progress)
+    tuned = cfg.model.text_tuned_layers
+    train_text: TextFeatures = text_features(train_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
     dev_images = image_features(dev_split, progress=progress)
-    dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, progress=progress)
+    dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
 
     device = torch.device(cfg.device)
-    model = TeranModel(cfg.model).to(device)
+    model = TeranModel(cfg.model)
+    if model.text.tuned is not None:
+        model.text.tuned.load_state_dict(pretrained_top_text_layers(tuned, cfg.model.dropout).state_dict())
+    model.to(device)
     loss_fn = TeranLoss(cfg.loss).to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)
     start_epoch, step, best_rsum, history = 0, 0, -1.0, []
@@ -127,7 +139,7 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
                 mask = torch.ones(regions.shape[:2], dtype=torch.bool, device=device)
                 hidden, attention = (t.to(device) for t in train_text.batch(batch_captions))
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, epoch)
+                    group["lr"] = learning_rate(cfg, step, epoch) * group.get("lr_scale", 1.0)
                 losses = loss_fn(model.image(regions, boxes_all[img_idx], mask), model.text(hidden, attention), hardest)
                 optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()

@@ -42,6 +42,8 @@ TINY = ModelConfig(
     max_regions=20,
     max_tokens=16,
     pooled_shortcut="all",
+    text_tuned_layers=1,
+    text_tuned_heads=2,
 )
 VOCAB = 120
 

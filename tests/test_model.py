@@ -170,3 +170,65 @@ def test_unknown_shortcut_mode_is_a_clear_error(tmp_path):
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="bad model config.*pooled_shortcut"):
         load_model(tmp_path / "bad.pt")
+
+
+TUNED = ModelConfig(**{**TINY.__dict__, "text_tuned_layers": 2, "text_tuned_heads": 2})
+
+
+def test_tuned_text_layers_are_bert_layers_with_the_same_outputs():
+    """A BertModel's top layers copied into the head's stack compute exactly what they computed in BERT."""
+    from transformers import BertConfig, BertModel
+
+    from teran.backbones import bert_layer_stack, copy_bert_layers
+
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64), add_pooling_layer=False
+    ).eval()
+    ids = torch.randint(1, 50, (2, 7))
+    attention = torch.ones(2, 7, dtype=torch.long)
+    attention[1, 4:] = 0
+    with torch.no_grad():
+        full = bert(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        stack = bert_layer_stack(2, width=16, heads=2, dropout=0.0).eval()
+        copy_bert_layers(stack, bert.encoder.layer[1:])
+        ours = stack(full.hidden_states[1], src_key_padding_mask=~attention.bool())
+    real = attention.bool()
+    torch.testing.assert_close(ours[real], full.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 layers in the stack, 1 BERT layers given"):
+        copy_bert_layers(stack, bert.encoder.layer[2:])
+
+
+def test_tuned_text_layers_ignore_padding_and_round_trip_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = TeranModel(TUNED).eval()
+    assert len(model.text.tuned.layers) == 2
+    hidden = torch.randn(1, 5, TINY.text_hidden_dim)
+    attention = torch.ones(1, 5, dtype=torch.long)
+    alone = model.text(hidden, attention)
+    padded = model.text(
+        torch.cat([hidden, torch.randn(1, 3, TINY.text_hidden_dim)], 1), torch.cat([attention, torch.zeros(1, 3, dtype=torch.long)], 1)
+    )
+    torch.testing.assert_close(padded.global_vec, alone.global_vec, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.concepts[:, :4], alone.concepts, atol=1e-5, rtol=1e-5)
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    torch.testing.assert_close(loaded.text(hidden, attention).concepts, alone.concepts)
+    # The tuned layers change the output: the same weights without them give other vectors.
+    plain = TeranModel(TINY).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text.tuned.")})
+    assert (plain.text(hidden, attention).global_vec - alone.global_vec).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"text_tuned_layers": 7}, r"text_tuned_layers must be an integer within 0..6, got 7"),
+        ({"text_tuned_layers": -1}, r"text_tuned_layers must be an integer within 0..6, got -1"),
+        ({"text_tuned_layers": 1.5}, r"text_tuned_layers must be an integer within 0..6, got 1.5"),
+        ({"text_tuned_layers": 1, "text_tuned_heads": 3}, r"text_tuned_heads 3 must divide text_hidden_dim 10"),
+    ],
+)
+def test_bad_tuned_layer_settings_are_clear_errors(settings, message):
+    with pytest.raises(TeranInputError, match=message):
+        ModelConfig(**{**TINY.__dict__, **settings})

@@ -115,3 +115,41 @@ def test_contrastive_training_resumes_with_its_learned_temperatures(data_dir, co
     assert train.main([*args, "--resume", "--epochs", "3"]) == 0
     resumed = read_checkpoint(out / "last.pt")
     assert resumed["epoch"] == 2 and float(resumed["loss_state"]["global_log_scale"]) != float(saved["global_log_scale"])
+
+
+@pytest.mark.parametrize("lr_scale", [0.0, 1.0])
+def test_tuned_text_layers_start_pretrained_and_learn_at_their_own_rate(data_dir, config, tmp_path, lr_scale):
+
+    from teran.backbones import pretrained_top_text_layers
+
+    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, text_tuned_layers: 1}") + f"tuned_lr_scale: {lr_scale}\n")
+    out = tmp_path / "run"
+    assert train.main(["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    saved = read_checkpoint(out / "last.pt")["state_dict"]
+    pretrained = pretrained_top_text_layers(1, dropout=0.0).state_dict()
+    tuned = {key.removeprefix("text.tuned."): value for key, value in saved.items() if key.startswith("text.tuned.")}
+    assert set(tuned) == set(pretrained)
+    moved = max(float((tuned[key] - pretrained[key]).abs().max()) for key in pretrained)
+    # lr scale 0 keeps MiniLM's top layer exactly; at scale 1 it trains with the head.
+    assert (moved == 0.0) if lr_scale == 0.0 else (moved > 1e-4)
+    assert tuned["layers.0.linear1.weight"].shape == (1536, 384)
+    assert evaluate.main(["--checkpoint", str(out / "last.pt"), "--data-dir", str(data_dir), "--output", str(tmp_path / "e.json")]) == 0
+
+
+def test_features_cli_precomputes_the_caches_a_config_trains_on(data_dir, config, tmp_path, capsys):
+    from teran import features
+    from teran.data.flickr8k import load_split
+
+    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, text_tuned_layers: 1}"))
+    assert features.main(["--config", str(config), "--data-dir", str(data_dir), "--split", "dev"]) == 0
+    cache = tmp_path / "cache"
+    written = set(cache.iterdir())
+    captions = load_split("dev", str(data_dir)).flat_captions()[0]
+    below_top = features.text_features(captions, tuned_layers=1, progress=False)
+    assert set(cache.iterdir()) == written  # served from the cache the CLI wrote
+    whole = features.text_features(captions, progress=False)
+    assert len(set(cache.iterdir()) - written) == 1  # the whole backbone is another cache
+    assert below_top.hidden.shape == whole.hidden.shape and abs(below_top.hidden.astype(float) - whole.hidden).max() > 0.1
+
+    assert features.main(["--text-tuned-layers", "9", "--data-dir", str(data_dir)]) == 2
+    assert "text_tuned_layers must be an integer within 0..6, got 9" in capsys.readouterr().err
