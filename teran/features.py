@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_train_config(args.config).model if args.config else ModelConfig()
         max_tokens = args.max_tokens if args.max_tokens is not None else model.max_tokens
         tuned = args.text_tuned_layers if args.text_tuned_layers is not None else model.text_tuned_layers
-        ModelConfig(max_tokens=max_tokens, text_tuned_layers=tuned)  # validates both
+        ModelConfig(max_tokens=max_tokens, text_tuned_layers=tuned)  # rejects a layer count the backbone does not have
         for split in args.split or ["train", "dev"]:
             data = load_split(split, args.data_dir)
             image_features(data)
