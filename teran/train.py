@@ -78,10 +78,11 @@ def make_optimizer(cfg: TrainConfig, model: TeranModel, loss_fn: nn.Module) -> t
 
     Tuned backbone layers learn at `tuned_lr_scale` x the lr, so the pretrained weights move gently.
     """
-    tuned = {id(p) for p in model.text.tuned.parameters()} if model.text.tuned is not None else set()
-    groups = [{"params": [p for p in model.parameters() if id(p) not in tuned], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    tuned = list(model.text.tuned.parameters()) if model.text.tuned is not None else []
+    tuned_ids = {id(p) for p in tuned}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in tuned_ids], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
     if tuned:
-        groups.append({"params": list(model.text.tuned.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": cfg.tuned_lr_scale})
+        groups.append({"params": tuned, "weight_decay": cfg.weight_decay, "lr_scale": cfg.tuned_lr_scale})
     if loss_params := list(loss_fn.parameters()):
         groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": 1.0})
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -104,15 +105,16 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
 
     device = torch.device(cfg.device)
+    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    resuming = resume and last_path.exists()
     model = TeranModel(cfg.model)
-    if model.text.tuned is not None:
+    if model.text.tuned is not None and not resuming:  # a resumed run takes them from its checkpoint
         model.text.tuned.load_state_dict(pretrained_top_text_layers(tuned, cfg.model.dropout).state_dict())
     model.to(device)
     loss_fn = TeranLoss(cfg.loss).to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)
     start_epoch, step, best_rsum, history = 0, 0, -1.0, []
-    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
-    if resume and last_path.exists():
+    if resuming:
         state = read_checkpoint(last_path)
         model, _ = load_model(last_path)
         model.to(device)
