@@ -297,7 +297,7 @@ def torch_eager(checkpoint: Path, model_dir: Path, captions: list[str], images: 
     manifest = load_manifest(model_dir, verify=False)
     model, _payload = load_model(checkpoint)
     text = TextEncoder(backbones.load_text_backbone(drop_top_layers=model.config.text_tuned_layers), model.text).eval()
-    grid = backbones.GridImageBackbone(manifest.pixel_spec().size).eval()
+    grid = backbones.GridImageBackbone(manifest.pixel_spec().size, drop_top_blocks=model.config.image_tuned_blocks).eval()
     tokenizer = CaptionTokenizer(model_dir / manifest.tokenizer_file, max_tokens=manifest.limits.max_tokens)
     spec = manifest.pixel_spec()
     out: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -119,6 +119,10 @@ class EncoderModel:
         self.has_backbone = "image_backbone" in m.graphs
         self.pixel_spec = m.pixel_spec() if self.has_backbone else None
         self.region_dim = self._region_dim()
+        # A model tuning the image trunk's top blocks takes exactly the backbone's grid (manifest region_count).
+        self.region_count: int | None = self.manifest.preprocessing.get("region_count")
+        if self.region_count is not None and self.region_count > self.max_regions:
+            raise ConfigError(f"--max-regions {self.max_regions} is below the {self.region_count} grid regions this model takes")
         self.joint_dim = m.joint_dim
         self._text_inputs = {s.name: s for s in m.graph("text_encoder").inputs}
         self._image_inputs = {s.name: s for s in m.graph("image_encoder").inputs}
@@ -199,7 +203,7 @@ class EncoderModel:
             regions = self._run_backbone([np.zeros((3, size, size), np.float32)])
             self._run_image_encoder([(regions[0][0], regions[0][1], None)])
         else:
-            count = min(36, self.max_regions)
+            count = self.region_count or min(36, self.max_regions)
             boxes = np.tile(np.array([[0.1, 0.1, 0.6, 0.6]], np.float32), (count, 1))
             self._run_image_encoder([(np.zeros((count, self.region_dim), np.float32), boxes, None)])
 
@@ -301,6 +305,12 @@ class EncoderModel:
             raise InvalidInput(f"{field}.features: no regions; send 1 to {self.max_regions}")
         if count > self.max_regions:
             raise InvalidInput(f"{field}.features: {count} regions exceeds the limit of {self.max_regions} (--max-regions)")
+        if self.region_count is not None and count != self.region_count:
+            grid = self.manifest.preprocessing.get("grid")
+            raise InvalidInput(
+                f"{field}.features: this model takes exactly {self.region_count} regions (the backbone's {grid}x{grid} grid, "
+                f"row-major), got {count}"
+            )
         if boxes.shape != (count, 4):
             raise InvalidInput(f"{field}.boxes.shape: expected [{count}, 4] (one x1, y1, x2, y2 per region), got {list(boxes.shape)}")
         size = None

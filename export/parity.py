@@ -175,7 +175,7 @@ def run_parity(
     for start in range(0, len(captions), batch_size):
         batch = tokenizer.encode(captions[start : start + batch_size], truncate=True)
         text_batches.append((batch.input_ids, batch.attention_mask))
-    feats = image_features(data)
+    feats = image_features(data, tuned_blocks=int(manifest.preprocessing.get("image_tuned_blocks", 0)))
     image_batches = []
     for start in range(0, len(data.names), batch_size):
         regions = feats.regions[start : start + batch_size].astype(np.float32)

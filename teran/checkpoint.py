@@ -1,7 +1,7 @@
 """Our training checkpoints: a plain dict of tensors and settings, loadable with weights_only=True.
 
-Only the trained parts are stored (the heads, and any text backbone layers tuned with them); the
-frozen backbones are named so that export and serving can pair the heads with exactly the
+Only the trained parts are stored (the heads, and any backbone layers / blocks tuned with them);
+the frozen backbones are named so that export and serving can pair the heads with exactly the
 backbone they were trained on.
 """
 

@@ -11,13 +11,18 @@ from teran.errors import TeranInputError
 
 SHORTCUT_MODES = ("none", "global", "all")
 TEXT_LAYERS = 6  # transformer layers of all-MiniLM-L6-v2
+# EfficientNet-Lite0's top 4 MBConv blocks (of 16) run on its final 7x7 grid (the one below
+# them downsamples): a model may tune up to that many, and then takes that grid's 192 channels.
+IMAGE_TUNABLE_BLOCKS = 4
+IMAGE_GRID_CHANNELS = 192
+IMAGE_HEAD_CHANNELS = 1280  # EfficientNet-Lite0's head conv output: the region size of the full trunk
 
 
 @dataclass
 class ModelConfig:
     """Our TERAN variant: frozen backbones (bar any tuned top text layers), trained transformer heads, one joint space."""
 
-    region_dim: int = 1280  # EfficientNet-Lite0 channels per grid cell
+    region_dim: int = IMAGE_HEAD_CHANNELS  # channels per region entering the reasoning stack
     text_hidden_dim: int = 384  # all-MiniLM-L6-v2 hidden size
     visual_dim: int = 256  # width of the visual reasoning stack
     visual_layers: int = 2
@@ -36,6 +41,12 @@ class ModelConfig:
     # stored in the checkpoint); the frozen backbone runs only the layers below them.
     text_tuned_layers: int = 0
     text_tuned_heads: int = 12  # attention heads of those layers (the backbone's)
+    # Top MBConv blocks of the image trunk trained with the head, together with its 1x1 head conv
+    # (initialised from the pretrained ones, stored in the checkpoint; batch norm statistics stay
+    # frozen). The model then takes the backbone's grid below them (`image_input_dim` channels,
+    # exactly image_grid x image_grid regions, row-major) and computes the region features itself.
+    image_tuned_blocks: int = 0
+    image_grid: int = 7  # cells per side of that grid (input size / 32)
 
     def __post_init__(self):
         if self.pooled_shortcut not in SHORTCUT_MODES:
@@ -44,6 +55,28 @@ class ModelConfig:
             raise TeranInputError(f"model.text_tuned_layers must be an integer within 0..{TEXT_LAYERS}, got {self.text_tuned_layers!r}")
         if self.text_tuned_layers and self.text_hidden_dim % self.text_tuned_heads:
             raise TeranInputError(f"model.text_tuned_heads {self.text_tuned_heads} must divide text_hidden_dim {self.text_hidden_dim}")
+        if not (isinstance(self.image_tuned_blocks, int) and 0 <= self.image_tuned_blocks <= IMAGE_TUNABLE_BLOCKS):
+            raise TeranInputError(
+                f"model.image_tuned_blocks must be an integer within 0..{IMAGE_TUNABLE_BLOCKS} (the trunk's blocks on its final grid), "
+                f"got {self.image_tuned_blocks!r}"
+            )
+        if self.image_tuned_blocks and not (isinstance(self.image_grid, int) and 1 <= self.image_grid <= 32):
+            raise TeranInputError(f"model.image_grid must be an integer within 1..32, got {self.image_grid!r}")
+        if self.image_tuned_blocks and self.region_dim != IMAGE_HEAD_CHANNELS:
+            raise TeranInputError(
+                f"model.region_dim must be {IMAGE_HEAD_CHANNELS} (the image trunk's head output) when image_tuned_blocks is set, "
+                f"got {self.region_dim}"
+            )
+
+    @property
+    def image_input_dim(self) -> int:
+        """Channels per region the image encoder takes: region_dim, or the trunk's below its tuned blocks."""
+        return IMAGE_GRID_CHANNELS if self.image_tuned_blocks else self.region_dim
+
+    @property
+    def image_input_regions(self) -> int | None:
+        """The exact region count the image encoder needs (a full grid), or None for any count."""
+        return self.image_grid**2 if self.image_tuned_blocks else None
 
 
 @dataclass
@@ -70,7 +103,7 @@ class TrainConfig:
     captions_per_image: int = 1  # rounds per epoch; each round pairs every image with a different caption
     batch_size: int = 128
     lr: float = 2e-4
-    tuned_lr_scale: float = 0.1  # lr multiplier for the tuned text backbone layers (model.text_tuned_layers)
+    tuned_lr_scale: float = 0.1  # lr multiplier for tuned backbone parts (model.text_tuned_layers, model.image_tuned_blocks)
     lr_decay_epoch: int = 20  # lr x0.1 from this epoch on
     warmup_steps: int = 200
     weight_decay: float = 1e-4

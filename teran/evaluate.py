@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         data = load_split(args.split, args.data_dir, limit=args.limit)
         captions, owners = data.flat_captions()
         owners = np.asarray(owners)
-        image_feats = image_features(data)
+        image_feats = image_features(data, tuned_blocks=model.config.image_tuned_blocks)
         text_feats = text_features(captions, max_tokens=model.config.max_tokens, tuned_layers=model.config.text_tuned_layers)
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -69,23 +69,28 @@ def _atomic_save(path: Path, **arrays) -> None:
     tmp.replace(path)
 
 
-def image_features(images: CaptionedImages, batch_size: int = 32, spec: PixelSpec = PixelSpec(), progress: bool = True) -> ImageFeatures:
-    """Region features of every image of `images` (cached)."""
-    key = fingerprint(
-        {
-            "version": FEATURE_FORMAT_VERSION,
-            "backbone": backbones.IMAGE_BACKBONE,
-            "weights": file_digest(backbones.image_weights_file()),
-            "pixels": asdict(spec),
-            "root": str(images.root.resolve()),
-            "names": _names_digest(images.names),
-        }
-    )
-    path = cache_dir() / f"image-features-{key}.npz"
+def image_features(
+    images: CaptionedImages, batch_size: int = 32, spec: PixelSpec = PixelSpec(), tuned_blocks: int = 0, progress: bool = True
+) -> ImageFeatures:
+    """Region features of every image of `images` (cached).
+
+    `tuned_blocks`: the model trains the trunk's top blocks itself, so the grid is taken below them.
+    """
+    settings = {
+        "version": FEATURE_FORMAT_VERSION,
+        "backbone": backbones.IMAGE_BACKBONE,
+        "weights": file_digest(backbones.image_weights_file()),
+        "pixels": asdict(spec),
+        "root": str(images.root.resolve()),
+        "names": _names_digest(images.names),
+    }
+    if tuned_blocks:  # keeps the keys of existing caches for the whole trunk
+        settings["tuned_blocks"] = tuned_blocks
+    path = cache_dir() / f"image-features-{fingerprint(settings)}.npz"
     if path.exists():
         with np.load(path) as stored:
             return ImageFeatures(images.names, stored["regions"], stored["boxes"])
-    backbone = backbones.GridImageBackbone(spec.size)
+    backbone = backbones.GridImageBackbone(spec.size, drop_top_blocks=tuned_blocks)
     regions, boxes = [], []
     started = time.monotonic()
     with torch.inference_mode(), tqdm(total=len(images.names), desc="image features", unit="img", disable=not progress) as bar:
@@ -159,18 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m teran.features", description=__doc__.splitlines()[0])
     parser.add_argument("--split", action="append", default=None, help="train, dev, test or all (repeatable; default train and dev)")
     parser.add_argument("--data-dir", default=None, help="Flickr8k-style folder (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k)")
-    parser.add_argument("--config", default=None, help="training config: take max_tokens and text_tuned_layers from its model settings")
+    parser.add_argument(
+        "--config", default=None, help="training config: take max_tokens, text_tuned_layers and image_tuned_blocks from its model settings"
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="word pieces per caption incl. [CLS]/[SEP] (default 64)")
     parser.add_argument("--text-tuned-layers", type=int, default=None, help="top text backbone layers the model trains itself (default 0)")
+    parser.add_argument("--image-tuned-blocks", type=int, default=None, help="top image trunk blocks the model trains itself (default 0)")
     args = parser.parse_args(argv)
     try:
         model = load_train_config(args.config).model if args.config else ModelConfig()
         max_tokens = args.max_tokens if args.max_tokens is not None else model.max_tokens
         tuned = args.text_tuned_layers if args.text_tuned_layers is not None else model.text_tuned_layers
-        ModelConfig(max_tokens=max_tokens, text_tuned_layers=tuned)  # rejects a layer count the backbone does not have
+        blocks = args.image_tuned_blocks if args.image_tuned_blocks is not None else model.image_tuned_blocks
+        # Rejects a layer or block count the backbones do not have.
+        ModelConfig(max_tokens=max_tokens, text_tuned_layers=tuned, image_tuned_blocks=blocks)
         for split in args.split or ["train", "dev"]:
             data = load_split(split, args.data_dir)
-            image_features(data)
+            image_features(data, tuned_blocks=blocks)
             text_features(data.flat_captions()[0], max_tokens=max_tokens, tuned_layers=tuned)
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

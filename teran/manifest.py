@@ -11,7 +11,9 @@ the tokenizer, an optional Triton model repository under `triton/`, and `manifes
     source_checkpoint            path, sha256, size and kind ("project" | "original")
     joint_dim, limits            vector size; max_tokens, max_regions, max_batch
     tokenizer_file               the tokenizer.json to use (relative to the directory)
-    preprocessing                PixelSpec fields + grid of the image backbone
+    preprocessing                PixelSpec fields, grid and region_dim of the image backbone;
+                                 region_count when the image encoder takes exactly that many
+                                 regions (a model tuning the trunk's top blocks takes its grid)
     alignment_mode, concept_mode how to score ("MrSw", ...) and which concepts are words
     graphs                       per graph: fp32 / fp16 file, inputs / outputs (name, dtype,
                                  shape with symbolic dims as strings), ORT optimisation level

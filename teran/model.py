@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teran.backbones import bert_layer_stack
+from teran.backbones import TunedImageStage, bert_layer_stack
 from teran.config import ModelConfig
 
 
@@ -73,10 +73,17 @@ def _make_shortcut(in_dim: int, cfg: ModelConfig) -> PooledShortcut | None:
 
 
 class ImageEncoder(nn.Module):
-    """Region features [B, R, C] + normalised boxes [B, R, 4] + mask [B, R] -> Encoded (N = R)."""
+    """Region features [B, R, C] + normalised boxes [B, R, 4] + mask [B, R] -> Encoded (N = R).
+
+    With `image_tuned_blocks` > 0 the regions are the backbone's grid below those blocks
+    (C = cfg.image_input_dim, R = image_grid**2 cells, row-major, all real), and the encoder runs
+    its own trained copies of the blocks and head conv first (`tuned`) to get the region features.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.grid = cfg.image_grid
+        self.tuned = TunedImageStage(cfg.image_tuned_blocks) if cfg.image_tuned_blocks else None
         self.spatial = nn.Sequential(nn.Linear(cfg.region_dim + 5, cfg.visual_dim), nn.ReLU(), nn.Linear(cfg.visual_dim, cfg.visual_dim))
         self.global_slot = nn.Parameter(torch.zeros(1, 1, cfg.visual_dim))
         nn.init.normal_(self.global_slot, std=0.02)
@@ -87,6 +94,9 @@ class ImageEncoder(nn.Module):
         self.shortcut = _make_shortcut(cfg.region_dim, cfg)
 
     def forward(self, regions: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor) -> Encoded:
+        if self.tuned is not None:
+            grid = regions.transpose(1, 2).reshape(regions.shape[0], regions.shape[2], self.grid, self.grid)
+            regions = self.tuned(grid).flatten(2).transpose(1, 2)
         x = self.spatial(spatial_inputs(regions, boxes))
         x = torch.cat([self.global_slot.expand(x.shape[0], -1, -1), x], dim=1)
         valid = torch.cat([torch.ones_like(region_mask[:, :1]), region_mask], dim=1)
@@ -156,7 +166,7 @@ class TextEncoder(nn.Module):
 
 
 class TeranModel(nn.Module):
-    """The trainable part of our model: image encoder and text head (plus any tuned text backbone layers)."""
+    """The trainable part of our model: image encoder and text head (plus any tuned backbone parts)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

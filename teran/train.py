@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from teran.backbones import pretrained_top_text_layers
+from teran.backbones import TunedImageStage, pretrained_top_text_layers
 from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
 from teran.config import TrainConfig, load_train_config, to_dict
 from teran.data.flickr8k import load_split
@@ -78,7 +78,7 @@ def make_optimizer(cfg: TrainConfig, model: TeranModel, loss_fn: nn.Module) -> t
 
     Tuned backbone layers learn at `tuned_lr_scale` x the lr, so the pretrained weights move gently.
     """
-    tuned = list(model.text.tuned.parameters()) if model.text.tuned is not None else []
+    tuned = [p for stage in (model.text.tuned, model.image.tuned) if stage is not None for p in stage.parameters()]
     tuned_ids = {id(p) for p in tuned}
     groups = [{"params": [p for p in model.parameters() if id(p) not in tuned_ids], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
     if tuned:
@@ -98,18 +98,22 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     dev_split = load_split("dev", data_dir, limit=cfg.eval_images)
     train_caps, train_owners = train_split.flat_captions()
     dev_caps, dev_owners = dev_split.flat_captions()
-    train_images: ImageFeatures = image_features(train_split, progress=progress)
+    blocks = cfg.model.image_tuned_blocks
+    train_images: ImageFeatures = image_features(train_split, tuned_blocks=blocks, progress=progress)
     tuned = cfg.model.text_tuned_layers
     train_text: TextFeatures = text_features(train_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
-    dev_images = image_features(dev_split, progress=progress)
+    dev_images = image_features(dev_split, tuned_blocks=blocks, progress=progress)
     dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
 
     device = torch.device(cfg.device)
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
     resuming = resume and last_path.exists()
     model = TeranModel(cfg.model)
-    if model.text.tuned is not None and not resuming:  # a resumed run takes them from its checkpoint
-        model.text.tuned.load_state_dict(pretrained_top_text_layers(tuned, cfg.model.dropout).state_dict())
+    if not resuming:  # a resumed run takes its tuned backbone parts from its checkpoint
+        if model.text.tuned is not None:
+            model.text.tuned.load_state_dict(pretrained_top_text_layers(tuned, cfg.model.dropout).state_dict())
+        if model.image.tuned is not None:
+            model.image.tuned.load_state_dict(TunedImageStage(blocks, pretrained=True).state_dict())
     model.to(device)
     loss_fn = TeranLoss(cfg.loss).to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)

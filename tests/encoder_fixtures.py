@@ -261,8 +261,12 @@ def build_synthetic_model_dir(
 # --------------------------------------------------------------------------- the real exporter
 
 
-def build_exported_model_dir(out: Path) -> Path:
-    """Tiny random project checkpoint -> `export.exporter.export_model_dir` (imports torch)."""
+def build_exported_model_dir(out: Path, image_tuned_blocks: int = 0) -> Path:
+    """Tiny random project checkpoint -> `export.exporter.export_model_dir` (imports torch).
+
+    With `image_tuned_blocks` the model tunes the real image trunk's top blocks, so the real
+    EfficientNet-Lite0 below them is the image backbone; otherwise a tiny conv stands in for it.
+    """
     import torch
     from torch import nn
     from transformers import BertConfig, BertModel
@@ -287,7 +291,8 @@ def build_exported_model_dir(out: Path) -> Path:
     out = Path(out)
     torch.manual_seed(0)
     cfg = ModelConfig(
-        region_dim=12,
+        region_dim=1280 if image_tuned_blocks else 12,
+        image_tuned_blocks=image_tuned_blocks,
         text_hidden_dim=16,
         visual_dim=16,
         visual_layers=1,
@@ -307,9 +312,13 @@ def build_exported_model_dir(out: Path) -> Path:
         ),
         add_pooling_layer=False,
     ).eval()
-    source = load_source(
-        checkpoint, "project", text_backbone=text, image_backbone=TinyGridBackbone().eval(), tokenizer_file=tokenizer_file()
-    )
+    if image_tuned_blocks:
+        from teran.backbones import GridImageBackbone
+
+        image = GridImageBackbone(drop_top_blocks=image_tuned_blocks).eval()
+    else:
+        image = TinyGridBackbone().eval()
+    source = load_source(checkpoint, "project", text_backbone=text, image_backbone=image, tokenizer_file=tokenizer_file())
     export_model_dir(source, out, name="tiny-exported", max_batch=16, triton=True, triton_device="cpu", progress=None)
     return out
 

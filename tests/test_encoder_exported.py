@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from encoder_fixtures import Reference, TritonTestServer, build_exported_model_dir, image_bytes, make_config, regions
 
-from encoder_service.client import EncoderClient, RegionFeatures
+from encoder_service.client import EncoderClient, EncoderError, RegionFeatures
 from encoder_service.server import ServerThread
 from teran.manifest import ManifestError, load_manifest
 
@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [
     "export/*.py",
     "teran/model.py",
+    "teran/backbones.py",
     "teran/manifest.py",
     "teran/checkpoint.py",
     "teran/config.py",
@@ -39,11 +40,10 @@ def _source_key() -> str:
     return digest.hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def exported(request, tmp_path_factory):
+def _cached_export(request, tmp_path_factory, name: str, **options) -> Path:
     key = _source_key()
     cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir(f"teran-encoder-exported-{key}") if cache is not None else tmp_path_factory.mktemp("exported")
+    folder = cache.mkdir(f"teran-encoder-{name}-{key}") if cache is not None else tmp_path_factory.mktemp(name)
     model_dir = Path(folder) / "model"
     try:
         load_manifest(model_dir, verify=True)
@@ -51,8 +51,19 @@ def exported(request, tmp_path_factory):
         pytest.importorskip("torch")
         pytest.importorskip("export.exporter")
         shutil.rmtree(model_dir, ignore_errors=True)
-        build_exported_model_dir(model_dir)
+        build_exported_model_dir(model_dir, **options)
     return model_dir
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    return _cached_export(request, tmp_path_factory, "exported")
+
+
+@pytest.fixture(scope="module")
+def exported_tuned_image(request, tmp_path_factory):
+    """A model tuning the image trunk's top block: its backbone graph is the real trunk below it."""
+    return _cached_export(request, tmp_path_factory, "exported-tuned-image", image_tuned_blocks=1)
 
 
 def test_exported_model_served_equals_onnx_graphs(exported):
@@ -96,3 +107,36 @@ def test_exported_fp16_graphs_and_triton_repository(exported):
         local.stop()
         remote.stop()
         triton.stop()
+
+
+def test_model_tuning_the_image_trunk_serves_jpegs_like_torch_and_takes_only_whole_grids(exported_tuned_image):
+    import grpc
+    import torch
+
+    from teran.backbones import GridImageBackbone
+    from teran.checkpoint import load_model
+    from teran.preprocess import PixelSpec, decode_image, to_pixels
+
+    manifest = load_manifest(exported_tuned_image)
+    assert manifest.preprocessing["region_dim"] == 192 and manifest.preprocessing["region_count"] == 49
+    model, _ = load_model(exported_tuned_image.parent / f"{exported_tuned_image.name}-tiny.pt")
+    jpeg = image_bytes(120, 80, seed=5)
+    with torch.no_grad():
+        grid, boxes = GridImageBackbone(drop_top_blocks=1)(torch.from_numpy(to_pixels(decode_image(jpeg), PixelSpec())[None]))
+        expected = model.image(grid, boxes, torch.ones(1, 49, dtype=torch.bool))
+    with ServerThread(make_config(exported_tuned_image)) as running, EncoderClient(running.target) as client:
+        assert client.model_info().region_dim == 192
+        image = client.encode_images([jpeg])[0]
+        np.testing.assert_allclose(image.global_vector, expected.global_vec[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(image.concepts, expected.concepts[0].numpy(), atol=1e-4)
+        # Precomputed features must be the whole grid below the tuned blocks.
+        whole = client.encode_images([RegionFeatures(grid[0].numpy(), boxes[0].numpy())])[0]
+        np.testing.assert_allclose(whole.global_vector, image.global_vector, atol=1e-5)
+        feats, part = regions(36, 192, seed=2)
+        with pytest.raises(EncoderError) as caught:
+            client.encode_images([RegionFeatures(feats, part)])
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            caught.value.details
+            == "images[0].regions.features: this model takes exactly 49 regions (the backbone's 7x7 grid, row-major), got 36"
+        )

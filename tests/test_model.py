@@ -232,3 +232,60 @@ def test_tuned_text_layers_ignore_padding_and_round_trip_through_a_checkpoint(tm
 def test_bad_tuned_layer_settings_are_clear_errors(settings, message):
     with pytest.raises(TeranInputError, match=message):
         ModelConfig(**{**TINY.__dict__, **settings})
+
+
+def test_truncated_image_trunk_plus_the_pretrained_tuned_stage_is_the_whole_trunk():
+    """The grid below the top blocks, run through their pretrained copies, gives the full trunk's regions."""
+    from teran.backbones import GridImageBackbone, TunedImageStage
+
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        whole, boxes = GridImageBackbone()(pixels)
+        below, below_boxes = GridImageBackbone(drop_top_blocks=2)(pixels)
+        stage = TunedImageStage(2, pretrained=True).eval()
+        ours = stage(below.transpose(1, 2).reshape(2, 192, 7, 7)).flatten(2).transpose(1, 2)
+    assert whole.shape == (2, 49, 1280) and below.shape == (2, 49, 192)
+    torch.testing.assert_close(ours, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(below_boxes, boxes)
+    with pytest.raises(ValueError, match=r"image trunk top blocks must be within 0..4 \(those on its final grid\), got 5"):
+        GridImageBackbone(drop_top_blocks=5)
+
+
+TUNED_IMAGE = ModelConfig(**{**TINY.__dict__, "region_dim": 1280, "image_tuned_blocks": 1, "image_grid": 3})
+
+
+def test_tuned_image_stage_keeps_its_batch_norm_statistics_in_training_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = TeranModel(TUNED_IMAGE)
+    assert TUNED_IMAGE.image_input_dim == 192 and TUNED_IMAGE.image_input_regions == 9
+    grid = torch.randn(4, 9, 192)
+    boxes = torch.rand(4, 9, 4).sort(dim=-1).values
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    before = {k: v.clone() for k, v in model.image.tuned.state_dict().items() if "running" in k}
+    model.train()
+    out = model.image(grid, boxes, mask)
+    out.global_vec.sum().backward()
+    assert out.concepts.shape == (4, 9, TINY.joint_dim)
+    assert model.image.tuned.head_conv.weight.grad.abs().sum() > 0  # the stage learns ...
+    after = {k: v for k, v in model.image.tuned.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # ... but its statistics stay the pretrained ones
+    model.eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    assert loaded.config.image_tuned_blocks == 1
+    torch.testing.assert_close(loaded.image(grid, boxes, mask).concepts, model.image(grid, boxes, mask).concepts)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"image_tuned_blocks": 5}, r"image_tuned_blocks must be an integer within 0..4 \(the trunk's blocks on its final grid\), got 5"),
+        ({"image_tuned_blocks": -1}, r"image_tuned_blocks must be an integer within 0..4 .*, got -1"),
+        ({"image_tuned_blocks": 1}, r"region_dim must be 1280 \(the image trunk's head output\) when image_tuned_blocks is set, got 12"),
+        ({"image_tuned_blocks": 1, "region_dim": 1280, "image_grid": 0}, r"image_grid must be an integer within 1..32, got 0"),
+    ],
+)
+def test_bad_tuned_image_settings_are_clear_errors(settings, message):
+    with pytest.raises(TeranInputError, match=message):
+        ModelConfig(**{**TINY.__dict__, **settings})

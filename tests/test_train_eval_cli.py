@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from teran import evaluate, train
@@ -136,11 +137,32 @@ def test_tuned_text_layers_start_pretrained_and_learn_at_their_own_rate(data_dir
     assert evaluate.main(["--checkpoint", str(out / "last.pt"), "--data-dir", str(data_dir), "--output", str(tmp_path / "e.json")]) == 0
 
 
+@pytest.mark.parametrize("lr_scale", [0.0, 1.0])
+def test_tuned_image_blocks_start_pretrained_and_learn_at_their_own_rate(data_dir, config, tmp_path, lr_scale):
+    from teran.backbones import TunedImageStage
+
+    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, image_tuned_blocks: 1}") + f"tuned_lr_scale: {lr_scale}\n")
+    out = tmp_path / "run"
+    assert train.main(["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
+    saved = read_checkpoint(out / "last.pt")["state_dict"]
+    pretrained = TunedImageStage(1, pretrained=True).state_dict()
+    tuned = {key.removeprefix("image.tuned."): value for key, value in saved.items() if key.startswith("image.tuned.")}
+    assert set(tuned) == set(pretrained)
+    learned = [key for key in pretrained if "running" not in key and "num_batches" not in key]
+    moved = max(float((tuned[key] - pretrained[key]).abs().max()) for key in learned)
+    # lr scale 0 keeps the trunk's top block and head exactly; at scale 1 they train with the head.
+    assert (moved == 0.0) if lr_scale == 0.0 else (moved > 1e-4)
+    # Batch norm statistics are never re-estimated.
+    assert all(torch.equal(tuned[key], pretrained[key]) for key in pretrained if key not in learned)
+    assert tuned["head_conv.weight"].shape == (1280, 320, 1, 1)
+    assert evaluate.main(["--checkpoint", str(out / "last.pt"), "--data-dir", str(data_dir), "--output", str(tmp_path / "e.json")]) == 0
+
+
 def test_features_cli_precomputes_the_caches_a_config_trains_on(data_dir, config, tmp_path, capsys):
     from teran import features
     from teran.data.flickr8k import load_split
 
-    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, text_tuned_layers: 1}"))
+    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, text_tuned_layers: 1, image_tuned_blocks: 2}"))
     assert features.main(["--config", str(config), "--data-dir", str(data_dir), "--split", "dev"]) == 0
     cache = tmp_path / "cache"
     written = set(cache.iterdir())
@@ -150,6 +172,12 @@ def test_features_cli_precomputes_the_caches_a_config_trains_on(data_dir, config
     whole = features.text_features(captions, progress=False)
     assert len(set(cache.iterdir()) - written) == 1  # the whole backbone is another cache
     assert below_top.hidden.shape == whole.hidden.shape and abs(below_top.hidden.astype(float) - whole.hidden).max() > 0.1
+    dev = load_split("dev", str(data_dir))
+    grid = features.image_features(dev, tuned_blocks=2, progress=False)
+    assert len(set(cache.iterdir()) - written) == 1  # the image grid below the top 2 blocks came from the CLI too
+    assert grid.regions.shape == (4, 49, 192) and features.image_features(dev, progress=False).regions.shape == (4, 49, 1280)
 
     assert features.main(["--text-tuned-layers", "9", "--data-dir", str(data_dir)]) == 2
     assert "text_tuned_layers must be an integer within 0..6, got 9" in capsys.readouterr().err
+    assert features.main(["--image-tuned-blocks", "5", "--data-dir", str(data_dir)]) == 2
+    assert "image_tuned_blocks must be an integer within 0..4 (the trunk's blocks on its final grid), got 5" in capsys.readouterr().err
