@@ -118,43 +118,43 @@ def test_contrastive_training_resumes_with_its_learned_temperatures(data_dir, co
     assert resumed["epoch"] == 2 and float(resumed["loss_state"]["global_log_scale"]) != float(saved["global_log_scale"])
 
 
-@pytest.mark.parametrize("lr_scale", [0.0, 1.0])
-def test_tuned_text_layers_start_pretrained_and_learn_at_their_own_rate(data_dir, config, tmp_path, lr_scale):
-
+def _pretrained_text_layer():
     from teran.backbones import pretrained_top_text_layers
 
-    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, text_tuned_layers: 1}") + f"tuned_lr_scale: {lr_scale}\n")
-    out = tmp_path / "run"
-    assert train.main(["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
-    saved = read_checkpoint(out / "last.pt")["state_dict"]
-    pretrained = pretrained_top_text_layers(1, dropout=0.0).state_dict()
-    tuned = {key.removeprefix("text.tuned."): value for key, value in saved.items() if key.startswith("text.tuned.")}
-    assert set(tuned) == set(pretrained)
-    moved = max(float((tuned[key] - pretrained[key]).abs().max()) for key in pretrained)
-    # lr scale 0 keeps MiniLM's top layer exactly; at scale 1 it trains with the head.
-    assert (moved == 0.0) if lr_scale == 0.0 else (moved > 1e-4)
-    assert tuned["layers.0.linear1.weight"].shape == (1536, 384)
-    assert evaluate.main(["--checkpoint", str(out / "last.pt"), "--data-dir", str(data_dir), "--output", str(tmp_path / "e.json")]) == 0
+    return pretrained_top_text_layers(1, dropout=0.0)
 
 
-@pytest.mark.parametrize("lr_scale", [0.0, 1.0])
-def test_tuned_image_blocks_start_pretrained_and_learn_at_their_own_rate(data_dir, config, tmp_path, lr_scale):
+def _pretrained_image_block():
     from teran.backbones import TunedImageStage
 
-    config.write_text(config.read_text().replace("heads: 2}", "heads: 2, image_tuned_blocks: 1}") + f"tuned_lr_scale: {lr_scale}\n")
+    return TunedImageStage(1, pretrained=True)
+
+
+# setting -> (state-dict prefix, the pretrained part, one of its weights and that weight's shape)
+TUNED_PARTS = {
+    "text_tuned_layers": ("text.tuned.", _pretrained_text_layer, "layers.0.linear1.weight", (1536, 384)),
+    "image_tuned_blocks": ("image.tuned.", _pretrained_image_block, "head_conv.weight", (1280, 320, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(TUNED_PARTS))
+@pytest.mark.parametrize("lr_scale", [0.0, 1.0])
+def test_tuned_backbone_parts_start_pretrained_and_learn_at_their_own_rate(data_dir, config, tmp_path, setting, lr_scale):
+    prefix, make_pretrained, weight, shape = TUNED_PARTS[setting]
+    config.write_text(config.read_text().replace("heads: 2}", f"heads: 2, {setting}: 1}}") + f"tuned_lr_scale: {lr_scale}\n")
     out = tmp_path / "run"
     assert train.main(["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--no-progress"]) == 0
     saved = read_checkpoint(out / "last.pt")["state_dict"]
-    pretrained = TunedImageStage(1, pretrained=True).state_dict()
-    tuned = {key.removeprefix("image.tuned."): value for key, value in saved.items() if key.startswith("image.tuned.")}
+    pretrained = make_pretrained().state_dict()
+    tuned = {key.removeprefix(prefix): value for key, value in saved.items() if key.startswith(prefix)}
     assert set(tuned) == set(pretrained)
     learned = [key for key in pretrained if "running" not in key and "num_batches" not in key]
     moved = max(float((tuned[key] - pretrained[key]).abs().max()) for key in learned)
-    # lr scale 0 keeps the trunk's top block and head exactly; at scale 1 they train with the head.
+    # lr scale 0 keeps the pretrained weights exactly; at scale 1 they train with the heads.
     assert (moved == 0.0) if lr_scale == 0.0 else (moved > 1e-4)
-    # Batch norm statistics are never re-estimated.
+    # Batch norm statistics (the image blocks') are never re-estimated.
     assert all(torch.equal(tuned[key], pretrained[key]) for key in pretrained if key not in learned)
-    assert tuned["head_conv.weight"].shape == (1280, 320, 1, 1)
+    assert tuned[weight].shape == shape
     assert evaluate.main(["--checkpoint", str(out / "last.pt"), "--data-dir", str(data_dir), "--output", str(tmp_path / "e.json")]) == 0
 
 
