@@ -82,6 +82,7 @@ class ModelInfo:
     checkpoint_kind: str
     checkpoint_sha256: str
     region_dim: int
+    region_count: int  # exact rows of RegionFeatures.features, 0: any count up to limits["max_regions"]
     accepts_encoded_images: bool
     limits: dict[str, int]
 
@@ -174,6 +175,7 @@ def parse_info(info: encoder_pb2.ModelInfo) -> ModelInfo:
         checkpoint_kind=info.checkpoint_kind,
         checkpoint_sha256=info.checkpoint_sha256,
         region_dim=info.region_dim,
+        region_count=info.region_count,
         accepts_encoded_images=info.accepts_encoded_images,
         limits=limits,
     )

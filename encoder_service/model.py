@@ -302,7 +302,8 @@ class EncoderModel:
             raise InvalidInput(f"{field}.features.shape: expected [regions, {self.region_dim}], got {list(feats.shape)}")
         count = feats.shape[0]
         if count < 1:
-            raise InvalidInput(f"{field}.features: no regions; send 1 to {self.max_regions}")
+            allowed = f"exactly {self.region_count}" if self.region_count is not None else f"1 to {self.max_regions}"
+            raise InvalidInput(f"{field}.features: no regions; send {allowed}")
         if count > self.max_regions:
             raise InvalidInput(f"{field}.features: {count} regions exceeds the limit of {self.max_regions} (--max-regions)")
         if self.region_count is not None and count != self.region_count:
@@ -415,4 +416,5 @@ class EncoderModel:
             "max_message_bytes": self.config.max_message_bytes,
             "max_batch": self.max_batch,
             "image_size": self.pixel_spec.size if self.pixel_spec else 0,
+            "region_count": self.region_count or 0,
         }

@@ -314,7 +314,7 @@ def _project_source(
         mask_output="concept_mask",
     )
     spec = PixelSpec()
-    grid = spec.size // 32
+    grid = cfg.image_grid if fixed_regions else spec.size // 32
     image_name = None
     if with_backbone:
         if image_backbone is None:

@@ -91,6 +91,7 @@ class TunedImageStage(nn.Module):
 
     Batch norm keeps the pretrained statistics in training too (they are part of the frozen
     backbone's numerics; batches of 7x7 grids are too few cells to re-estimate them well).
+    Blocks with a residual keep EfficientNet's own stochastic depth (drop connect) in training.
     """
 
     def __init__(self, count: int, pretrained: bool = False):

@@ -20,7 +20,7 @@ IMAGE_HEAD_CHANNELS = 1280  # EfficientNet-Lite0's head conv output: the region 
 
 @dataclass
 class ModelConfig:
-    """Our TERAN variant: frozen backbones (bar any tuned top text layers), trained transformer heads, one joint space."""
+    """Our TERAN variant: frozen backbones (bar any tuned top layers / blocks), trained transformer heads, one joint space."""
 
     region_dim: int = IMAGE_HEAD_CHANNELS  # channels per region entering the reasoning stack
     text_hidden_dim: int = 384  # all-MiniLM-L6-v2 hidden size
@@ -43,7 +43,8 @@ class ModelConfig:
     text_tuned_heads: int = 12  # attention heads of those layers (the backbone's)
     # Top MBConv blocks of the image trunk trained with the head, together with its 1x1 head conv
     # (initialised from the pretrained ones, stored in the checkpoint; batch norm statistics stay
-    # frozen). The model then takes the backbone's grid below them (`image_input_dim` channels,
+    # frozen; blocks with a residual keep EfficientNet's stochastic depth in training, rate 0.2 x
+    # block index / 16). The model then takes the backbone's grid below them (`image_input_dim` channels,
     # exactly image_grid x image_grid regions, row-major) and computes the region features itself.
     image_tuned_blocks: int = 0
     image_grid: int = 7  # cells per side of that grid (input size / 32)

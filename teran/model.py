@@ -95,6 +95,11 @@ class ImageEncoder(nn.Module):
 
     def forward(self, regions: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor) -> Encoded:
         if self.tuned is not None:
+            if regions.shape[1] != self.grid * self.grid:
+                raise ValueError(
+                    f"the tuned image stage takes the backbone's {self.grid}x{self.grid} grid ({self.grid**2} regions), "
+                    f"got {regions.shape[1]} regions"
+                )
             grid = regions.transpose(1, 2).reshape(regions.shape[0], regions.shape[2], self.grid, self.grid)
             regions = self.tuned(grid).flatten(2).transpose(1, 2)
         x = self.spatial(spatial_inputs(regions, boxes))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from teran.backbones import TunedImageStage, pretrained_top_text_layers
 from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
-from teran.config import TrainConfig, load_train_config, to_dict
+from teran.config import TrainConfig, load_train_config, model_config_from_dict, to_dict
 from teran.data.flickr8k import load_split
 from teran.errors import TeranInputError
 from teran.evaluate import evaluate_model
@@ -88,11 +88,29 @@ def make_optimizer(cfg: TrainConfig, model: TeranModel, loss_fn: nn.Module) -> t
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def _check_resumable(last_path: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a run started with other model settings (its caches and weights would not fit)."""
+    # Through ModelConfig, so settings added since the checkpoint was written compare as their defaults.
+    stored = to_dict(model_config_from_dict(read_checkpoint(last_path).get("model_config") or {}))
+    wanted = to_dict(cfg.model)
+    differ = sorted(key for key in wanted.keys() | stored.keys() if stored.get(key) != wanted.get(key))
+    if differ:
+        changes = ", ".join(f"{key}: {stored.get(key)!r} there, {wanted.get(key)!r} now" for key in differ)
+        raise TeranInputError(
+            f"{last_path}: was started with other model settings ({changes}); resume with its config or use another --output-dir"
+        )
+
+
 def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True, command: str = "") -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+
+    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    resuming = resume and last_path.exists()
+    if resuming:
+        _check_resumable(last_path, cfg)
 
     train_split = load_split("train", data_dir)
     dev_split = load_split("dev", data_dir, limit=cfg.eval_images)
@@ -106,8 +124,6 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
 
     device = torch.device(cfg.device)
-    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
-    resuming = resume and last_path.exists()
     model = TeranModel(cfg.model)
     if not resuming:  # a resumed run takes its tuned backbone parts from its checkpoint
         if model.text.tuned is not None:

@@ -125,7 +125,8 @@ def test_model_tuning_the_image_trunk_serves_jpegs_like_torch_and_takes_only_who
         grid, boxes = GridImageBackbone(drop_top_blocks=1)(torch.from_numpy(to_pixels(decode_image(jpeg), PixelSpec())[None]))
         expected = model.image(grid, boxes, torch.ones(1, 49, dtype=torch.bool))
     with ServerThread(make_config(exported_tuned_image)) as running, EncoderClient(running.target) as client:
-        assert client.model_info().region_dim == 192
+        info = client.model_info()
+        assert info.region_dim == 192 and info.region_count == 49
         image = client.encode_images([jpeg])[0]
         np.testing.assert_allclose(image.global_vector, expected.global_vec[0].numpy(), atol=1e-4)
         np.testing.assert_allclose(image.concepts, expected.concepts[0].numpy(), atol=1e-4)
@@ -140,3 +141,5 @@ def test_model_tuning_the_image_trunk_serves_jpegs_like_torch_and_takes_only_who
             caught.value.details
             == "images[0].regions.features: this model takes exactly 49 regions (the backbone's 7x7 grid, row-major), got 36"
         )
+        with pytest.raises(EncoderError, match=r"images\[0\]\.regions\.features: no regions; send exactly 49"):
+            client.encode_images([RegionFeatures(np.zeros((0, 192), np.float32), np.zeros((0, 4), np.float32))])

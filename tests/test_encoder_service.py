@@ -146,7 +146,7 @@ def test_async_client(server, reference):
 def test_model_info_and_reflection(client, server):
     info = client.model_info()
     assert info.backend == "onnxruntime" and "CPUExecutionProvider" in info.backend_detail
-    assert info.limits["max_tokens"] == 32 and info.limits["max_regions"] == 64 and info.region_dim == 12
+    assert info.limits["max_tokens"] == 32 and info.limits["max_regions"] == 64 and info.region_dim == 12 and info.region_count == 0
     assert info.limits["image_size"] == 224 and info.concept_mode == "words" and info.checkpoint_kind == "project"
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

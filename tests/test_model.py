@@ -274,6 +274,8 @@ def test_tuned_image_stage_keeps_its_batch_norm_statistics_in_training_and_round
     save_checkpoint(tmp_path / "m.pt", model)
     loaded, _ = load_model(tmp_path / "m.pt")
     assert loaded.config.image_tuned_blocks == 1
+    with pytest.raises(ValueError, match=r"the tuned image stage takes the backbone's 3x3 grid \(9 regions\), got 8 regions"):
+        model.image(grid[:, :8], boxes[:, :8], mask[:, :8])
     torch.testing.assert_close(loaded.image(grid, boxes, mask).concepts, model.image(grid, boxes, mask).concepts)
 
 

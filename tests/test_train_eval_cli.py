@@ -65,6 +65,14 @@ def test_train_resume_and_evaluate(data_dir, config, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
 
+    # Resuming with other model settings is refused before any work, naming what differs.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(config.read_text().replace("heads: 2}", "heads: 2, image_tuned_blocks: 1}"))
+    assert train.main(["--config", str(changed), "--output-dir", str(out), "--data-dir", str(data_dir), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'last.pt'}: was started with other model settings (image_tuned_blocks: 0 there, 1 now)" in err
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2  # untouched
+
     report_path = tmp_path / "eval.json"
     code = evaluate.main(
         ["--checkpoint", str(out / "best.pt"), "--split", "dev", "--data-dir", str(data_dir), "--output", str(report_path)]
