@@ -26,8 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from teran.backbones import TunedImageStage, pretrained_top_text_layers
-from teran.checkpoint import load_model, read_checkpoint, save_checkpoint
-from teran.config import TrainConfig, load_train_config, model_config_from_dict, to_dict
+from teran.checkpoint import load_model, save_checkpoint
+from teran.config import TrainConfig, load_train_config, to_dict
 from teran.data.flickr8k import load_split
 from teran.errors import TeranInputError
 from teran.evaluate import evaluate_model
@@ -88,17 +88,18 @@ def make_optimizer(cfg: TrainConfig, model: TeranModel, loss_fn: nn.Module) -> t
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _check_resumable(last_path: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a run started with other model settings (its caches and weights would not fit)."""
-    # Through ModelConfig, so settings added since the checkpoint was written compare as their defaults.
-    stored = to_dict(model_config_from_dict(read_checkpoint(last_path).get("model_config") or {}))
-    wanted = to_dict(cfg.model)
+def _load_resumable(last_path: Path, cfg: TrainConfig) -> tuple[TeranModel, dict]:
+    """The run's model and checkpoint, refused if it was started with other model settings
+    (its caches and weights would not fit). Settings added since it was written count as their defaults."""
+    model, state = load_model(last_path)
+    stored, wanted = to_dict(model.config), to_dict(cfg.model)
     differ = sorted(key for key in wanted.keys() | stored.keys() if stored.get(key) != wanted.get(key))
     if differ:
         changes = ", ".join(f"{key}: {stored.get(key)!r} there, {wanted.get(key)!r} now" for key in differ)
         raise TeranInputError(
             f"{last_path}: was started with other model settings ({changes}); resume with its config or use another --output-dir"
         )
+    return model, state
 
 
 def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True, command: str = "") -> dict:
@@ -108,9 +109,7 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     seed_everything(cfg.seed)
 
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
-    resuming = resume and last_path.exists()
-    if resuming:
-        _check_resumable(last_path, cfg)
+    resumed = _load_resumable(last_path, cfg) if resume and last_path.exists() else None
 
     train_split = load_split("train", data_dir)
     dev_split = load_split("dev", data_dir, limit=cfg.eval_images)
@@ -124,8 +123,10 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
 
     device = torch.device(cfg.device)
-    model = TeranModel(cfg.model)
-    if not resuming:  # a resumed run takes its tuned backbone parts from its checkpoint
+    if resumed:  # a resumed run takes its tuned backbone parts from its checkpoint
+        model, state = resumed
+    else:
+        model = TeranModel(cfg.model)
         if model.text.tuned is not None:
             model.text.tuned.load_state_dict(pretrained_top_text_layers(tuned, cfg.model.dropout).state_dict())
         if model.image.tuned is not None:
@@ -134,12 +135,8 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     loss_fn = TeranLoss(cfg.loss).to(device)
     optimizer = make_optimizer(cfg, model, loss_fn)
     start_epoch, step, best_rsum, history = 0, 0, -1.0, []
-    if resuming:
-        state = read_checkpoint(last_path)
-        model, _ = load_model(last_path)
-        model.to(device)
-        loss_fn.load_state_dict(state.get("loss_state", {}))
-        optimizer = make_optimizer(cfg, model, loss_fn)
+    if resumed:
+        loss_fn.load_state_dict(state.get("loss_state", {}))  # in place: the optimizer keeps its parameters
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, best_rsum, history = state["epoch"] + 1, state["step"], state["best_rsum"], json.loads(state["history"])
         torch.set_rng_state(state["torch_rng"])
