@@ -1,20 +1,28 @@
 """Search service: re-rank agreement with exhaustive TERAN scoring, recall curves, and query latency.
 
     .venv/bin/python bench/bench_search.py --model-dir artifacts/teran-flickr8k \
-        [--parts agreement,latency[,scale]] [--sizes 100000] [--lite-sizes 100000] [--backends lite,server] \
-        [--merge] [--output reports/bench-search.json]
+        [--parts agreement,latency[,scale]] [--ranking model|mrsw|blend:W] [--sizes 100000] [--lite-sizes 100000] \
+        [--backends lite,server] [--merge] [--output reports/bench-search.json]
 
 One command runs everything (default parts: agreement, latency); `--parts` runs a subset (agreement,
 strategies, latency, scale) and `--merge` updates the report in place, keeping what was not re-run.
 
+The re-rank score (`--ranking`, passed to the service as its --ranking): `model` (default) is the exported
+model's, from its manifest: (1 - w) x global cosine + w x MrAVGw with w = `blend_weight` (MrAVGw: MrSw per
+word piece of the caption), or MrSw when the manifest has no weight; `mrsw`; `blend:W`. The report's
+`ranking` says which ("blend w=0.30" or "MrSw", as the service's SearchResponse.ranking, checked on every query).
+
 1. Encodes Flickr8k dev (1,000 images, 5,000 captions) with the real exported model through the
-   encoder service (cached in .cache/bench-search/), stores the images in a fresh search service
-   (milvus-lite, FLAT first stage, vectors sent precomputed), and runs every dev caption's query
-   through gRPC at several R_m (top_k 10). `agreement_at_10[R_m]`: the fraction of queries whose
-   re-ranked top-10 ids equal, as a set, the top-10 of exhaustive MrSw over all 1,000 images (numpy,
-   on the stored fp16 concepts); `agreement_at_10_ordered` the same for the ordered list. Recall@1/5/10
-   (text-to-image, the image of the caption) for exhaustive MrSw, first stage only (global cosine), and
-   first stage + re-rank at each R_m (the seed paper's Fig. 3c, dense first stage).
+   encoder service (cached in .cache/bench-search/), stores the images and their captions in a fresh
+   search service (milvus-lite, FLAT first stage, vectors sent precomputed, no encoder), and runs queries
+   through gRPC at several R_m (top_k 10): `agreement` text to image (the first --queries dev captions
+   against the images), `agreement_i2t` image to text (every gallery image against all its captions).
+   `agreement_at_10[R_m]`: the fraction of queries whose re-ranked top-10 ids equal, as a set, the top-10
+   of the exhaustive ranking by the same score over the whole gallery (numpy, on the stored fp16 concepts,
+   fp16 query concepts as sent, fp32 global vectors); `agreement_at_10_ordered` the same for the ordered
+   list. Recall@1/5/10 (text to image: the image of the caption; image to text: one of the image's own
+   captions) for the exhaustive ranking, first stage only (global cosine), and first stage + re-rank at
+   each R_m (the seed paper's Fig. 3c, dense first stage).
 2. Latency: synthetic collections of N items built from the real image embeddings (item j = dev image
    j mod 1000 with Gaussian noise sigma 0.05 on every vector, renormalised), indexed through StreamIndex;
    p50/p99 of Search (caption vectors, top_k 10, R_m 10, through gRPC) per backend and N, plus the index
@@ -23,7 +31,8 @@ strategies, latency, scale) and `--merge` updates the report in place, keeping w
    and without it (--rerank-cache-mb 0) on the same collections.
 3. Scale (--parts scale): N (default 1M) items with --scale-concepts concept vectors each, written
    in-process through the service's store + cache (full-size items at 1M do not fit a 24 GB machine).
-Strategies: Fig. 3c in numpy for the dense, SQ, DP and Bag-of-Concepts (--boc SIZE:TOP,...) first stages.
+Strategies: Fig. 3c in numpy (text to image, re-ranked by the same score) for the dense, SQ, DP and
+Bag-of-Concepts (--boc SIZE:TOP,...) first stages.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from encoder_service.tensors import to_tensor  # noqa: E402
 from search_service._proto import search_pb2, search_pb2_grpc  # noqa: E402
-from teran.alignment_numpy import alignment_scores  # noqa: E402
+from teran.alignment_numpy import blend_scores  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-search"
 
@@ -70,15 +79,19 @@ def rss_mb(pid: int) -> float:
 
 
 def encode_dev(model_dir: Path, limit: int) -> dict:
-    """Dev images and captions through the real encoder service (cached)."""
+    """Dev images and captions through the real encoder service (cached), and the manifest's `blend_weight`
+    (the model's served ranking; None: MrSw) under the key "blend_weight"."""
     CACHE.mkdir(parents=True, exist_ok=True)
     import hashlib
 
+    from teran.manifest import load_manifest
+
+    blend_weight = load_manifest(model_dir, verify=False).blend_weight
     digest = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()[:12]
     cache = CACHE / f"dev-{model_dir.name}-{digest}-{limit}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
-        return {k: data[k] for k in data.files}
+        return {**{k: data[k] for k in data.files}, "blend_weight": blend_weight}
     from encoder_service.client import EncoderClient
     from encoder_service.config import EncoderConfig
     from encoder_service.server import ServerThread
@@ -121,7 +134,22 @@ def encode_dev(model_dir: Path, limit: int) -> dict:
         "model": np.array([model.name, str(model.version), str(model.dimension)]),
     }
     np.savez(cache, **data)
-    return data
+    return {**data, "blend_weight": blend_weight}
+
+
+def resolve_ranking(option: str, manifest_weight: float | None) -> tuple[float | None, str, str]:
+    """--ranking (model | mrsw | blend:W) -> (blend weight or None for MrSw, the service's --ranking setting,
+    the label the service answers in SearchResponse.ranking)."""
+    from search_service.config import parse_ranking
+
+    parsed = parse_ranking(option)
+    if parsed == "invalid":
+        raise ValueError(f"--ranking {option!r}: give model, mrsw or blend:W with W within 0..1")
+    weight = manifest_weight if parsed == "model" else parsed
+    if weight is None:
+        return None, "mrsw", "MrSw"
+    weight = float(weight)
+    return weight, f"blend:{weight!r}", f"blend w={weight:.2f}"
 
 
 # --------------------------------------------------------------------------- service
@@ -175,9 +203,38 @@ class Service:
         assert response.indexed == n_items, response
         return time.perf_counter() - started
 
+    def index_captions(self, data: dict, batch: int = 256) -> float:
+        """Every caption of `data` (ids "c{index}", metadata: the owner image) as precomputed vectors."""
+        model = [str(x) for x in data["model"]]
+        lengths, n_captions = data["caption_lengths"], len(data["caption_global"])
+
+        def messages():
+            for start in range(0, n_captions, batch):
+                request = search_pb2.IndexRequest()
+                for j in range(start, min(n_captions, start + batch)):
+                    item = request.items.add(id=f"c{j}", metadata_json=json.dumps({"owner": int(data["caption_owner"][j])}))
+                    concepts = data["caption_concepts"][j, : int(lengths[j])]
+                    item.vectors.CopyFrom(vectors(search_pb2.CAPTION, data["caption_global"][j], concepts, model))
+                yield request
+
+        started = time.perf_counter()
+        response = self.stub.StreamIndex(messages(), timeout=7200)
+        assert response.indexed == n_captions, response
+        return time.perf_counter() - started
+
     def search(self, data: dict, q: int, top_k: int, multiplier: int, rerank: bool = True):
+        """Caption `q`'s vectors against the images."""
         n = int(data["caption_lengths"][q])
         v = vectors(search_pb2.CAPTION, data["caption_global"][q], data["caption_concepts"][q, :n], [str(x) for x in data["model"]])
+        request = search_pb2.SearchRequest(
+            vectors=v, top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=True
+        )
+        return self.stub.Search(request, timeout=120)
+
+    def search_image(self, data: dict, i: int, top_k: int, multiplier: int, rerank: bool = True):
+        """Image `i`'s vectors (regions as concepts, with boxes) against the captions."""
+        model = [str(x) for x in data["model"]]
+        v = vectors(search_pb2.IMAGE, data["image_global"][i], data["image_concepts"][i], model, data["image_boxes"][i])
         request = search_pb2.SearchRequest(
             vectors=v, top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=True
         )
@@ -192,71 +249,165 @@ class Service:
 
 
 def recall(ranked_ids: list[list[int]], owners: np.ndarray) -> dict:
+    """Recall@1/5/10 (%): query q is a hit at K when owners[q] is among its first K ids."""
     out = {}
     for k in (1, 5, 10):
         out[f"r{k}"] = round(100.0 * float(np.mean([owners[q] in ids[:k] for q, ids in enumerate(ranked_ids)])), 2)
     return out
 
 
-def exhaustive_mrsw(data: dict, queries: int):
-    """MrSw of the first `queries` captions against every image (on the stored fp16 concepts): scores, top-10s."""
-    n_images = len(data["image_global"])
-    stored = data["image_concepts"].astype(np.float16).astype(np.float32)
-    exhaustive, first_only = [], []
-    mask_r = np.ones(stored.shape[:2], bool)
-    full = np.zeros((queries, n_images), np.float32)
-    for q in range(queries):
-        n = int(data["caption_lengths"][q])
-        words = data["caption_concepts"][q : q + 1, :n]
-        scores = alignment_scores(stored, mask_r, words, np.ones((1, n), bool))[:, 0]
-        full[q] = scores
-        exhaustive.append(np.argsort(-scores, kind="stable")[:10].tolist())
-        first_only.append(np.argsort(-(data["image_global"] @ data["caption_global"][q]), kind="stable")[:10].tolist())
-    return full, exhaustive, first_only
+def reference_scores(data: dict, weight: float | None, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The served re-rank score of every (image, caption) pair, exhaustively: (scores, global cosines), both
+    float32 [n_images, n_captions].
+
+    MrSw(image, caption) = sum over the caption's word pieces of the max over the image's regions of the cosine:
+    the same number whichever side queries (search_service.ranking.mrsw_block), so one matrix serves both
+    directions. Concepts rounded to fp16 on both sides (stored as fp16; the bench sends its query concepts as
+    fp16), global vectors fp32. weight None: MrSw; else blend_scores(global cosine, MrSw / caption word pieces,
+    weight), i.e. MrAVGw per caption: the query's word count for a caption query, each candidate's for an image query."""
+    regions = data["image_concepts"].astype(np.float16).astype(np.float32)  # [Ni, R, D]
+    lengths = np.asarray(data["caption_lengths"], np.int64)
+    words = np.concatenate(
+        [data["caption_concepts"][c, :n].astype(np.float16).astype(np.float32) for c, n in enumerate(lengths.tolist())]
+    )  # [total word pieces, D]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    n_images, n_regions, dim = regions.shape
+    mrsw = np.zeros((n_images, len(lengths)), np.float32)
+    for i in range(0, n_images, chunk):
+        part = regions[i : i + chunk]
+        best = (part.reshape(-1, dim) @ words.T).reshape(len(part), n_regions, -1).max(axis=1)  # [chunk, word pieces]
+        mrsw[i : i + chunk] = np.add.reduceat(best, starts, axis=1)
+    cosines = data["image_global"].astype(np.float32) @ data["caption_global"].astype(np.float32).T
+    if weight is None:
+        return mrsw, cosines
+    return blend_scores(cosines, mrsw / np.maximum(lengths, 1).astype(np.float32)[None, :], weight), cosines
 
 
-def agreement(data: dict, multipliers: list[int], queries: int, workdir: Path, boc: list[tuple[int, int]]) -> dict:
-    n_images = len(data["image_global"])
-    service = Service(str(workdir / "agreement.db"), index_type="FLAT", max_candidates=2000)
+def top10(scores: np.ndarray) -> list[list[int]]:
+    """Per row, the ids of the 10 best columns (ties: lower id first, as a stable sort)."""
+    return [np.argsort(-row, kind="stable")[:10].tolist() for row in scores]
+
+
+def check_ranking(response, expected: str) -> None:
+    if response.ranking != expected:
+        raise RuntimeError(f"the service ranked by {response.ranking!r}, the exhaustive reference by {expected!r}")
+
+
+def run_queries(search, n_queries: int, exhaustive: list[list[int]], multipliers: list[int], label: str, to_target, targets) -> dict:
+    """Each query through the service at each R_m: agreement with `exhaustive` and recall (ids mapped by
+    `to_target` to the space of `targets`)."""
+    out = {}
+    for m in multipliers:
+        ranked, same_set, same_order = [], 0, 0
+        started = time.perf_counter()
+        for q in range(n_queries):
+            response = search(q, m)
+            check_ranking(response, label)
+            ids = [int(h.id[1:]) for h in response.hits]
+            ranked.append([to_target(i) for i in ids])
+            same_set += set(ids) == set(exhaustive[q])
+            same_order += ids == exhaustive[q]
+        elapsed = time.perf_counter() - started
+        out[str(m)] = {
+            "agreement_at_10": round(same_set / n_queries, 4),
+            "agreement_at_10_ordered": round(same_order / n_queries, 4),
+            "recall_reranked": recall(ranked, targets),
+            "mean_query_ms": round(1000 * elapsed / n_queries, 2),
+        }
+        log(f"R_m={m}: {out[str(m)]}")
+    return out
+
+
+def agreement(
+    data: dict,
+    multipliers: list[int],
+    queries: int,
+    workdir: Path,
+    boc: list[tuple[int, int]],
+    ranking: tuple[float | None, str, str] = (None, "mrsw", "MrSw"),
+    image_queries: int | None = None,
+) -> tuple[dict, dict]:
+    """(text to image, image to text) agreement of the service's re-rank with the exhaustive ranking by the same
+    score; `ranking`: resolve_ranking's (weight, service setting, label)."""
+    weight, setting, label = ranking
+    n_images, n_captions = len(data["image_global"]), len(data["caption_global"])
+    image_queries = n_images if image_queries is None else min(image_queries, n_images)
+    service = Service(str(workdir / "agreement.db"), index_type="FLAT", max_candidates=2000, ranking=setting)
     try:
         index_s = service.index(data, n_images)
         log(f"indexed {n_images} dev images in {index_s:.1f}s")
+        index_s = service.index_captions(data)
+        log(f"indexed {n_captions} dev captions in {index_s:.1f}s")
+        started = time.perf_counter()
+        scores, cosines = reference_scores(data, weight)
+        log(f"exhaustive {label} of {n_images} images x {n_captions} captions in {time.perf_counter() - started:.1f}s")
+        common = {"ranking": label, "blend_weight": weight}
+
         owners = data["caption_owner"][:queries]
-        full, exhaustive, first_only = exhaustive_mrsw(data, queries)
-        result = {
+        full = np.ascontiguousarray(scores[:, :queries].T)  # [queries, images]
+        exhaustive = top10(full)
+        t2i = {
             "queries": queries,
             "gallery_images": n_images,
-            "recall_exhaustive_mrsw": recall(exhaustive, owners),
-            "recall_first_stage_only": recall(first_only, owners),
-            "per_multiplier": {},
+            **common,
+            "recall_exhaustive": recall(exhaustive, owners),
+            "recall_first_stage_only": recall(top10(cosines[:, :queries].T), owners),
         }
-        for m in multipliers:
-            ranked, same_set, same_order = [], 0, 0
-            started = time.perf_counter()
-            for q in range(queries):
-                ids = [int(h.id[1:]) for h in service.search(data, q, 10, m).hits]
-                ranked.append(ids)
-                same_set += set(ids) == set(exhaustive[q])
-                same_order += ids == exhaustive[q]
-            elapsed = time.perf_counter() - started
-            result["per_multiplier"][str(m)] = {
-                "agreement_at_10": round(same_set / queries, 4),
-                "agreement_at_10_ordered": round(same_order / queries, 4),
-                "recall_reranked": recall(ranked, owners),
-                "mean_query_ms": round(1000 * elapsed / queries, 2),
-            }
-            log(f"R_m={m}: {result['per_multiplier'][str(m)]}")
-        result["strategies"] = strategies(data, full, exhaustive, owners, multipliers, boc)
-        return result
+        log(f"text to image ({label}): {queries} caption queries, {n_images} images")
+        t2i["per_multiplier"] = run_queries(
+            lambda q, m: service.search(data, q, 10, m), queries, exhaustive, multipliers, label, lambda i: i, owners
+        )
+
+        caption_owner = data["caption_owner"]
+        own = np.arange(image_queries)
+        exhaustive_i2t = top10(scores[:image_queries])
+        i2t = {
+            "queries": image_queries,
+            "gallery_captions": n_captions,
+            "hit": "one of the query image's own captions",
+            **common,
+            "recall_exhaustive": recall([[int(caption_owner[c]) for c in ids] for ids in exhaustive_i2t], own),
+            "recall_first_stage_only": recall([[int(caption_owner[c]) for c in ids] for ids in top10(cosines[:image_queries])], own),
+        }
+        log(f"image to text ({label}): {image_queries} image queries, {n_captions} captions")
+        i2t["per_multiplier"] = run_queries(
+            lambda q, m: service.search_image(data, q, 10, m),
+            image_queries,
+            exhaustive_i2t,
+            multipliers,
+            label,
+            lambda c: int(caption_owner[c]),
+            own,
+        )
     finally:
         service.close()
+    # numpy only, after the queries (an idle service's Milvus channel gets GOAWAY too_many_pings during it)
+    t2i["strategies"] = strategies(data, full, exhaustive, owners, multipliers, boc)
+    return t2i, i2t
+
+
+def summary(direction: str, result: dict, multiplier: int) -> str:
+    """One line: first-stage vs re-ranked Recall@1/5/10 at R_m `multiplier`, exhaustive, and the agreement."""
+
+    def r(x: dict) -> str:
+        return "/".join(f"{x[k]:.1f}" for k in ("r1", "r5", "r10"))
+
+    at = result["per_multiplier"].get(str(multiplier))
+    line = f"{direction} [{result['ranking']}, {result['queries']} queries]: R@1/5/10 first stage {r(result['recall_first_stage_only'])}"
+    if at is None:
+        return line + f", exhaustive {r(result['recall_exhaustive'])} (no run at R_m={multiplier})"
+    return (
+        line + f" -> re-ranked (R_m={multiplier}) {r(at['recall_reranked'])} (exhaustive {r(result['recall_exhaustive'])}); "
+        f"agreement@10 {at['agreement_at_10']:.3f} (ordered {at['agreement_at_10_ordered']:.3f})"
+    )
 
 
 def strategies(
     data: dict, full: np.ndarray, exhaustive: list[list[int]], owners: np.ndarray, multipliers: list[int], boc: list[tuple[int, int]] = ()
 ) -> dict:
     """Fig. 3c in numpy: each first stage (dense cosine, SQ, DP surrogates, Bag of Concepts: exact sparse inner
-    products, i.e. what Milvus' inverted index returns) + MrSw re-rank of its top R_m x 10, on the same queries.
+    products, i.e. what Milvus' inverted index returns) + re-rank of its top R_m x 10 by the reference score `full`
+    ([queries, images]: the served score, reference_scores), agreement with its exhaustive top 10s, on the same queries.
     BoC (size, top): a spherical k-means codebook of `size` fitted on the gallery's region vectors; each concept
     soft-assigned to its `top` nearest codewords; max-pooled over an image's regions, summed over a caption's words."""
     from search_service.sparse import bag_of_concepts, deep_permutation, kmeans_codebook, scalar_quantization
@@ -344,6 +495,7 @@ def cache_stats(service: Service) -> dict:
 def service_settings(prefix: str, args) -> dict:
     """Service settings of a latency / scale run's collections."""
     return dict(
+        ranking=args.ranking_setting,
         collection_prefix=prefix,
         consistency_level="Bounded",
         index_type=args.index_type,
@@ -508,6 +660,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts" / "teran-flickr8k")
     parser.add_argument("--images", type=int, default=1000, help="dev images (gallery of the agreement part)")
     parser.add_argument("--queries", type=int, default=1000, help="caption queries of the agreement part")
+    parser.add_argument(
+        "--image-queries", type=int, default=None, help="image queries of the agreement part (default: every gallery image)"
+    )
+    parser.add_argument(
+        "--ranking",
+        default="model",
+        help="re-rank score given to the service and used by the exhaustive reference: model (the manifest's blend_weight; "
+        "MrSw when it has none), mrsw, or blend:W",
+    )
     parser.add_argument("--multipliers", default="1,2,3,5,10")
     parser.add_argument("--rerank-multiplier", type=int, default=10, help="R_m of the top-level agreement_at_10")
     parser.add_argument(
@@ -536,7 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     boc = [(int(a), int(b)) for a, b in (x.split(":") for x in args.boc.split(",") if x)]
     multipliers = [int(x) for x in args.multipliers.split(",")]
     data = encode_dev(args.model_dir, args.images)
-    log(f"embeddings: {data['image_concepts'].shape} images, {data['caption_concepts'].shape} captions")
+    try:
+        ranking = resolve_ranking(args.ranking, data["blend_weight"])
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.ranking_setting = ranking[1]
+    log(f"embeddings: {data['image_concepts'].shape} images, {data['caption_concepts'].shape} captions; ranking {ranking[2]}")
     report: dict = json.loads(args.output.read_text()) if args.merge and args.output.exists() else {}
     command = "python bench/bench_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report["machine"] = {
@@ -547,7 +713,12 @@ def main(argv: list[str] | None = None) -> int:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
     if "agreement" in parts:
-        report["model"] = {"name": str(data["model"][0]), "version": int(data["model"][1]), "dimension": int(data["model"][2])}
+        report["model"] = {
+            "name": str(data["model"][0]),
+            "version": int(data["model"][1]),
+            "dimension": int(data["model"][2]),
+            "blend_weight": data["blend_weight"],
+        }
         report["rerank_multiplier"] = args.rerank_multiplier
         report["command"] = command
     else:
@@ -556,14 +727,21 @@ def main(argv: list[str] | None = None) -> int:
     standalone = None
     try:
         if "agreement" in parts:
-            report["agreement"] = agreement(data, multipliers, min(args.queries, len(data["caption_global"])), workdir, boc)
+            queries = min(args.queries, len(data["caption_global"]))
+            report["agreement"], report["agreement_i2t"] = agreement(data, multipliers, queries, workdir, boc, ranking, args.image_queries)
             report["agreement_at_10"] = report["agreement"]["per_multiplier"][str(args.rerank_multiplier)]["agreement_at_10"]
+            for direction, key in (("text to image", "agreement"), ("image to text", "agreement_i2t")):
+                line = summary(direction, report[key], args.rerank_multiplier)
+                log(line)
+                print(line, flush=True)
         elif "strategies" in parts:
             queries = min(args.queries, len(data["caption_global"]))
-            full, exhaustive, _ = exhaustive_mrsw(data, queries)
+            scores, _ = reference_scores(data, ranking[0])
+            full = np.ascontiguousarray(scores[:, :queries].T)
             owners = data["caption_owner"][:queries]
-            report.setdefault("agreement", {})["strategies"] = strategies(data, full, exhaustive, owners, multipliers, boc)
+            report.setdefault("agreement", {})["strategies"] = strategies(data, full, top10(full), owners, multipliers, boc)
             report["strategies_command"] = command
+            report["strategies_ranking"] = ranking[2]
         if "scale" in parts:
             if args.scale_backend == "server":
                 from search_fixtures import MilvusStandalone

@@ -207,8 +207,9 @@ def cmd_search(args) -> int:
         if args.explain:
             entry["alignment"] = [
                 {
+                    "word": a.word,
                     "word_index": a.word_index,
-                    "word_piece": a.word_piece,
+                    "piece_indices": list(a.piece_indices),
                     "region_index": a.region_index,
                     "box": [float(b) for b in a.box],
                     "similarity": float(a.similarity),
@@ -220,6 +221,7 @@ def cmd_search(args) -> int:
         "target": search_pb2.Modality.Name(response.target),
         "candidates": int(response.candidates),
         "reranked": bool(response.reranked),
+        "ranking": response.ranking,
         "query_word_pieces": list(response.query_word_pieces),
         "model": _model(response.model),
         "hits": hits,
@@ -228,7 +230,7 @@ def cmd_search(args) -> int:
         _emit(document)
         return 0
     query = f"caption {args.caption!r}" if args.image is None else f"image {args.image}"
-    rerank = "re-ranked" if document["reranked"] else "first stage only"
+    rerank = f"re-ranked by {document['ranking']}" if document["reranked"] else "first stage only"
     print(f"{query} -> {len(hits)} {document['target'].lower()} hits ({document['candidates']} candidates, {rerank})")
     if document["query_word_pieces"]:
         print("query word pieces: " + " ".join(document["query_word_pieces"]))
@@ -240,7 +242,7 @@ def cmd_search(args) -> int:
         )
         for a in hit.get("alignment", []):
             box = _floats(a["box"], 2) if a["box"] else "[no box]"
-            print(f"       {a['word_piece']:<14} -> region {a['region_index']:<3} {box}  sim {a['similarity']:.4f}")
+            print(f"       {a['word']:<14} -> region {a['region_index']:<3} {box}  sim {a['similarity']:.4f}")
     return 0
 
 

@@ -10,7 +10,8 @@ Steps (each reused on a second run when its inputs are unchanged):
  4. index: every dev photo and caption streamed into the search service
  5. queries: captions -> photos and a photo -> captions (first stage on the global vector,
     re-ranked with the TERAN MrSw alignment), printing which word matched which region
- 6. contact sheet: artifacts/demo/index.html
+ 6. contact sheet: artifacts/demo/index.html, rendered to artifacts/demo/contact-sheet.png by a
+    headless Chromium when one is installed (apt-get install -y chromium chromium-driver)
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from demo.contact_sheet import write_contact_sheet
+from demo.contact_sheet import PAGE_WIDTH, Section, write_contact_sheet
 from demo.results import Hit
+from demo.screenshot import BrowserUnavailable, screenshot
 from demo.steps import REPO, ensure_checkpoint, ensure_model_dir, log, service, short_path
 from teran.data.flickr8k import load_split
 from teran.manifest import load_manifest
@@ -95,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5, help="hits per query (default 5)")
     parser.add_argument("--rerank-multiplier", type=int, default=10, help="first stage keeps top_k x this for re-ranking (default 10)")
     parser.add_argument("--output", default=str(REPO / "artifacts" / "demo"), help="where index.html and the milvus-lite file go")
+    parser.add_argument(
+        "--screenshot",
+        default=None,
+        metavar="PATH",
+        help="PNG of the contact sheet, rendered by headless Chromium (default: contact-sheet.png in --output; skipped without a browser)",
+    )
     args = parser.parse_args(argv)
 
     output = Path(args.output)
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in args.query or CAPTION_QUERIES:
             response = client.search_caption(text, top_k=args.top_k, rerank_multiplier=args.rerank_multiplier)
             hits = [Hit.from_search_hit(h) for h in response.hits]
-            print(f'\nQUERY "{text}"  ({response.candidates} first-stage candidates by global vector, re-ranked by MrSw)')
+            print(f'\nQUERY "{text}"  ({response.candidates} first-stage candidates by global vector; score: {response.ranking})')
             for place, hit in enumerate(hits, 1):
                 print(f"  {place}. {hit.id}  score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  | {hit.metadata.get('caption', '')}")
                 matches = ", ".join(
@@ -125,21 +133,29 @@ def main(argv: list[str] | None = None) -> int:
                     for m in hit.strongest_matches(3)
                 )
                 print(f"     best-matched words: {matches}")
-            sections.append(("caption", text, hits))
+            sections.append(Section("caption", text, hits, response.ranking))
 
         image_query = data.names[IMAGE_QUERY_INDEX]
         response = client.search_image(
             data.image_path(IMAGE_QUERY_INDEX).read_bytes(), top_k=args.top_k, rerank_multiplier=args.rerank_multiplier
         )
         hits = [Hit.from_search_hit(h) for h in response.hits]
-        print(f"\nIMAGE QUERY {image_query} (its own 5 captions are among the {len(data.names) * 5} indexed)")
+        print(f"\nIMAGE QUERY {image_query} (its own 5 captions are among the {len(data.names) * 5} indexed; score: {response.ranking})")
         for place, hit in enumerate(hits, 1):
             text = data.captions[data.names.index(hit.metadata["image"])][int(hit.id.split("#")[1])]
             mark = "  <- its own caption" if hit.metadata["image"] == image_query else ""
             print(f"  {place}. score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  {text}{mark}")
-        sections.append(("image", image_query, hits))
+        sections.append(Section("image", image_query, hits, response.ranking))
     sheet = write_contact_sheet(output / "index.html", sections, data)
     log(f"contact sheet: {short_path(sheet)}")
+    png = Path(args.screenshot) if args.screenshot else output / "contact-sheet.png"
+    try:
+        log(f"contact sheet screenshot: {short_path(screenshot(sheet, png, width=PAGE_WIDTH))}")
+    except BrowserUnavailable as error:
+        log(f"contact sheet screenshot skipped: {error}")
+    except Exception as error:  # the page is the result; a browser that fails to render it does not fail the demo
+        reason = (str(error).strip().splitlines() or [""])[0]
+        log(f"contact sheet screenshot failed ({type(error).__name__}: {reason}); {short_path(sheet)} is written")
     return 0
 
 

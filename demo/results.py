@@ -7,16 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Function words match "something" everywhere; the display shows content words.
-STOPWORDS = frozenset("a an the of in on at to and or is are was with by for from near its his her their into onto".split())
-
 
 @dataclass
 class Match:
-    word: str
+    word: str  # a whole content word of the caption side (the server leaves out stop words and punctuation)
     region: int  # region of the image side (the hit for caption queries, the query for image queries)
-    similarity: float
-    box: np.ndarray  # normalised x1, y1, x2, y2
+    similarity: float  # mean cosine of the word's pieces and the region, -1..1
+    box: np.ndarray  # normalised x1, y1, x2, y2 (empty when the image has no boxes)
 
 
 @dataclass
@@ -29,11 +26,10 @@ class Hit:
 
     @classmethod
     def from_search_hit(cls, hit) -> Hit:
-        """From a teran.v1.SearchHit."""
-        matches = [Match(a.word_piece, a.region_index, a.similarity, np.asarray(a.box, np.float32)) for a in hit.alignment]
+        """From a teran.v1.SearchHit (its `alignment`: one entry per content word of the caption side)."""
+        matches = [Match(a.word, a.region_index, a.similarity, np.asarray(a.box, np.float32)) for a in hit.alignment]
         return cls(hit.id, hit.score, hit.first_stage_score, json.loads(hit.metadata_json or "{}"), matches)
 
     def strongest_matches(self, count: int) -> list[Match]:
-        """The most confident word-region matches, skipping function words and word-piece continuations (##...)."""
-        words = [m for m in self.matches if not m.word.startswith("##") and m.word not in STOPWORDS]
-        return sorted(words, key=lambda m: -m.similarity)[:count]
+        """The `count` words most similar to their region, most similar first."""
+        return sorted(self.matches, key=lambda m: -m.similarity)[:count]

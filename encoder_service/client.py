@@ -85,6 +85,7 @@ class ModelInfo:
     region_count: int  # exact rows of RegionFeatures.features, 0: any count up to limits["max_regions"]
     accepts_encoded_images: bool
     limits: dict[str, int]
+    blend_weight: float | None = None  # the model's ranking blend (None: rank by alignment_mode)
 
 
 ImageLike = bytes | RegionFeatures
@@ -178,6 +179,7 @@ def parse_info(info: encoder_pb2.ModelInfo) -> ModelInfo:
         region_count=info.region_count,
         accepts_encoded_images=info.accepts_encoded_images,
         limits=limits,
+        blend_weight=info.blend_weight if info.HasField("blend_weight") else None,
     )
 
 

@@ -417,4 +417,5 @@ class EncoderModel:
             "max_batch": self.max_batch,
             "image_size": self.pixel_spec.size if self.pixel_spec else 0,
             "region_count": self.region_count or 0,
+            **({} if m.blend_weight is None else {"blend_weight": m.blend_weight}),
         }

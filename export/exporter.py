@@ -354,6 +354,7 @@ def export_model_dir(
             preprocessing=source.preprocessing,
             alignment_mode=source.alignment_mode,
             concept_mode=source.concept_mode,
+            blend_weight=source.blend_weight,
             graphs=entries,
             extra={
                 **source.extra,

@@ -26,6 +26,7 @@ import onnxruntime as ort
 import torch
 
 from teran.errors import TeranInputError
+from teran.exported import ExportedModel, caption_batches, ort_session, region_batches, run_batches
 from teran.manifest import file_sha256, load_manifest
 
 TARGETS = {
@@ -38,47 +39,11 @@ class ParityError(TeranInputError):
     """The model directory and the checkpoint do not belong together, or the data is missing."""
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _pad_cat(parts: list[np.ndarray], width: int) -> np.ndarray:
-    padded = []
-    for p in parts:
-        pad = [(0, 0)] * p.ndim
-        pad[1] = (0, width - p.shape[1])
-        padded.append(np.pad(p, pad))
-    return np.concatenate(padded)
-
-
-def _run_batches(batches, run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """run(inputs) -> (global, concepts, mask) per batch; concatenated, concepts padded to the widest batch."""
-    globals_, concepts, masks = [], [], []
-    for inputs in batches:
-        g, c, m = run(inputs)
-        globals_.append(np.asarray(g, dtype=np.float32))
-        concepts.append(np.asarray(c, dtype=np.float32))
-        masks.append(np.asarray(m).astype(bool))
-    width = max(c.shape[1] for c in concepts)
-    return np.concatenate(globals_), _pad_cat(concepts, width), _pad_cat(masks, width)
-
-
 def _torch_runner(module):
     def run(inputs):
         with torch.no_grad():
             out = module(*(torch.from_numpy(x) for x in inputs))
         return tuple(t.numpy() for t in out)
-
-    return run
-
-
-def _ort_runner(session: ort.InferenceSession, input_names: list[str]):
-    def run(inputs):
-        return tuple(session.run(["global", "concepts", "concept_mask"], dict(zip(input_names, inputs, strict=True))))
 
     return run
 
@@ -120,10 +85,16 @@ def _scores(images, texts, mode: str) -> dict[str, np.ndarray]:
     return {"alignment": alignment, "global": global_scores(image_enc.global_vec, torch.from_numpy(texts[0])).numpy()}
 
 
-def _retrieval(images, texts, owners: np.ndarray, mode: str) -> dict:
+def _retrieval(images, texts, owners: np.ndarray, mode: str, blend_weight: float | None = None) -> dict:
+    """Recall of each score; with a blend weight (MrSw models) also of the served blend."""
+    from teran.alignment_numpy import blend_scores
     from teran.metrics import recall_at_k
 
-    return {name: recall_at_k(scores, owners) for name, scores in _scores(images, texts, mode).items()}
+    scores = _scores(images, texts, mode)
+    if blend_weight is not None and mode == "MrSw":
+        per_word = scores["alignment"] / np.maximum(texts[2].sum(axis=1), 1)[None, :]
+        scores["blend"] = blend_scores(scores["global"], per_word, blend_weight)
+    return {name: recall_at_k(values, owners) for name, values in scores.items()}
 
 
 def run_parity(
@@ -171,43 +142,31 @@ def run_parity(
     owners = np.asarray(owners)
     say(f"{split}: {len(data.names)} images, {len(captions)} captions")
     tokenizer = CaptionTokenizer(model_dir / manifest.tokenizer_file, max_tokens=manifest.limits.max_tokens)
-    text_batches = []
-    for start in range(0, len(captions), batch_size):
-        batch = tokenizer.encode(captions[start : start + batch_size], truncate=True)
-        text_batches.append((batch.input_ids, batch.attention_mask))
+    text_batches = caption_batches(tokenizer, captions, batch_size)
     feats = image_features(data, tuned_blocks=int(manifest.preprocessing.get("image_tuned_blocks", 0)))
-    image_batches = []
-    for start in range(0, len(data.names), batch_size):
-        regions = feats.regions[start : start + batch_size].astype(np.float32)
-        boxes = feats.boxes[start : start + batch_size].astype(np.float32)
-        image_batches.append((regions, boxes, np.ones(regions.shape[:2], dtype=bool)))
+    image_batches = region_batches(feats.regions, feats.boxes, batch_size)
 
     encoded = {}
     timings = {}
     t0 = time.monotonic()
     say("torch: encoding captions and images ...")
     encoded["torch"] = (
-        _run_batches(text_batches, _torch_runner(source.graphs["text_encoder"].module)),
-        _run_batches(image_batches, _torch_runner(source.graphs["image_encoder"].module)),
+        run_batches(text_batches, _torch_runner(source.graphs["text_encoder"].module)),
+        run_batches(image_batches, _torch_runner(source.graphs["image_encoder"].module)),
     )
     timings["torch"] = round(time.monotonic() - t0, 1)
-    text_inputs = [t.name for t in manifest.graph("text_encoder").inputs]
     image_inputs = [t.name for t in manifest.graph("image_encoder").inputs]
     for precision in ("fp32", "fp16"):
         t0 = time.monotonic()
         say(f"onnxruntime {precision}: encoding captions and images ...")
-        text_session = _session(manifest.graph_path(model_dir, "text_encoder", precision), threads)
-        image_session = _session(manifest.graph_path(model_dir, "image_encoder", precision), threads)
-        encoded[precision] = (
-            _run_batches(text_batches, _ort_runner(text_session, text_inputs)),
-            _run_batches(image_batches, _ort_runner(image_session, image_inputs)),
-        )
+        exported = ExportedModel(model_dir, precision, threads, manifest)
+        encoded[precision] = (exported.encode_token_batches(text_batches), exported.encode_region_batches(image_batches))
         timings[f"ort_{precision}"] = round(time.monotonic() - t0, 1)
 
     retrieval = {}
     for variant, (texts, images) in encoded.items():
         say(f"scoring {variant} ({mode} alignment and global) ...")
-        retrieval[variant] = _retrieval(images, texts, owners, mode)
+        retrieval[variant] = _retrieval(images, texts, owners, mode, manifest.blend_weight)
 
     report: dict = {}
     for precision in ("fp32", "fp16"):
@@ -221,7 +180,7 @@ def run_parity(
                 "ort": retrieval[precision][name]["rsum"],
                 "delta": retrieval[precision][name]["rsum"] - retrieval["torch"][name]["rsum"],
             }
-            for name in ("alignment", "global")
+            for name in retrieval["torch"]
         }
         report[precision] = {
             "text_max_abs_diff": text["max_abs_diff"],
@@ -244,10 +203,10 @@ def run_parity(
                 torch.from_numpy(ref_regions), torch.from_numpy(ref_boxes), torch.ones(ref_regions.shape[:2], dtype=torch.bool)
             )
         for precision in ("fp32", "fp16"):
-            regions, boxes, mask = _session(manifest.graph_path(model_dir, "image_backbone", precision), threads).run(
+            regions, boxes, mask = ort_session(manifest.graph_path(model_dir, "image_backbone", precision), threads).run(
                 None, {"pixels": pixels}
             )
-            encoder = _session(manifest.graph_path(model_dir, "image_encoder", precision), threads)
+            encoder = ort_session(manifest.graph_path(model_dir, "image_encoder", precision), threads)
             pipeline = encoder.run(["global", "concepts", "concept_mask"], dict(zip(image_inputs, (regions, boxes, mask), strict=True)))
             diff = float(np.abs(ref_regions - regions).max())
             report[precision]["backbone"] = {
@@ -274,6 +233,7 @@ def run_parity(
         "n_images": len(data.names),
         "n_captions": len(captions),
         "alignment_mode": mode,
+        "blend_weight": manifest.blend_weight,
         "torch_rsum": {name: retrieval["torch"][name]["rsum"] for name in ("alignment", "global")},
         "torch_recall": retrieval["torch"],
         **report,

@@ -58,6 +58,7 @@ class ExportSource:
     alignment_mode: str
     concept_mode: str
     default_name: str
+    blend_weight: float | None = None  # the served ranking's alignment weight (teran.alignment.blend_scores)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -366,6 +367,7 @@ def _project_source(
         alignment_mode=mode,
         concept_mode="words",
         default_name=path.stem,
+        blend_weight=payload.get("blend_weight") if mode == "MrSw" else None,
         extra={
             "backbones": {"text": text_name, "image": image_name, **({"injected": injected} if injected else {})},
             "model_config": payload.get("model_config"),

@@ -5,7 +5,7 @@
         client.index_captions({"c1": "a dog runs on the beach"}, metadata={"c1": {"split": "test"}})
         client.index_images({"i1": open("dog.jpg", "rb").read()})
         for hit in client.search_caption("a dog", top_k=5, filter='metadata["split"] == "test"').hits:
-            print(hit.id, hit.score, [(a.word_piece, a.region_index, a.similarity) for a in hit.alignment])
+            print(hit.id, hit.score, [(a.word, a.region_index, a.similarity) for a in hit.alignment])
 
 Every call raises SearchError (with `.code`, a grpc.StatusCode, and `.details`) on failure; the
 responses are the generated protobuf messages (see proto/teran/v1/search.proto).

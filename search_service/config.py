@@ -17,7 +17,19 @@ MIB = 1024 * 1024
 INDEX_TYPES = ("auto", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
 
-__all__ = ["ConfigError", "SearchConfig", "build_parser", "from_args"]
+__all__ = ["ConfigError", "SearchConfig", "build_parser", "from_args", "parse_ranking"]
+
+
+def parse_ranking(text: str) -> str | float | None:
+    """--ranking: "model" -> "model", "mrsw" -> None, "blend:W" -> W (0..1); anything else -> "invalid"."""
+    if text in ("model", "mrsw"):
+        return None if text == "mrsw" else "model"
+    kind, _, weight = text.partition(":")
+    try:
+        value = float(weight)
+    except ValueError:
+        return "invalid"
+    return value if kind == "blend" and 0.0 <= value <= 1.0 else "invalid"
 
 
 @dataclass
@@ -57,6 +69,7 @@ class SearchConfig:
     max_concurrent_rpcs: int = 256
     auth_tokens: list[str] = field(default_factory=list)
     # retrieval
+    ranking: str = "model"
     rerank_multiplier: int = 10
     max_rerank_multiplier: int = 100
     max_candidates: int = 2000
@@ -105,6 +118,7 @@ class SearchConfig:
         need(self.boc_top >= 1, "boc_top", f"must be >= 1, got {self.boc_top}")
         need(self.boc_keep >= 0, "boc_keep", f"must be >= 0 (0: keep all), got {self.boc_keep}")
         need(self.boc_temperature > 0, "boc_temperature", f"must be > 0, got {self.boc_temperature}")
+        need(parse_ranking(self.ranking) != "invalid", "ranking", f"{self.ranking!r}: give model, mrsw or blend:W with W within 0..1")
         need(self.rerank_cache_mb >= 0, "rerank_cache_mb", f"must be >= 0 (0 disables the cache), got {self.rerank_cache_mb}")
         need(self.rerank_cache_refresh_s >= 0, "rerank_cache_refresh_s", f"must be >= 0 (0: never), got {self.rerank_cache_refresh_s}")
         need(self.sq_scale > 0, "sq_scale", f"must be > 0, got {self.sq_scale}")
@@ -176,7 +190,14 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
     ("auth_token", "csv", "bearer token(s), comma separated: every RPC but grpc.health.v1 needs `authorization: Bearer TOKEN`"),
     ("auth_token_file", "path", "file holding the bearer token(s), one per line"),
-    ("rerank_multiplier", "int", "default R_m: the first stage fetches R_m x top_k candidates for the MrSw re-rank"),
+    (
+        "ranking",
+        "str",
+        "re-rank score: model (the encoder model's: (1 - w) x global cosine + w x MrSw per caption word, w from its "
+        "manifest; MrSw when it has none or no encoder is set), mrsw (the TERAN alignment alone) or blend:W (that blend "
+        "with weight W)",
+    ),
+    ("rerank_multiplier", "int", "default R_m: the first stage fetches R_m x top_k candidates for the re-rank"),
     ("max_rerank_multiplier", "int", "LIMIT: largest R_m a request may ask"),
     ("max_candidates", "int", "LIMIT: first-stage candidates per query (R_m x top_k is capped to it; <= 16384)"),
     ("rerank_chunk", "int", "candidates scored per numpy batch in the re-rank"),

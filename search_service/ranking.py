@@ -2,7 +2,8 @@
 
 MrSw(image, caption) = sum over the caption's word pieces of the max over the image's regions of
 the cosine. A caption query scores candidate images (its words against their regions); an image
-query scores candidate captions (their words against its regions).
+query scores candidate captions (their words against its regions). The served ranking blends it,
+per caption word, with the global cosine (`rerank_scores`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from teran.alignment_numpy import best_regions
+from teran.alignment_numpy import blend_scores, word_regions
+from teran.words import content_words
 
 
 def pad(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,6 +60,25 @@ def mrsw_block(query: np.ndarray, query_is_caption: bool, block: np.ndarray, cou
     return scores
 
 
+def rerank_scores(
+    query: np.ndarray,
+    query_is_caption: bool,
+    block: np.ndarray,
+    counts: np.ndarray,
+    global_cosines: np.ndarray,
+    blend_weight: float | None,
+    chunk: int = 256,
+) -> np.ndarray:
+    """The re-rank score of each candidate: MrSw (blend_weight None), or the model's blend
+    (1 - w) x global cosine + w x MrAVGw (MrSw per caption word: the query's words for a caption
+    query, each candidate caption's for an image query), as in teran.alignment.blend_scores."""
+    mrsw = mrsw_block(query, query_is_caption, block, counts, chunk)
+    if blend_weight is None:
+        return mrsw
+    words = np.float32(query.shape[0]) if query_is_caption else np.maximum(np.asarray(counts), 1).astype(np.float32)
+    return blend_scores(global_cosines, mrsw / words, blend_weight)
+
+
 def mrsw_scores(query: np.ndarray, query_is_caption: bool, candidates: list[np.ndarray], chunk: int = 256) -> np.ndarray:
     """MrSw of one query ([W, D] words or [R, D] regions) against each candidate's concept set."""
     query = np.asarray(query, dtype=np.float32)
@@ -69,21 +90,24 @@ def mrsw_scores(query: np.ndarray, query_is_caption: bool, candidates: list[np.n
 
 @dataclass
 class Alignment:
-    word_index: int
-    word_piece: str
+    """One word of the caption side and the image region that best explains it."""
+
+    word_index: int  # position of the word's first word piece among the caption's concept vectors
+    word: str  # the whole word (word pieces joined)
+    piece_indices: list[int]  # positions of all of its word pieces
     region_index: int
     box: list[float]
-    similarity: float
+    similarity: float  # mean cosine of the word's pieces and the region, -1..1
 
 
 def explain(regions: np.ndarray, boxes: np.ndarray | None, words: np.ndarray, word_pieces: list[str]) -> list[Alignment]:
-    """For each word piece, its best region (index, box) and the cosine: the terms of MrSw."""
-    regions = np.asarray(regions, dtype=np.float32)
-    words = np.asarray(words, dtype=np.float32)
-    word_idx, region_idx, sims = best_regions(regions, np.ones(regions.shape[0], dtype=bool), words, np.ones(words.shape[0], dtype=bool))
+    """For each content word of the caption (teran.words: pieces joined, no stop words or
+    punctuation), the region where its pieces' mean cosine is highest, with its box."""
+    labels = [word_pieces[i] if i < len(word_pieces) else f"#{i}" for i in range(words.shape[0])]
+    shown = content_words(labels)
+    region_idx, sims = word_regions(np.asarray(regions, np.float32), np.asarray(words, np.float32), [w.pieces for w in shown])
     out = []
-    for w, r, s in zip(word_idx.tolist(), region_idx.tolist(), sims.tolist(), strict=True):
-        label = word_pieces[w] if w < len(word_pieces) else f"#{w}"
+    for word, r, s in zip(shown, region_idx.tolist(), sims.tolist(), strict=True):
         box = [float(v) for v in boxes[r]] if boxes is not None and r < len(boxes) else []
-        out.append(Alignment(int(w), label, int(r), box, float(s)))
+        out.append(Alignment(word.pieces[0], word.text, list(word.pieces), int(r), box, float(s)))
     return out

@@ -24,10 +24,10 @@ from encoder_service.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
 from search_service import cache as rerank_cache
 from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.cache import RerankCache
-from search_service.config import SearchConfig
+from search_service.config import SearchConfig, parse_ranking
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
-from search_service.ranking import explain, mrsw_block, stack_concepts
+from search_service.ranking import explain, rerank_scores, stack_concepts
 from search_service.sparse import load_codebook
 from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
 from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server
@@ -100,6 +100,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._server = server
         self.config: SearchConfig = server.config
         self.metrics = server.metrics
+        self._model_blend: dict[tuple[str, int], float | None] = {}  # (name, version) -> the encoder model's blend weight
 
     @property
     def store(self) -> MilvusStore:
@@ -256,6 +257,27 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             except EncoderError:
                 pass
         return ModelInfo(self.config.model_name, self.config.model_version, dim)
+
+    async def _blend_weight(self, model: ModelInfo) -> float | None:
+        """The re-rank's blend weight per --ranking; None: MrSw alone. `model`: the collections' model.
+
+        With --ranking model it is the encoder model's (from its manifest), fetched once per model; a
+        model the encoder does not serve, or no encoder, ranks by MrSw."""
+        ranking = parse_ranking(self.config.ranking)
+        if ranking != "model":
+            return ranking
+        encoder = self._server.encoder
+        if encoder is None:
+            return None
+        key = (model.name, model.version)
+        if key not in self._model_blend:
+            try:
+                info = await encoder.model_info(timeout=self.config.encoder_timeout_s)
+            except EncoderError as exc:
+                raise self._encoder_failure(exc, []) from None
+            same = (info.model.name, info.model.version) == key
+            self._model_blend[key] = info.blend_weight if same else None
+        return self._model_blend[key]
 
     # ------------------------------------------------------------------ encoder
 
@@ -557,11 +579,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 await self._db(store.validate_filter, target, expr)
             rerank = not request.disable_rerank
             n = min(multiplier * top_k, cfg.max_candidates) if rerank else top_k
+            blend_weight = await self._blend_weight(store.model) if rerank and store.model is not None else None
+            response.ranking = ("MrSw" if blend_weight is None else f"blend w={blend_weight:.2f}") if rerank else "first stage"
+            # The blend needs each candidate's exact global cosine: the dense first stage's score on raw-vector indexes.
+            need_globals = blend_weight is not None and not (first_stage == "dense" and store.dense_scores_exact)
             started = time.perf_counter()
             need_concepts = rerank or not request.skip_explanation
             cache = self._server.usable_cache()
             candidates = await self._db(
-                store.search, target, query.global_vector, n, expr, first_stage, need_concepts and cache is None, query.concepts
+                store.search,
+                target,
+                query.global_vector,
+                n,
+                expr,
+                first_stage,
+                need_concepts and cache is None,
+                query.concepts,
+                need_globals,
             )
             self.metrics.stage.labels("first_stage").observe(time.perf_counter() - started)
             if need_concepts and candidates:
@@ -579,8 +613,20 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             final = np.array([c.score for c in candidates], dtype=np.float32)
             if rerank:
                 started = time.perf_counter()
+                if need_globals:
+                    global_cosines = np.stack([c.global_vector for c in candidates]) @ query.global_vector.astype(np.float32)
+                else:
+                    global_cosines = final
                 final = await asyncio.get_running_loop().run_in_executor(
-                    None, mrsw_block, query.concepts, query.modality == CAPTIONS, block, counts, cfg.rerank_chunk
+                    None,
+                    rerank_scores,
+                    query.concepts,
+                    query.modality == CAPTIONS,
+                    block,
+                    counts,
+                    global_cosines,
+                    blend_weight,
+                    cfg.rerank_chunk,
                 )
                 self.metrics.stage.labels("rerank").observe(time.perf_counter() - started)
                 order.sort(key=lambda i: (-float(final[i]), i))
@@ -597,12 +643,20 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     continue
                 concepts = block[i, : counts[i]]
                 if query.modality == CAPTIONS:
-                    terms = explain(concepts, c.boxes, query.concepts, query.labels)
+                    labels = query.labels
+                    terms = explain(concepts, c.boxes, query.concepts, labels)
                 else:
-                    terms = explain(query.concepts, query.boxes, concepts, c.labels)
+                    labels = c.labels
+                    terms = explain(query.concepts, query.boxes, concepts, labels)
                 for t in terms:
                     hit.alignment.add(
-                        word_index=t.word_index, word_piece=t.word_piece, region_index=t.region_index, box=t.box, similarity=t.similarity
+                        word_index=t.word_index,
+                        word_piece=labels[t.word_index] if t.word_index < len(labels) else "",
+                        word=t.word,
+                        piece_indices=t.piece_indices,
+                        region_index=t.region_index,
+                        box=t.box,
+                        similarity=t.similarity,
                     )
             return response
 

@@ -391,6 +391,11 @@ class MilvusStore:
         return {"boc": {"codebook": self.requested_codebook}}
 
     @property
+    def dense_scores_exact(self) -> bool:
+        """The dense first stage's scores are the exact cosines of the global vectors (indexes on raw vectors)."""
+        return self.index_type in ("FLAT", "HNSW", "IVF_FLAT")
+
+    @property
     def meta_name(self) -> str:
         return f"{self.prefix}_meta"
 
@@ -550,12 +555,12 @@ class MilvusStore:
     def _read(self) -> dict:
         return {"consistency_level": self.consistency_level}
 
-    def _fields(self, vectors: bool, global_vector: bool = True) -> list[str]:
+    def _fields(self, concepts: bool, global_vector: bool) -> list[str]:
         names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"] + (["stamp"] if self.stamped else [])
-        if vectors:
+        if concepts:
             names += [f"concepts_{k}" for k in range(self.chunks)]
-            if global_vector:
-                names.append("global_vector")
+        if global_vector:
+            names.append("global_vector")
         return names
 
     def _stored(self, row: dict, vectors: bool) -> Stored:
@@ -569,9 +574,9 @@ class MilvusStore:
             model=row.get("model", ""),
             stamp=int(row.get("stamp") or 0),
         )
+        if "global_vector" in row:
+            item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)
         if vectors:
-            if "global_vector" in row:
-                item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)
             item.concepts = decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], count, self.model.dimension)
         return item
 
@@ -580,7 +585,7 @@ class MilvusStore:
             return {}
         name = self.name(modality)
         try:
-            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(vectors), **self._read())
+            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(vectors, vectors), **self._read())
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
         return {row["id"]: self._stored(row, vectors) for row in rows}
@@ -591,7 +596,7 @@ class MilvusStore:
             return {}
         name = self.name(modality)
         try:
-            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(True, global_vector=False), **self._read())
+            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(True, False), **self._read())
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
         return {row["id"]: self._stored(row, True) for row in rows}
@@ -671,9 +676,11 @@ class MilvusStore:
         first_stage: str = "dense",
         concepts: bool = True,
         query_concepts: np.ndarray | None = None,
+        global_vectors: bool = False,
     ) -> list[Stored]:
         """First stage: the `limit` best by inner product (dense global vector, a sparse surrogate of it, or the BoC of the
-        query's concept vectors `query_concepts`: pooled as the other modality's, i.e. as a caption when searching images)."""
+        query's concept vectors `query_concepts`: pooled as the other modality's, i.e. as a caption when searching images).
+        `concepts` / `global_vectors`: also return the hits' concept / global vectors."""
         if self.model is None:
             return []
         if first_stage == "dense":
@@ -697,7 +704,7 @@ class MilvusStore:
                 anns_field=field,
                 limit=limit,
                 filter=expr,
-                output_fields=self._fields(concepts, global_vector=False),
+                output_fields=self._fields(concepts, global_vectors),
                 search_params={"metric_type": "IP", "params": params},
                 **self._read(),
             )

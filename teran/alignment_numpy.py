@@ -32,13 +32,22 @@ def global_scores(image_global: np.ndarray, text_global: np.ndarray) -> np.ndarr
     return image_global.astype(np.float32) @ text_global.astype(np.float32).T
 
 
-def best_regions(regions: np.ndarray, region_mask: np.ndarray, words: np.ndarray, word_mask: np.ndarray):
-    """For one image [R, D] and one caption [W, D]: each real word's best real region and its similarity.
+def blend_scores(global_: np.ndarray, alignment_per_word: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) x global cosine + weight x MrAVGw: the served ranking score (teran.alignment.blend_scores)."""
+    return np.float32(1.0 - weight) * np.asarray(global_, np.float32) + np.float32(weight) * np.asarray(alignment_per_word, np.float32)
 
-    Returns (word_indices, region_indices, similarities): the explanation behind MrSw.
+
+def word_regions(regions: np.ndarray, words: np.ndarray, groups: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """For one image [R, D] and one caption's word pieces [W, D]: for each group of pieces (a whole
+    word, or a phrase), the region where the pieces' mean cosine is highest, and that mean.
+
+    The rule of the pointing game (teran.grounding) for one word: the region that best explains it.
+    Returns (region index [G], similarity [G] in -1..1).
     """
     sims = words.astype(np.float32) @ regions.astype(np.float32).T  # [W, R]
-    sims = np.where(region_mask[None, :], sims, -np.inf)
-    word_indices = np.flatnonzero(word_mask)
-    best = sims[word_indices].argmax(axis=1)
-    return word_indices, best, sims[word_indices, best]
+    member = np.zeros((len(groups), sims.shape[0]), dtype=np.float32)
+    for row, pieces in enumerate(groups):
+        member[row, list(pieces)] = 1.0 / len(pieces)
+    group_sims = member @ sims  # [G, R]
+    best = group_sims.argmax(axis=1) if len(groups) else np.zeros(0, dtype=np.int64)
+    return best, group_sims[np.arange(len(groups)), best]

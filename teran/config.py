@@ -94,6 +94,11 @@ class LossConfig:
     # Contrastive only: initial temperatures (learned from there on).
     global_temperature: float = 0.07
     alignment_temperature: float = 1.0
+    # Grounding: phrase-to-region cross-entropy on the Flickr30k Entities boxes of the training
+    # captions (teran.losses.grounding_loss, summed over the batch's phrases), weighted beside the
+    # matching losses; 0 = off.
+    grounding_weight: float = 0.0
+    grounding_temperature: float = 0.1
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from teran.alignment import chunked_alignment_scores, global_scores
+from teran.alignment import blend_scores, chunked_alignment_scores, global_scores
 from teran.data.flickr8k import load_split
 from teran.errors import TeranInputError
 from teran.features import ImageFeatures, TextFeatures, image_features, text_features
@@ -81,6 +81,18 @@ def score_both(images: Encoded, texts: Encoded, mode: str = "MrSw", device: torc
     }
 
 
+# Candidate weights of the alignment term in the blended ranking score (selected on dev).
+BLEND_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def select_blend_weight(global_: np.ndarray, per_word: np.ndarray, owners: np.ndarray) -> float:
+    """The weight of BLEND_WEIGHTS whose blended score has the best rsum (the smallest on ties)."""
+    rsums = [
+        recall_at_k(blend_scores(torch.from_numpy(global_), torch.from_numpy(per_word), w).numpy(), owners)["rsum"] for w in BLEND_WEIGHTS
+    ]
+    return BLEND_WEIGHTS[int(np.argmax(rsums))]
+
+
 def evaluate_model(
     model: TeranModel,
     image_feats: ImageFeatures,
@@ -89,20 +101,30 @@ def evaluate_model(
     captions: list[str] | None = None,
     mode: str = "MrSw",
     progress: bool = False,
+    blend_weight: float | None = None,
 ) -> dict:
-    """Recall (and NDCG when captions are given) for both scores on one gallery."""
+    """Recall (and NDCG when captions are given) for both scores on one gallery, and for their
+    blend (teran.alignment.blend_scores) with MrSw: at `blend_weight`, or the weight that is best
+    on this gallery when None (reported as `blend.weight`)."""
     model.eval()
     images = encode_images(model, image_feats, progress=progress)
     texts = encode_texts(model, text_feats, progress=progress)
     relevance = caption_relevance(captions, owners) if captions is not None else None
     report = {}
-    for name, scores in score_both(images, texts, mode, _device_of(model)).items():
+    scores_by_name = score_both(images, texts, mode, _device_of(model))
+    if mode == "MrSw":  # MrAVGw is MrSw over the caption's word count
+        per_word = scores_by_name["alignment"] / texts.concept_mask.sum(dim=1).clamp(min=1).numpy()[None, :]
+        weight = select_blend_weight(scores_by_name["global"], per_word, owners) if blend_weight is None else blend_weight
+        scores_by_name["blend"] = blend_scores(torch.from_numpy(scores_by_name["global"]), torch.from_numpy(per_word), weight).numpy()
+    for name, scores in scores_by_name.items():
         report[name] = recall_at_k(scores, owners)
         if relevance is not None:
             ndcg = ndcg_both_directions(scores, relevance)
             for direction in ("i2t", "t2i"):
                 report[name][direction]["ndcg_rougeL"] = ndcg[direction]
             report[name]["ndcg_rougeL"] = float(np.mean(list(ndcg.values())))
+    if "blend" in report:
+        report["blend"]["weight"] = weight
     return report
 
 
@@ -123,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         help="1k: whole split as one gallery; 5fold1k: mean over 1,000-image folds; 5k: whole split (COCO naming)",
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument(
+        "--blend-weight",
+        type=float,
+        default=None,
+        help="alignment weight of the blended ranking score (default: the checkpoint's, selected on dev in training; "
+        "with neither, the best weight on this split)",
+    )
     parser.add_argument("--output", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
 
@@ -140,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    weight = args.blend_weight if args.blend_weight is not None else payload.get("blend_weight")
     if args.protocol == "5fold1k":
         fold_reports = []
         for fold in _folds(len(data.names), 1000):
@@ -147,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             sub_images = ImageFeatures([data.names[i] for i in fold], image_feats.regions[fold], image_feats.boxes[fold])
             sub_text = TextFeatures(*_subset_text(text_feats, caps))
             fold_reports.append(
-                evaluate_model(model, sub_images, sub_text, owners[caps] - fold[0], [captions[c] for c in caps], args.mode, True)
+                evaluate_model(model, sub_images, sub_text, owners[caps] - fold[0], [captions[c] for c in caps], args.mode, True, weight)
             )
         results = _mean_reports(fold_reports)
     else:
-        results = evaluate_model(model, image_feats, text_feats, owners, captions, args.mode, progress=True)
+        results = evaluate_model(model, image_feats, text_feats, owners, captions, args.mode, progress=True, blend_weight=weight)
 
     report = {
         "command": "python -m teran.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -162,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "n_images": len(data.names),
         "n_captions": len(captions),
         "alignment_mode": args.mode,
+        "blend_weight_source": "--blend-weight"
+        if args.blend_weight is not None
+        else "checkpoint"
+        if weight is not None
+        else "best on this split",
         "model_config": payload["model_config"],
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
         "seconds": round(time.monotonic() - started, 1),
@@ -171,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
-    for name in ("alignment", "global"):
+    for name in [n for n in ("alignment", "global", "blend") if n in results]:
         r = results[name]
         print(
             f"{name:9s} i2t R@1 {r['i2t']['r1']:.1f} R@5 {r['i2t']['r5']:.1f} R@10 {r['i2t']['r10']:.1f} | "

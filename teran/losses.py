@@ -1,9 +1,11 @@
 """Matching losses on the alignment score (TERAN) and the global cosine (TERN): the VSE++ hinge
-triplet loss of the papers, or a symmetric InfoNCE with learned temperatures."""
+triplet loss of the papers, or a symmetric InfoNCE with learned temperatures; and the grounding
+loss that teaches each phrase's words the regions inside its boxes."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,39 @@ def contrastive_loss(scores: torch.Tensor, log_scale: torch.Tensor) -> torch.Ten
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+def grounding_loss(
+    image_concepts: torch.Tensor,
+    text_concepts: torch.Tensor,
+    owner: torch.Tensor,
+    pieces: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Phrase-to-region cross-entropy, summed over the batch's phrases (as the matching losses sum over its pairs).
+
+    Phrase p of batch pair owner[p] is the mean of its word-piece concepts (pieces [P, L] marks
+    them among the caption's concept positions); its similarity to each region of the pair's own
+    image, over `temperature`, is a softmax over the regions, and the loss is minus the log of the
+    probability mass on its target regions (those inside its boxes, targets [P, R]).
+    """
+    width = text_concepts.shape[1]
+    if pieces.shape[1] < width:
+        pieces = torch.nn.functional.pad(pieces, (0, width - pieces.shape[1]))
+    weights = pieces[:, :width].to(text_concepts.dtype)
+    phrase = torch.einsum("pl,pld->pd", weights / weights.sum(dim=1, keepdim=True), text_concepts[owner])
+    logits = torch.einsum("pd,prd->pr", phrase, image_concepts[owner]) / temperature
+    on_target = logits.masked_fill(~targets, float("-inf")).logsumexp(dim=1)
+    return (logits.logsumexp(dim=1) - on_target).sum()
+
+
+class PhraseBatch(NamedTuple):
+    """A training batch's phrases: owner [P] (batch row), pieces [P, L] bool, targets [P, R] bool."""
+
+    owner: torch.Tensor
+    pieces: torch.Tensor
+    targets: torch.Tensor
+
+
 LOSS_KINDS = ("hinge", "contrastive")
 
 
@@ -65,7 +100,7 @@ class TeranLoss(nn.Module):
             return contrastive_loss(scores, getattr(self, f"{which}_log_scale"))
         return hinge_triplet_loss(scores, self.cfg.margin, hardest)
 
-    def forward(self, image: Encoded, text: Encoded, hardest: bool) -> dict[str, torch.Tensor]:
+    def forward(self, image: Encoded, text: Encoded, hardest: bool, phrases: PhraseBatch | None = None) -> dict[str, torch.Tensor]:
         parts = {}
         if self.cfg.alignment_weight:
             scores = alignment_scores(image.concepts, image.concept_mask, text.concepts, text.concept_mask, self.cfg.alignment_mode)
@@ -73,5 +108,9 @@ class TeranLoss(nn.Module):
         if self.cfg.global_weight:
             scores = global_scores(image.global_vec, text.global_vec)
             parts["global"] = self.cfg.global_weight * self._loss(scores, "global", hardest)
+        if self.cfg.grounding_weight and phrases is not None and len(phrases.owner):
+            parts["grounding"] = self.cfg.grounding_weight * grounding_loss(
+                image.concepts, text.concepts, phrases.owner, phrases.pieces, phrases.targets, self.cfg.grounding_temperature
+            )
         parts["total"] = sum(parts.values())
         return parts

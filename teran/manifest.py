@@ -15,6 +15,9 @@ the tokenizer, an optional Triton model repository under `triton/`, and `manifes
                                  region_count when the image encoder takes exactly that many
                                  regions (a model tuning the trunk's top blocks takes its grid)
     alignment_mode, concept_mode how to score ("MrSw", ...) and which concepts are words
+    blend_weight                 the served ranking: (1 - w) x global cosine + w x MrAVGw
+                                 (teran.alignment.blend_scores), w selected on dev in training;
+                                 absent: rank by the alignment_mode score alone
     graphs                       per graph: fp32 / fp16 file, inputs / outputs (name, dtype,
                                  shape with symbolic dims as strings), ORT optimisation level
     files                        sha256 + size of every file in the directory
@@ -128,6 +131,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
     extra: dict[str, Any] = field(default_factory=dict)
+    blend_weight: float | None = None
 
     def graph(self, name: str) -> GraphEntry:
         if name not in self.graphs:
@@ -157,6 +161,7 @@ class Manifest:
             "preprocessing": dict(self.preprocessing),
             "alignment_mode": self.alignment_mode,
             "concept_mode": self.concept_mode,
+            "blend_weight": self.blend_weight,
             "graphs": {name: entry.to_dict() for name, entry in self.graphs.items()},
             "files": {name: asdict(entry) for name, entry in sorted(self.files.items())},
             "extra": self.extra,
@@ -199,6 +204,8 @@ class Manifest:
         need(isinstance(data["joint_dim"], int) and data["joint_dim"] >= 1, "joint_dim (integer >= 1)")
         need(data["alignment_mode"] in ALIGNMENT_MODES, f"alignment_mode ({data['alignment_mode']!r} not in {ALIGNMENT_MODES})")
         need(data["concept_mode"] in CONCEPT_MODES, f"concept_mode ({data['concept_mode']!r} not in {CONCEPT_MODES})")
+        blend = data.get("blend_weight")
+        need(blend is None or (isinstance(blend, int | float) and 0.0 <= blend <= 1.0), "blend_weight (null or a number within 0..1)")
         need(isinstance(data["tokenizer_file"], str), "tokenizer_file (string)")
         need(isinstance(data["preprocessing"], dict), "preprocessing (object)")
         graphs = {}
@@ -237,6 +244,7 @@ class Manifest:
             files=files,
             created=str(data.get("created", "")),
             extra=data.get("extra") or {},
+            blend_weight=None if blend is None else float(blend),
         )
 
 

@@ -16,6 +16,7 @@ class TokenizedBatch:
     input_ids: np.ndarray  # int64 [B, L]
     attention_mask: np.ndarray  # int64 [B, L], 1 for real tokens
     tokens: list[list[str]]  # word pieces per caption, including [CLS] and [SEP]
+    offsets: list[list[tuple[int, int]]]  # per piece: (start, end) characters in its caption; (0, 0) for [CLS] / [SEP]
 
 
 class CaptionTokenizer:
@@ -42,9 +43,9 @@ class CaptionTokenizer:
             if len(caption) > self.max_chars:
                 raise CaptionError(f"caption {index}: {len(caption)} characters exceeds the limit of {self.max_chars}")
         encodings = self._tokenizer.encode_batch(captions)
-        ids, tokens = [], []
+        ids, tokens, offsets = [], [], []
         for index, encoding in enumerate(encodings):
-            piece_ids, pieces = list(encoding.ids), list(encoding.tokens)
+            piece_ids, pieces, spans = list(encoding.ids), list(encoding.tokens), list(encoding.offsets)
             if len(piece_ids) > self.max_tokens:
                 if not truncate:
                     raise CaptionError(
@@ -52,14 +53,16 @@ class CaptionTokenizer:
                     )
                 piece_ids = piece_ids[: self.max_tokens - 1] + piece_ids[-1:]
                 pieces = pieces[: self.max_tokens - 1] + pieces[-1:]
+                spans = spans[: self.max_tokens - 1] + spans[-1:]
             if len(piece_ids) < 3:
                 raise CaptionError(f"caption {index}: no word pieces after normalisation")
             ids.append(piece_ids)
             tokens.append(pieces)
+            offsets.append([tuple(span) for span in spans])
         length = max(len(row) for row in ids)
         input_ids = np.zeros((len(ids), length), dtype=np.int64)
         attention_mask = np.zeros((len(ids), length), dtype=np.int64)
         for row, piece_ids in enumerate(ids):
             input_ids[row, : len(piece_ids)] = piece_ids
             attention_mask[row, : len(piece_ids)] = 1
-        return TokenizedBatch(input_ids, attention_mask, tokens)
+        return TokenizedBatch(input_ids, attention_mask, tokens, offsets)

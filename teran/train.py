@@ -25,15 +25,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from teran.backbones import TunedImageStage, pretrained_top_text_layers
+from teran.backbones import TunedImageStage, pretrained_top_text_layers, tokenizer_file
 from teran.checkpoint import load_model, save_checkpoint
 from teran.config import TrainConfig, load_train_config, to_dict
 from teran.data.flickr8k import load_split
 from teran.errors import TeranInputError
 from teran.evaluate import evaluate_model
 from teran.features import ImageFeatures, TextFeatures, image_features, text_features
-from teran.losses import TeranLoss
+from teran.grounding import build_phrase_set, dev_phrase_captions, model_pointing, training_phrase_set
+from teran.losses import PhraseBatch, TeranLoss
 from teran.model import TeranModel
+from teran.tokenization import CaptionTokenizer
 
 
 def seed_everything(seed: int) -> None:
@@ -102,7 +104,15 @@ def _load_resumable(last_path: Path, cfg: TrainConfig) -> tuple[TeranModel, dict
     return model, state
 
 
-def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool, progress: bool = True, command: str = "") -> dict:
+def train(
+    cfg: TrainConfig,
+    output_dir: Path,
+    data_dir: str | None,
+    resume: bool,
+    progress: bool = True,
+    command: str = "",
+    entities_dir: str | None = None,
+) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +131,19 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     train_text: TextFeatures = text_features(train_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
     dev_images = image_features(dev_split, tuned_blocks=blocks, progress=progress)
     dev_text = text_features(dev_caps, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
+    tokenizer = CaptionTokenizer(tokenizer_file(), max_tokens=cfg.model.max_tokens)
+    train_phrases = None
+    if cfg.loss.grounding_weight:
+        train_phrases = training_phrase_set(train_split, "train", entities_dir, tokenizer, train_images.boxes[0])
+        print(f"grounding: {len(train_phrases)} training phrases with boxes", file=sys.stderr)
+    # The dev pointing game, measured every epoch beside retrieval when the phrase boxes are there.
+    dev_phrase_caps = dev_phrase_captions(dev_split, "dev", entities_dir)
+    dev_phrases = dev_phrase_text = None
+    if dev_phrase_caps:
+        dev_index = {name: i for i, name in enumerate(dev_split.names)}
+        dev_phrases = build_phrase_set(dev_phrase_caps, dev_index, dev_images.boxes[0], tokenizer)
+        captions_of_phrases = [c.caption for c in dev_phrase_caps]
+        dev_phrase_text = text_features(captions_of_phrases, max_tokens=cfg.model.max_tokens, tuned_layers=tuned, progress=progress)
 
     device = torch.device(cfg.device)
     if resumed:  # a resumed run takes its tuned backbone parts from its checkpoint
@@ -145,6 +168,9 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
     sampler = CaptionSampler(np.asarray(train_owners), len(train_split.names), cfg.batch_size, cfg.captions_per_image)
     regions_all = torch.from_numpy(train_images.regions).to(device)
     boxes_all = torch.from_numpy(train_images.boxes).to(device)
+    if train_phrases is not None:
+        phrase_pieces = torch.from_numpy(train_phrases.pieces).to(device)
+        phrase_targets = torch.from_numpy(train_phrases.targets).to(device)
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -159,7 +185,11 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
                 hidden, attention = (t.to(device) for t in train_text.batch(batch_captions))
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, step, epoch) * group.get("lr_scale", 1.0)
-                losses = loss_fn(model.image(regions, boxes_all[img_idx], mask), model.text(hidden, attention), hardest)
+                phrases = None
+                if train_phrases is not None:
+                    rows, owner = (torch.from_numpy(a).to(device) for a in train_phrases.rows_of(batch_captions))
+                    phrases = PhraseBatch(owner, phrase_pieces[rows], phrase_targets[rows])
+                losses = loss_fn(model.image(regions, boxes_all[img_idx], mask), model.text(hidden, attention), hardest, phrases)
                 optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -175,16 +205,31 @@ def train(cfg: TrainConfig, output_dir: Path, data_dir: str | None, resume: bool
             "loss": {k: float(np.mean([r[k] for r in running])) for k in running[0]},
             "dev_rsum_alignment": dev["alignment"]["rsum"],
             "dev_rsum_global": dev["global"]["rsum"],
-            "dev_r1": {n: {d: dev[n][d]["r1"] for d in ("i2t", "t2i")} for n in ("alignment", "global")},
+            "dev_r1": {n: {d: dev[n][d]["r1"] for d in ("i2t", "t2i")} for n in ("alignment", "global", "blend") if n in dev},
             "seconds": round(time.monotonic() - epoch_started, 1),
         }
+        blend = ""
+        if "blend" in dev:  # the served ranking's alignment weight, selected on dev (MrSw models)
+            record.update({"dev_rsum_blend": dev["blend"]["rsum"], "blend_weight": dev["blend"]["weight"]})
+            blend = f" blend {dev['blend']['rsum']:.1f} (weight {dev['blend']['weight']})"
+        pointing = ""
+        if dev_phrases is not None:
+            record["dev_pointing"] = model_pointing(model, dev_images, dev_phrase_text, dev_phrases)["pointing"]
+            pointing = f"  pointing {record['dev_pointing']:.3f}"
         history.append(record)
         print(
             f"epoch {epoch + 1}: loss {record['loss']['total']:.2f}  dev rsum alignment {dev['alignment']['rsum']:.1f} "
-            f"global {dev['global']['rsum']:.1f}  ({record['seconds']:.0f}s)",
+            f"global {dev['global']['rsum']:.1f}{blend}{pointing}  ({record['seconds']:.0f}s)",
             file=sys.stderr,
         )
-        extra = {"train_config": to_dict(cfg), "epoch": epoch, "step": step, "history": json.dumps(history), "dev": json.dumps(dev)}
+        extra = {
+            "train_config": to_dict(cfg),
+            "epoch": epoch,
+            "step": step,
+            "history": json.dumps(history),
+            "dev": json.dumps(dev),
+            "blend_weight": record.get("blend_weight"),
+        }
         if rsum > best_rsum:
             best_rsum = rsum
             save_checkpoint(best_path, model, **extra)
@@ -220,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML file of TrainConfig settings (see configs/flickr8k.yaml)")
     parser.add_argument("--output-dir", default="runs/flickr8k", help="where last.pt, best.pt and summary.json go")
     parser.add_argument("--data-dir", default=None, help="Flickr8k-style folder (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k)")
+    parser.add_argument(
+        "--entities-dir",
+        default=None,
+        help="Flickr30k Entities phrase boxes for the grounding loss and the dev pointing game "
+        "(default: $TERAN_ENTITIES_DIR or ../shared/data/flickr30k-entities)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
@@ -228,7 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, {"epochs": args.epochs, "seed": args.seed})
         command = "python -m teran.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        summary = train(cfg, Path(args.output_dir), args.data_dir, args.resume, progress=not args.no_progress, command=command)
+        summary = train(
+            cfg,
+            Path(args.output_dir),
+            args.data_dir,
+            args.resume,
+            progress=not args.no_progress,
+            command=command,
+            entities_dir=args.entities_dir,
+        )
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

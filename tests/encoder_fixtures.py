@@ -200,6 +200,7 @@ def build_synthetic_model_dir(
     image_size: int = 224,
     grid: int = 7,
     name: str = "synthetic",
+    blend_weight: float | None = None,
 ) -> Path:
     """A complete model directory (manifest with checksums, tokenizer, fp32 + fp16 graphs, triton/)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -247,6 +248,7 @@ def build_synthetic_model_dir(
         concept_mode="words" if kind == "project" else "compat",
         graphs=entries,
         extra={"synthetic": True},
+        blend_weight=blend_weight,
     )
     try:
         from export import triton as triton_repo

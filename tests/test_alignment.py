@@ -61,15 +61,22 @@ def test_global_scores_are_cosines():
     np.testing.assert_allclose(alignment.global_scores(torch.from_numpy(a), torch.from_numpy(b)).numpy(), a @ b.T, atol=1e-6)
 
 
-def test_best_regions_explains_mrsw():
+def test_word_regions_of_single_pieces_are_the_mrsw_terms():
     img, img_mask, txt, txt_mask = _random_inputs(n_images=1, n_texts=1)
-    words, regions, sims = alignment_numpy.best_regions(img[0], img_mask[0], txt[0], txt_mask[0])
-    assert list(words) == list(np.flatnonzero(txt_mask[0]))
-    assert all(img_mask[0][regions])
-    # With no negative maxima, the explanation sums to the MrSw score.
-    score = alignment_numpy.alignment_scores(img, img_mask, txt, txt_mask)[0, 0]
-    if (sims > 0).all():
-        assert sims.sum() == pytest.approx(score, abs=1e-5)
+    regions, words = img[0][img_mask[0]], txt[0][txt_mask[0]]
+    best, sims = alignment_numpy.word_regions(regions, words, [(w,) for w in range(len(words))])
+    # One piece per group: each word's best region and cosine, which sum to MrSw.
+    score = alignment_numpy.alignment_scores(regions[None], np.ones((1, len(regions)), bool), words[None], np.ones((1, len(words)), bool))
+    assert sims.sum() == pytest.approx(float(score[0, 0]), abs=1e-5)
+    np.testing.assert_array_equal(best, (words @ regions.T).argmax(axis=1))
+
+
+def test_blend_scores_agree_between_torch_and_numpy():
+    rng = np.random.default_rng(3)
+    g, a = rng.uniform(-1, 1, (4, 6)).astype(np.float32), rng.uniform(-1, 1, (4, 6)).astype(np.float32)
+    want = 0.7 * g + 0.3 * a
+    np.testing.assert_allclose(alignment_numpy.blend_scores(g, a, 0.3), want, atol=1e-6)
+    np.testing.assert_allclose(alignment.blend_scores(torch.from_numpy(g), torch.from_numpy(a), 0.3).numpy(), want, atol=1e-6)
 
 
 def test_unknown_mode_is_rejected():

@@ -6,12 +6,33 @@ from demo.results import Hit
 from search_service._proto import search_pb2
 
 
-def test_hit_from_search_hit_and_strongest_matches():
+def test_hit_from_search_hit_reads_whole_words_and_strongest_matches():
     message = search_pb2.SearchHit(id="x.jpg", score=1.5, first_stage_score=0.4, metadata_json=json.dumps({"caption": "a red dog"}))
-    for index, (word, similarity) in enumerate([("the", 0.8), ("red", 0.2), ("##dish", 0.9), ("dog", 0.5)]):
-        message.alignment.add(word_index=index, word_piece=word, region_index=index + 3, box=[0.1, 0.2, 0.3, 0.4], similarity=similarity)
+    # One entry per content word of the caption side; word_piece only holds the first piece.
+    for index, (word, piece, pieces, similarity) in enumerate(
+        [("frisbee", "fr", [0, 1, 2], 0.9), ("red", "red", [3], 0.2), ("dog", "dog", [4], 0.5), ("near", "near", [5], -0.1)]
+    ):
+        message.alignment.add(
+            word_index=pieces[0],
+            word_piece=piece,
+            word=word,
+            piece_indices=pieces,
+            region_index=index + 3,
+            box=[0.1, 0.2, 0.3, 0.4],
+            similarity=similarity,
+        )
     hit = Hit.from_search_hit(message)
     assert hit.id == "x.jpg" and hit.metadata == {"caption": "a red dog"} and np.isclose(hit.first_stage, 0.4)
-    assert [m.word for m in hit.strongest_matches(2)] == ["dog", "red"]
-    assert hit.matches[1].region == 4
+    assert [m.word for m in hit.matches] == ["frisbee", "red", "dog", "near"]  # whole words, nothing filtered here
+    assert [m.word for m in hit.strongest_matches(2)] == ["frisbee", "dog"]
+    assert [m.word for m in hit.strongest_matches(10)] == ["frisbee", "dog", "red", "near"]
+    assert hit.matches[1].region == 4 and np.isclose(hit.matches[0].similarity, 0.9)
     np.testing.assert_allclose(hit.matches[1].box, [0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+
+
+def test_hit_without_alignment_or_boxes():
+    message = search_pb2.SearchHit(id="y.jpg#2", score=0.3)
+    message.alignment.add(word="dog", word_piece="dog", region_index=1, similarity=0.3)  # an image without boxes
+    hit = Hit.from_search_hit(message)
+    assert hit.metadata == {} and hit.matches[0].box.shape == (0,)
+    assert Hit.from_search_hit(search_pb2.SearchHit(id="z")).strongest_matches(3) == []

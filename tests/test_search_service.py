@@ -29,6 +29,7 @@ from encoder_service.tensors import decode
 from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.server import ServerThread
 from teran.alignment_numpy import alignment_scores
+from teran.words import content_words
 
 DIM = 16
 CAPTIONS = [
@@ -216,9 +217,10 @@ def test_image_query_rerank_equals_exhaustive_mrsw(corpus, encoder_client):
     assert response.target == search_pb2.CAPTION
     assert [h.id for h in response.hits] == [ids[i] for i in np.argsort(-scores, kind="stable")]
     np.testing.assert_allclose([h.score for h in response.hits], np.sort(scores)[::-1], rtol=1e-5, atol=1e-5)
-    # explanation: the hit caption's words against the query image's regions (boxes of the query)
+    assert response.ranking == "MrSw"  # the synthetic model has no blend weight
+    # explanation: the hit caption's content words against the query image's regions (boxes of the query)
     hit = response.hits[0]
-    assert [a.word_piece for a in hit.alignment] == list(stored[hit.id][2].word_pieces)
+    assert [a.word for a in hit.alignment] == [w.text for w in content_words(list(stored[hit.id][2].word_pieces))]
     for a in hit.alignment:
         np.testing.assert_allclose(a.box, query.boxes[a.region_index], atol=1e-6)
 
@@ -232,14 +234,67 @@ def test_explanation_content(corpus, encoder_client):
         _g, regions, item = stored_vectors(corpus, search_pb2.IMAGE, [hit.id])[hit.id]
         boxes = decode(item.boxes)
         sims = query.concepts @ regions.T
-        assert [a.word_piece for a in hit.alignment] == query.word_pieces
-        assert [a.word_index for a in hit.alignment] == list(range(len(query.word_pieces)))
+        # Content words only ("a", "on", "the" left out), each at the region where its pieces' mean cosine is highest.
+        assert [(a.word, a.word_piece, a.word_index, list(a.piece_indices)) for a in hit.alignment] == [
+            ("dog", "dog", 1, [1]),
+            ("runs", "runs", 2, [2]),
+            ("beach", "beach", 5, [5]),
+        ]
         for a in hit.alignment:
             assert a.region_index == int(sims[a.word_index].argmax())
             assert a.similarity == pytest.approx(float(sims[a.word_index].max()), abs=1e-5)
             np.testing.assert_allclose(a.box, boxes[a.region_index], atol=1e-6)
-        assert hit.score == pytest.approx(sum(a.similarity for a in hit.alignment), abs=1e-4)  # MrSw = sum of the terms
     assert not corpus.search(caption=caption, top_k=3, skip_explanation=True).hits[0].alignment
+
+
+def mrsw(regions: np.ndarray, words: np.ndarray) -> float:
+    """MrSw of one image's regions [R, D] and one caption's words [W, D] (teran.alignment_numpy)."""
+    return float(alignment_scores(regions[None], np.ones((1, len(regions)), bool), words[None], np.ones((1, len(words)), bool))[0, 0])
+
+
+@pytest.mark.parametrize("query_kind", ["caption", "image"])
+def test_blend_ranking_equals_the_exhaustive_blend(corpus, milvus_uri, encoder, encoder_client, query_kind):
+    """--ranking blend:W re-ranks by (1 - W) x global cosine + W x MrSw per caption word, exactly."""
+    weight = 0.4
+    replica = Search(milvus_uri, encoder.target, collection_prefix=corpus.prefix, ranking=f"blend:{weight}")
+    try:
+        if query_kind == "caption":
+            query = encoder_client.encode_captions(["a dog runs on the beach"])[0]
+            ids = [f"img{i}" for i in range(8)]
+            stored = stored_vectors(corpus, search_pb2.IMAGE, ids)
+            per_word = np.array([mrsw(stored[i][1], query.concepts) for i in ids]) / len(query.word_pieces)
+            response = replica.search(caption="a dog runs on the beach", top_k=5, rerank_multiplier=2)
+        else:
+            data = image_bytes(seed=3)
+            query = encoder_client.encode_images([data])[0]
+            ids = [f"cap{i}" for i in range(6)]
+            stored = stored_vectors(corpus, search_pb2.CAPTION, ids)
+            per_word = np.array([mrsw(query.concepts, stored[i][1]) / len(stored[i][1]) for i in ids])
+            response = replica.search(image=data, top_k=5, rerank_multiplier=2)
+        cosines = np.stack([stored[i][0] for i in ids]) @ query.global_vector
+        blend = (1 - weight) * cosines + weight * per_word
+        assert response.ranking == "blend w=0.40"
+        assert [h.id for h in response.hits] == [ids[i] for i in np.argsort(-blend, kind="stable")[:5]]
+        np.testing.assert_allclose([h.score for h in response.hits], np.sort(blend)[::-1][:5], rtol=1e-4, atol=1e-4)
+    finally:
+        replica.close(drop=False)
+
+
+def test_model_ranking_is_the_encoder_models_blend(milvus_uri, tmp_path):
+    model_dir = build_synthetic_model_dir(tmp_path / "model", joint_dim=DIM, name="blended", blend_weight=0.3)
+    with EncoderThread(make_config(model_dir)) as encoder, EncoderClient(encoder.target, timeout=30) as client:
+        assert client.model_info().blend_weight == pytest.approx(0.3)  # from the manifest, through GetModelInfo
+        search = Search(milvus_uri, encoder.target)  # --ranking model (the default)
+        explicit = Search(milvus_uri, encoder.target, collection_prefix=search.prefix, ranking="mrsw")
+        try:
+            items = [search_pb2.IndexItem(id=f"img{i}", image=image_bytes(seed=i)) for i in range(3)]
+            assert search.index(items).indexed == 3
+            assert search.search(caption="a dog", top_k=2).ranking == "blend w=0.30"
+            assert search.search(caption="a dog", top_k=2, disable_rerank=True).ranking == "first stage"
+            assert explicit.search(caption="a dog", top_k=2).ranking == "MrSw"
+        finally:
+            explicit.close(drop=False)
+            search.close()
 
 
 def test_rerank_off_and_multiplier(corpus):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from search_service.config import ConfigError, SearchConfig, build_parser, from_args
-from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, stack_concepts
+from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, rerank_scores, stack_concepts
 from search_service.store import (
     CHUNK_CHARS,
     BadFilter,
@@ -24,7 +24,7 @@ from search_service.store import (
     encode_boxes,
     encode_concepts,
 )
-from teran.alignment_numpy import alignment_scores, best_regions
+from teran.alignment_numpy import alignment_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +65,10 @@ def test_config_precedence_and_errors(tmp_path):
         from_args(["--index-type", "DISKANN2"], {})
     with pytest.raises(ConfigError, match="--rerank-multiplier"):
         from_args(["--rerank-multiplier", "20", "--max-rerank-multiplier", "10"], {})
+    assert [from_args(["--ranking", r], {}).ranking for r in ("model", "mrsw", "blend:0.25")] == ["model", "mrsw", "blend:0.25"]
+    for bad in ("blend:1.5", "blend", "cosine", "blend:x"):
+        with pytest.raises(ConfigError, match=r"--ranking \(TERAN_SEARCH_RANKING\): .*give model, mrsw or blend:W with W within 0..1"):
+            from_args(["--ranking", bad], {})
 
 
 def test_cli_bad_config_exit_code():
@@ -201,17 +205,33 @@ def test_rerank_cache_put_gather_remove_compact_limit():
     assert cache.items() == 2 and cache.has("images", "i2", 102) and cache.has("images", "new", 7)
 
 
-def test_explain_uses_best_regions():
+def test_explain_shows_whole_content_words_at_their_best_region():
     rng = np.random.default_rng(1)
-    regions, words = unit(rng, 6, 8), unit(rng, 3, 8)
+    regions, words = unit(rng, 6, 8), unit(rng, 6, 8)
     boxes = rng.random((6, 4), dtype=np.float32)
-    terms = explain(regions, boxes, words, ["a", "dog"])
-    w, r, s = best_regions(regions, np.ones(6, bool), words, np.ones(3, bool))
-    assert [t.word_index for t in terms] == w.tolist() and [t.region_index for t in terms] == r.tolist()
-    assert [t.word_piece for t in terms] == ["a", "dog", "#2"]
-    np.testing.assert_allclose([t.similarity for t in terms], s, rtol=1e-6)
-    np.testing.assert_allclose(terms[0].box, boxes[r[0]])
-    assert explain(regions, None, words, [])[0].box == []
+    labels = ["a", "dog", "catches", "the", "fr", "##is"]  # stop words out, "fr ##is" joined
+    terms = explain(regions, boxes, words, labels)
+    assert [(t.word, t.word_index, t.piece_indices) for t in terms] == [("dog", 1, [1]), ("catches", 2, [2]), ("fris", 4, [4, 5])]
+    sims = words @ regions.T
+    for term in terms:  # the region where the word's pieces' mean cosine is highest, and that mean
+        mean = sims[term.piece_indices].mean(axis=0)
+        assert term.region_index == int(mean.argmax())
+        assert term.similarity == pytest.approx(float(mean.max()), abs=1e-6)
+        np.testing.assert_allclose(term.box, boxes[term.region_index])
+    assert explain(regions, None, words, [])[0].box == []  # no boxes; labels default to "#i"
+
+
+def test_rerank_scores_blend_global_and_alignment_per_caption_word():
+    rng = np.random.default_rng(2)
+    query, candidates = unit(rng, 4, 8), [unit(rng, n, 8) for n in (3, 5, 2)]
+    block, counts = stack_concepts(candidates, 8)
+    cosines = np.array([0.3, -0.1, 0.5], np.float32)
+    mrsw = mrsw_scores(query, True, candidates)
+    np.testing.assert_allclose(rerank_scores(query, True, block, counts, cosines, None), mrsw, rtol=1e-3)
+    # Caption query: MrSw per query word; image query: per word of each candidate caption.
+    np.testing.assert_allclose(rerank_scores(query, True, block, counts, cosines, 0.25), 0.75 * cosines + 0.25 * mrsw / 4, rtol=1e-3)
+    per_caption = mrsw_scores(query, False, candidates) / counts
+    np.testing.assert_allclose(rerank_scores(query, False, block, counts, cosines, 1.0), per_caption, rtol=1e-3)
 
 
 def test_generated_search_code_is_up_to_date(tmp_path):

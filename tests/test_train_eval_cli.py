@@ -189,3 +189,56 @@ def test_features_cli_precomputes_the_caches_a_config_trains_on(data_dir, config
     assert "text_tuned_layers must be an integer within 0..6, got 9" in capsys.readouterr().err
     assert features.main(["--image-tuned-blocks", "5", "--data-dir", str(data_dir)]) == 2
     assert "image_tuned_blocks must be an integer within 0..4 (the trunk's blocks on its final grid), got 5" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def entities_dir(data_dir, tmp_path_factory):
+    """Phrase boxes for the tiny folder in the Flickr30k Entities layout: "a WORD" in each caption,
+    boxed in the photo's top-left quarter."""
+    from teran.data.flickr8k import read_captions
+
+    root = tmp_path_factory.mktemp("entities")
+    splits = {name: "train" for name in (data_dir / "train_images.txt").read_text().split()}
+    splits.update({name: "dev" for name in (data_dir / "dev_images.txt").read_text().split()})
+    lines = []
+    for image, captions in read_captions(data_dir / "captions.txt").items():
+        for index, caption in enumerate(captions):
+            box = {"boxes": [[0.0, 0.0, 0.5, 0.5]], "scene": False, "nobox": False, "chain": 1}
+            phrases = [{"text": " ".join(caption.split()[:2]), "types": ["animals"], "first_word": 0, "words": 2, **box}]
+            phrases.append({"text": "variant", "types": ["other"], "first_word": 5, "words": 1, **box, "chain": 0})  # not visual
+            lines.append(json.dumps({"image": image, "split": splits[image], "caption": caption, "captions_txt_index": index,
+                                     "size": [56, 40], "phrases": phrases}))  # fmt: skip
+    (root / "phrases.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_grounding_loss_trains_and_the_pointing_game_reports_it(data_dir, config, entities_dir, tmp_path, capsys):
+    from teran import grounding
+
+    config.write_text(config.read_text() + "loss: {grounding_weight: 5.0, grounding_temperature: 0.1}\n")
+    out = tmp_path / "run"
+    args = ["--config", str(config), "--output-dir", str(out), "--data-dir", str(data_dir), "--entities-dir", str(entities_dir)]
+    assert train.main([*args, "--no-progress"]) == 0
+    history = json.loads((out / "summary.json").read_text())["history"]
+    # 8 training images x 5 captions, each with one visual phrase; the pointing game runs on dev every epoch.
+    assert all(h["loss"]["grounding"] > 0 and 0.0 <= h["dev_pointing"] <= 1.0 for h in history)
+    assert 0.0 <= read_checkpoint(out / "best.pt")["blend_weight"] <= 1.0
+    assert "grounding: 40 training phrases with boxes" in capsys.readouterr().err
+
+    report_path = tmp_path / "grounding.json"
+    code = grounding.main(
+        ["--checkpoint", str(out / "best.pt"), "--data-dir", str(data_dir), "--entities-dir", str(entities_dir),
+         "--output", str(report_path), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["phrases"] == 20 and report["captions"] == 20  # 4 dev photos x 5 captions, the non-visual phrase left out
+    # The box covers the top-left 3x3 cells' centres (of 7x7): the random baseline is 9/49; the centre is not in it.
+    assert report["baselines"] == {"center": 0.0, "random": pytest.approx(9 / 49)}
+    assert set(report["by_type"]) == {"animals"} and report["by_type"]["animals"]["phrases"] == 20
+    best_epoch = read_checkpoint(out / "best.pt")["epoch"]
+    assert report["pointing"] == pytest.approx(history[best_epoch]["dev_pointing"])  # the same rule on the same phrases
+    assert report["command"].startswith("python -m teran.grounding") and report["machine"]["cpus"] >= 1
+
+    assert grounding.main(["--checkpoint", str(out / "best.pt"), "--entities-dir", str(tmp_path / "none")]) == 2
+    assert "phrases.jsonl: phrase file does not exist" in capsys.readouterr().err

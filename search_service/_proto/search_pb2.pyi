@@ -203,18 +203,22 @@ class SearchRequest(_message.Message):
     def __init__(self, caption: _Optional[str] = ..., image: _Optional[bytes] = ..., regions: _Optional[_Union[_encoder_pb2.RegionFeatures, _Mapping]] = ..., vectors: _Optional[_Union[Vectors, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[str] = ..., rerank_multiplier: _Optional[int] = ..., disable_rerank: _Optional[bool] = ..., skip_explanation: _Optional[bool] = ..., request_id: _Optional[str] = ..., first_stage: _Optional[_Union[FirstStage, str]] = ...) -> None: ...
 
 class WordAlignment(_message.Message):
-    __slots__ = ("word_index", "word_piece", "region_index", "box", "similarity")
+    __slots__ = ("word_index", "word_piece", "region_index", "box", "similarity", "word", "piece_indices")
     WORD_INDEX_FIELD_NUMBER: _ClassVar[int]
     WORD_PIECE_FIELD_NUMBER: _ClassVar[int]
     REGION_INDEX_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    PIECE_INDICES_FIELD_NUMBER: _ClassVar[int]
     word_index: int
     word_piece: str
     region_index: int
     box: _containers.RepeatedScalarFieldContainer[float]
     similarity: float
-    def __init__(self, word_index: _Optional[int] = ..., word_piece: _Optional[str] = ..., region_index: _Optional[int] = ..., box: _Optional[_Iterable[float]] = ..., similarity: _Optional[float] = ...) -> None: ...
+    word: str
+    piece_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, word_index: _Optional[int] = ..., word_piece: _Optional[str] = ..., region_index: _Optional[int] = ..., box: _Optional[_Iterable[float]] = ..., similarity: _Optional[float] = ..., word: _Optional[str] = ..., piece_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "first_stage_score", "first_stage_rank", "metadata_json", "alignment")
@@ -233,7 +237,7 @@ class SearchHit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., first_stage_score: _Optional[float] = ..., first_stage_rank: _Optional[int] = ..., metadata_json: _Optional[str] = ..., alignment: _Optional[_Iterable[_Union[WordAlignment, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "target", "candidates", "reranked", "query_word_pieces", "model", "request_id")
+    __slots__ = ("hits", "target", "candidates", "reranked", "query_word_pieces", "model", "request_id", "ranking")
     HITS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +245,7 @@ class SearchResponse(_message.Message):
     QUERY_WORD_PIECES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     target: Modality
     candidates: int
@@ -248,4 +253,5 @@ class SearchResponse(_message.Message):
     query_word_pieces: _containers.RepeatedScalarFieldContainer[str]
     model: _common_pb2.ModelRef
     request_id: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., target: _Optional[_Union[Modality, str]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[bool] = ..., query_word_pieces: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    ranking: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., target: _Optional[_Union[Modality, str]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[bool] = ..., query_word_pieces: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., request_id: _Optional[str] = ..., ranking: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,123 @@
+"""bench/bench_search.py: its exhaustive reference is the service's re-rank score, and the agreement part runs
+end to end (both directions, milvus-lite, in-process service) on small synthetic vectors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search_service.ranking import rerank_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "bench" / "bench_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def synthetic(n_images: int = 12, per_image: int = 5, regions: int = 4, dim: int = 16, seed: int = 0) -> dict:
+    """Encoder-like data: captions near their image (so recall means something), ragged word-piece counts."""
+    rng = np.random.default_rng(seed)
+    image_concepts = unit(rng.normal(size=(n_images, regions, dim)))
+    image_global = unit(image_concepts.mean(axis=1) + 0.3 * rng.normal(size=(n_images, dim)))
+    owners = np.repeat(np.arange(n_images), per_image)
+    lengths = rng.integers(2, 7, size=len(owners))
+    words = np.zeros((len(owners), int(lengths.max()), dim), np.float32)
+    caption_global = np.zeros((len(owners), dim), np.float32)
+    for c, (owner, n) in enumerate(zip(owners, lengths, strict=True)):
+        picked = image_concepts[owner, rng.integers(0, regions, size=n)]
+        words[c, :n] = unit(picked + 0.8 * rng.normal(size=(n, dim)))
+        caption_global[c] = unit(image_global[owner] + 0.8 * rng.normal(size=dim))
+    boxes = np.sort(rng.uniform(size=(n_images, regions, 4)).astype(np.float32), axis=-1)
+    return {
+        "image_global": image_global,
+        "image_concepts": image_concepts,
+        "image_boxes": boxes,
+        "caption_global": caption_global,
+        "caption_concepts": words,
+        "caption_lengths": lengths,
+        "caption_owner": owners,
+        "model": np.array(["bench-test", "1", str(dim)]),
+        "blend_weight": 0.3,
+    }
+
+
+def fp16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("weight", [None, 0.3, 1.0])
+def test_reference_is_the_service_rerank_score_in_both_directions(bench, weight):
+    data = synthetic()
+    scores, cosines = bench.reference_scores(data, weight, chunk=5)
+    lengths = data["caption_lengths"]
+    images = data["image_concepts"].astype(np.float16)
+    np.testing.assert_allclose(cosines, data["image_global"] @ data["caption_global"].T, rtol=1e-6, atol=1e-6)
+    for q in range(len(lengths)):  # caption query: its words against every image's regions
+        words = fp16(data["caption_concepts"][q, : lengths[q]])
+        served = rerank_scores(words, True, images, np.full(len(images), images.shape[1]), cosines[:, q], weight)
+        np.testing.assert_allclose(scores[:, q], served, rtol=1e-5, atol=1e-5)
+    block = data["caption_concepts"].astype(np.float16)
+    for i in range(len(images)):  # image query: every caption's words against its regions, MrAVGw per candidate
+        served = rerank_scores(fp16(data["image_concepts"][i]), False, block, lengths, cosines[i], weight)
+        np.testing.assert_allclose(scores[i], served, rtol=1e-5, atol=1e-5)
+
+
+def test_resolve_ranking(bench):
+    assert bench.resolve_ranking("model", 0.3) == (0.3, "blend:0.3", "blend w=0.30")
+    assert bench.resolve_ranking("model", None) == (None, "mrsw", "MrSw")
+    assert bench.resolve_ranking("mrsw", 0.3) == (None, "mrsw", "MrSw")
+    assert bench.resolve_ranking("blend:0.25", None) == (0.25, "blend:0.25", "blend w=0.25")
+    for bad in ("blend:2", "blend:x", "cosine"):
+        with pytest.raises(ValueError, match="--ranking"):
+            bench.resolve_ranking(bad, 0.3)
+
+
+def test_recall_and_summary(bench):
+    assert bench.recall([[3, 1], [0, 2, 5]], np.array([1, 7])) == {"r1": 0.0, "r5": 50.0, "r10": 50.0}
+    result = {
+        "ranking": "blend w=0.30",
+        "queries": 2,
+        "recall_first_stage_only": {"r1": 1.0, "r5": 2.0, "r10": 3.0},
+        "recall_exhaustive": {"r1": 4.0, "r5": 5.0, "r10": 6.0},
+        "per_multiplier": {
+            "10": {"recall_reranked": {"r1": 4.0, "r5": 5.0, "r10": 6.0}, "agreement_at_10": 1.0, "agreement_at_10_ordered": 0.5}
+        },
+    }
+    line = bench.summary("text to image", result, 10)
+    assert "first stage 1.0/2.0/3.0 -> re-ranked (R_m=10) 4.0/5.0/6.0" in line and "agreement@10 1.000 (ordered 0.500)" in line
+
+
+def test_agreement_part_end_to_end(bench, tmp_path):
+    """Both directions through the service (milvus-lite): when R_m x 10 covers the gallery the re-rank IS the
+    exhaustive ranking by the same score; the service says which score it used."""
+    data = synthetic()
+    ranking = bench.resolve_ranking("model", data["blend_weight"])
+    t2i, i2t = bench.agreement(data, [1, 6], 20, tmp_path, [], ranking, image_queries=None)
+    assert t2i["ranking"] == i2t["ranking"] == "blend w=0.30"
+    assert (t2i["queries"], t2i["gallery_images"], i2t["queries"], i2t["gallery_captions"]) == (20, 12, 12, 60)
+    for result in (t2i, i2t):
+        assert set(result) >= {"recall_exhaustive", "recall_first_stage_only", "per_multiplier"}
+        full = result["per_multiplier"]["6"]  # 60 candidates: the whole gallery in both directions
+        assert full["agreement_at_10"] == 1.0 and full["agreement_at_10_ordered"] >= 0.9
+        assert full["recall_reranked"] == result["recall_exhaustive"]
+        assert set(full) == {"agreement_at_10", "agreement_at_10_ordered", "recall_reranked", "mean_query_ms"}
+    assert set(t2i["strategies"]) >= {"dense", "sq_scale10", "dp_keep16"}
+    assert t2i["strategies"]["dense"]["per_multiplier"]["6"]["agreement_at_10"] == 1.0
+
+
+def test_agreement_refuses_a_service_ranking_other_than_the_reference(bench, tmp_path):
+    data = synthetic(n_images=4, per_image=2)
+    with pytest.raises(RuntimeError, match="ranked by 'MrSw'"):
+        bench.agreement(data, [1], 2, tmp_path, [], (0.3, "mrsw", "blend w=0.30"))
