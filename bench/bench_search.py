@@ -8,9 +8,9 @@ One command runs everything (default parts: agreement, latency); `--parts` runs 
 strategies, latency, scale) and `--merge` updates the report in place, keeping what was not re-run.
 
 The re-rank score (`--ranking`, passed to the service as its --ranking): `model` (default) is the exported
-model's, from its manifest: (1 - w) x global cosine + w x MrAVGw with w = `blend_weight` (MrAVGw: MrSw per
-word piece of the caption), or MrSw when the manifest has no weight; `mrsw`; `blend:W`. The report's
-`ranking` says which ("blend w=0.30" or "MrSw", as the service's SearchResponse.ranking, checked on every query).
+model's, from its manifest: global cosine + w x MrSw with w = `blend_weight`, or MrSw when the manifest has no
+weight; `mrsw`; `blend:W`. The report's `ranking` says which ("blend w=0.08" or "MrSw", as the service's
+SearchResponse.ranking, checked on every query).
 
 1. Encodes Flickr8k dev (1,000 images, 5,000 captions) with the real exported model through the
    encoder service (cached in .cache/bench-search/), stores the images and their captions in a fresh
@@ -141,15 +141,16 @@ def resolve_ranking(option: str, manifest_weight: float | None) -> tuple[float |
     """--ranking (model | mrsw | blend:W) -> (blend weight or None for MrSw, the service's --ranking setting,
     the label the service answers in SearchResponse.ranking)."""
     from search_service.config import parse_ranking
+    from search_service.ranking import ranking_label
 
     parsed = parse_ranking(option)
     if parsed == "invalid":
-        raise ValueError(f"--ranking {option!r}: give model, mrsw or blend:W with W within 0..1")
+        raise ValueError(f"--ranking {option!r}: give model, mrsw or blend:W with a number W >= 0")
     weight = manifest_weight if parsed == "model" else parsed
     if weight is None:
-        return None, "mrsw", "MrSw"
+        return None, "mrsw", ranking_label(None)
     weight = float(weight)
-    return weight, f"blend:{weight!r}", f"blend w={weight:.2f}"
+    return weight, f"blend:{weight!r}", ranking_label(weight)
 
 
 # --------------------------------------------------------------------------- service
@@ -263,8 +264,7 @@ def reference_scores(data: dict, weight: float | None, chunk: int = 8) -> tuple[
     MrSw(image, caption) = sum over the caption's word pieces of the max over the image's regions of the cosine:
     the same number whichever side queries (search_service.ranking.mrsw_block), so one matrix serves both
     directions. Concepts rounded to fp16 on both sides (stored as fp16; the bench sends its query concepts as
-    fp16), global vectors fp32. weight None: MrSw; else blend_scores(global cosine, MrSw / caption word pieces,
-    weight), i.e. MrAVGw per caption: the query's word count for a caption query, each candidate's for an image query."""
+    fp16), global vectors fp32. weight None: MrSw; else blend_scores(global cosine, MrSw, weight)."""
     regions = data["image_concepts"].astype(np.float16).astype(np.float32)  # [Ni, R, D]
     lengths = np.asarray(data["caption_lengths"], np.int64)
     words = np.concatenate(
@@ -280,7 +280,7 @@ def reference_scores(data: dict, weight: float | None, chunk: int = 8) -> tuple[
     cosines = data["image_global"].astype(np.float32) @ data["caption_global"].astype(np.float32).T
     if weight is None:
         return mrsw, cosines
-    return blend_scores(cosines, mrsw / np.maximum(lengths, 1).astype(np.float32)[None, :], weight), cosines
+    return blend_scores(cosines, mrsw, weight), cosines
 
 
 def top10(scores: np.ndarray) -> list[list[int]]:

@@ -78,8 +78,8 @@ def describe_ranking(ranking: str) -> str:
         except ValueError:
             return f"score: {html.escape(ranking)}"
         return (
-            f"score = {1 - weight:.2f} &times; global-vector cosine + {weight:.2f} &times; TERAN alignment per word piece "
-            "(MrSw, the sum over the caption's word pieces of their cosine with their best region, divided by their number)"
+            f"score = global-vector cosine + {weight:g} &times; TERAN alignment "
+            "(MrSw: the sum over the caption's word pieces of their cosine with their best region)"
         )
     if ranking == "MrSw":
         return "score = TERAN MrSw alignment: each caption word piece's cosine with its best region, summed"

@@ -92,8 +92,7 @@ def _retrieval(images, texts, owners: np.ndarray, mode: str, blend_weight: float
 
     scores = _scores(images, texts, mode)
     if blend_weight is not None and mode == "MrSw":
-        per_word = scores["alignment"] / np.maximum(texts[2].sum(axis=1), 1)[None, :]
-        scores["blend"] = blend_scores(scores["global"], per_word, blend_weight)
+        scores["blend"] = blend_scores(scores["global"], scores["alignment"], blend_weight)
     return {name: recall_at_k(values, owners) for name, values in scores.items()}
 
 

@@ -58,7 +58,7 @@ class ExportSource:
     alignment_mode: str
     concept_mode: str
     default_name: str
-    blend_weight: float | None = None  # the served ranking's alignment weight (teran.alignment.blend_scores)
+    blend_weight: float | None = None  # the served ranking's MrSw weight (teran.alignment.blend_scores)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

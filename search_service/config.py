@@ -21,7 +21,7 @@ __all__ = ["ConfigError", "SearchConfig", "build_parser", "from_args", "parse_ra
 
 
 def parse_ranking(text: str) -> str | float | None:
-    """--ranking: "model" -> "model", "mrsw" -> None, "blend:W" -> W (0..1); anything else -> "invalid"."""
+    """--ranking: "model" -> "model", "mrsw" -> None, "blend:W" -> W (a finite W >= 0); anything else -> "invalid"."""
     if text in ("model", "mrsw"):
         return None if text == "mrsw" else "model"
     kind, _, weight = text.partition(":")
@@ -29,7 +29,7 @@ def parse_ranking(text: str) -> str | float | None:
         value = float(weight)
     except ValueError:
         return "invalid"
-    return value if kind == "blend" and 0.0 <= value <= 1.0 else "invalid"
+    return value if kind == "blend" and 0.0 <= value < float("inf") else "invalid"
 
 
 @dataclass
@@ -118,7 +118,7 @@ class SearchConfig:
         need(self.boc_top >= 1, "boc_top", f"must be >= 1, got {self.boc_top}")
         need(self.boc_keep >= 0, "boc_keep", f"must be >= 0 (0: keep all), got {self.boc_keep}")
         need(self.boc_temperature > 0, "boc_temperature", f"must be > 0, got {self.boc_temperature}")
-        need(parse_ranking(self.ranking) != "invalid", "ranking", f"{self.ranking!r}: give model, mrsw or blend:W with W within 0..1")
+        need(parse_ranking(self.ranking) != "invalid", "ranking", f"{self.ranking!r}: give model, mrsw or blend:W with a number W >= 0")
         need(self.rerank_cache_mb >= 0, "rerank_cache_mb", f"must be >= 0 (0 disables the cache), got {self.rerank_cache_mb}")
         need(self.rerank_cache_refresh_s >= 0, "rerank_cache_refresh_s", f"must be >= 0 (0: never), got {self.rerank_cache_refresh_s}")
         need(self.sq_scale > 0, "sq_scale", f"must be > 0, got {self.sq_scale}")
@@ -193,9 +193,8 @@ _SETTINGS: list[tuple[str, str, str]] = [
     (
         "ranking",
         "str",
-        "re-rank score: model (the encoder model's: (1 - w) x global cosine + w x MrSw per caption word, w from its "
-        "manifest; MrSw when it has none or no encoder is set), mrsw (the TERAN alignment alone) or blend:W (that blend "
-        "with weight W)",
+        "re-rank score: model (the encoder model's: global cosine + w x MrSw, w from its manifest; MrSw when it has "
+        "none or no encoder is set), mrsw (the TERAN alignment alone) or blend:W (global cosine + W x MrSw)",
     ),
     ("rerank_multiplier", "int", "default R_m: the first stage fetches R_m x top_k candidates for the re-rank"),
     ("max_rerank_multiplier", "int", "LIMIT: largest R_m a request may ask"),

@@ -2,8 +2,8 @@
 
 MrSw(image, caption) = sum over the caption's word pieces of the max over the image's regions of
 the cosine. A caption query scores candidate images (its words against their regions); an image
-query scores candidate captions (their words against its regions). The served ranking blends it,
-per caption word, with the global cosine (`rerank_scores`).
+query scores candidate captions (their words against its regions). The served ranking adds it,
+weighted, to the global cosine (`rerank_scores`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ def mrsw_block(query: np.ndarray, query_is_caption: bool, block: np.ndarray, cou
     return scores
 
 
+def ranking_label(blend_weight: float | None) -> str:
+    """SearchResponse.ranking of a re-rank: "MrSw", or "blend w=0.08" (global cosine + w x MrSw)."""
+    return "MrSw" if blend_weight is None else f"blend w={blend_weight:g}"
+
+
 def rerank_scores(
     query: np.ndarray,
     query_is_caption: bool,
@@ -70,13 +75,9 @@ def rerank_scores(
     chunk: int = 256,
 ) -> np.ndarray:
     """The re-rank score of each candidate: MrSw (blend_weight None), or the model's blend
-    (1 - w) x global cosine + w x MrAVGw (MrSw per caption word: the query's words for a caption
-    query, each candidate caption's for an image query), as in teran.alignment.blend_scores."""
+    global cosine + w x MrSw (teran.alignment.blend_scores)."""
     mrsw = mrsw_block(query, query_is_caption, block, counts, chunk)
-    if blend_weight is None:
-        return mrsw
-    words = np.float32(query.shape[0]) if query_is_caption else np.maximum(np.asarray(counts), 1).astype(np.float32)
-    return blend_scores(global_cosines, mrsw / words, blend_weight)
+    return mrsw if blend_weight is None else blend_scores(global_cosines, mrsw, blend_weight)
 
 
 def mrsw_scores(query: np.ndarray, query_is_caption: bool, candidates: list[np.ndarray], chunk: int = 256) -> np.ndarray:

@@ -27,7 +27,7 @@ from search_service.cache import RerankCache
 from search_service.config import SearchConfig, parse_ranking
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
-from search_service.ranking import explain, rerank_scores, stack_concepts
+from search_service.ranking import explain, ranking_label, rerank_scores, stack_concepts
 from search_service.sparse import load_codebook
 from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
 from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server
@@ -580,7 +580,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             rerank = not request.disable_rerank
             n = min(multiplier * top_k, cfg.max_candidates) if rerank else top_k
             blend_weight = await self._blend_weight(store.model) if rerank and store.model is not None else None
-            response.ranking = ("MrSw" if blend_weight is None else f"blend w={blend_weight:.2f}") if rerank else "first stage"
+            response.ranking = ranking_label(blend_weight) if rerank else "first stage"
             # The blend needs each candidate's exact global cosine: the dense first stage's score on raw-vector indexes.
             need_globals = blend_weight is not None and not (first_stage == "dense" and store.dense_scores_exact)
             started = time.perf_counter()

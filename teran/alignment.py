@@ -47,10 +47,10 @@ def global_scores(image_global: torch.Tensor, text_global: torch.Tensor) -> torc
     return image_global @ text_global.T
 
 
-def blend_scores(global_: torch.Tensor, alignment_per_word: torch.Tensor, weight: float) -> torch.Tensor:
-    """The served ranking score: (1 - weight) x global cosine + weight x MrAVGw (the alignment score
-    per caption word, so that captions of any length compare). Both terms are cosines in -1..1."""
-    return (1.0 - weight) * global_ + weight * alignment_per_word
+def blend_scores(global_: torch.Tensor, alignment: torch.Tensor, weight: float) -> torch.Tensor:
+    """The served ranking score: global cosine + weight x MrSw (the alignment score, a sum over the
+    caption's word pieces)."""
+    return global_ + weight * alignment
 
 
 @torch.no_grad()

@@ -32,9 +32,9 @@ def global_scores(image_global: np.ndarray, text_global: np.ndarray) -> np.ndarr
     return image_global.astype(np.float32) @ text_global.astype(np.float32).T
 
 
-def blend_scores(global_: np.ndarray, alignment_per_word: np.ndarray, weight: float) -> np.ndarray:
-    """(1 - weight) x global cosine + weight x MrAVGw: the served ranking score (teran.alignment.blend_scores)."""
-    return np.float32(1.0 - weight) * np.asarray(global_, np.float32) + np.float32(weight) * np.asarray(alignment_per_word, np.float32)
+def blend_scores(global_: np.ndarray, alignment: np.ndarray, weight: float) -> np.ndarray:
+    """global cosine + weight x MrSw: the served ranking score (teran.alignment.blend_scores)."""
+    return np.asarray(global_, np.float32) + np.float32(weight) * np.asarray(alignment, np.float32)
 
 
 def word_regions(regions: np.ndarray, words: np.ndarray, groups: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:

@@ -81,15 +81,15 @@ def score_both(images: Encoded, texts: Encoded, mode: str = "MrSw", device: torc
     }
 
 
-# Candidate weights of the alignment term in the blended ranking score (selected on dev).
-BLEND_WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))
+# Candidate weights of MrSw in the blended ranking score (selected on dev). MrSw sums about a dozen
+# word-piece cosines, so 0.08 weighs it about like the global cosine.
+BLEND_WEIGHTS = tuple(round(0.01 * i, 2) for i in range(31))
 
 
-def select_blend_weight(global_: np.ndarray, per_word: np.ndarray, owners: np.ndarray) -> float:
+def select_blend_weight(global_: np.ndarray, alignment: np.ndarray, owners: np.ndarray) -> float:
     """The weight of BLEND_WEIGHTS whose blended score has the best rsum (the smallest on ties)."""
-    rsums = [
-        recall_at_k(blend_scores(torch.from_numpy(global_), torch.from_numpy(per_word), w).numpy(), owners)["rsum"] for w in BLEND_WEIGHTS
-    ]
+    g, a = torch.from_numpy(global_), torch.from_numpy(alignment)
+    rsums = [recall_at_k(blend_scores(g, a, w).numpy(), owners)["rsum"] for w in BLEND_WEIGHTS]
     return BLEND_WEIGHTS[int(np.argmax(rsums))]
 
 
@@ -112,10 +112,10 @@ def evaluate_model(
     relevance = caption_relevance(captions, owners) if captions is not None else None
     report = {}
     scores_by_name = score_both(images, texts, mode, _device_of(model))
-    if mode == "MrSw":  # MrAVGw is MrSw over the caption's word count
-        per_word = scores_by_name["alignment"] / texts.concept_mask.sum(dim=1).clamp(min=1).numpy()[None, :]
-        weight = select_blend_weight(scores_by_name["global"], per_word, owners) if blend_weight is None else blend_weight
-        scores_by_name["blend"] = blend_scores(torch.from_numpy(scores_by_name["global"]), torch.from_numpy(per_word), weight).numpy()
+    if mode == "MrSw":
+        global_, alignment = scores_by_name["global"], scores_by_name["alignment"]
+        weight = select_blend_weight(global_, alignment, owners) if blend_weight is None else blend_weight
+        scores_by_name["blend"] = blend_scores(torch.from_numpy(global_), torch.from_numpy(alignment), weight).numpy()
     for name, scores in scores_by_name.items():
         report[name] = recall_at_k(scores, owners)
         if relevance is not None:

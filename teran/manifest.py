@@ -15,7 +15,7 @@ the tokenizer, an optional Triton model repository under `triton/`, and `manifes
                                  region_count when the image encoder takes exactly that many
                                  regions (a model tuning the trunk's top blocks takes its grid)
     alignment_mode, concept_mode how to score ("MrSw", ...) and which concepts are words
-    blend_weight                 the served ranking: (1 - w) x global cosine + w x MrAVGw
+    blend_weight                 the served ranking: global cosine + w x MrSw
                                  (teran.alignment.blend_scores), w selected on dev in training;
                                  absent: rank by the alignment_mode score alone
     graphs                       per graph: fp32 / fp16 file, inputs / outputs (name, dtype,
@@ -205,7 +205,7 @@ class Manifest:
         need(data["alignment_mode"] in ALIGNMENT_MODES, f"alignment_mode ({data['alignment_mode']!r} not in {ALIGNMENT_MODES})")
         need(data["concept_mode"] in CONCEPT_MODES, f"concept_mode ({data['concept_mode']!r} not in {CONCEPT_MODES})")
         blend = data.get("blend_weight")
-        need(blend is None or (isinstance(blend, int | float) and 0.0 <= blend <= 1.0), "blend_weight (null or a number within 0..1)")
+        need(blend is None or (isinstance(blend, int | float) and 0.0 <= blend < float("inf")), "blend_weight (null or a number >= 0)")
         need(isinstance(data["tokenizer_file"], str), "tokenizer_file (string)")
         need(isinstance(data["preprocessing"], dict), "preprocessing (object)")
         graphs = {}

@@ -69,17 +69,17 @@ def test_reference_is_the_service_rerank_score_in_both_directions(bench, weight)
         served = rerank_scores(words, True, images, np.full(len(images), images.shape[1]), cosines[:, q], weight)
         np.testing.assert_allclose(scores[:, q], served, rtol=1e-5, atol=1e-5)
     block = data["caption_concepts"].astype(np.float16)
-    for i in range(len(images)):  # image query: every caption's words against its regions, MrAVGw per candidate
+    for i in range(len(images)):  # image query: every caption's words against its regions
         served = rerank_scores(fp16(data["image_concepts"][i]), False, block, lengths, cosines[i], weight)
         np.testing.assert_allclose(scores[i], served, rtol=1e-5, atol=1e-5)
 
 
 def test_resolve_ranking(bench):
-    assert bench.resolve_ranking("model", 0.3) == (0.3, "blend:0.3", "blend w=0.30")
+    assert bench.resolve_ranking("model", 0.3) == (0.3, "blend:0.3", "blend w=0.3")
     assert bench.resolve_ranking("model", None) == (None, "mrsw", "MrSw")
     assert bench.resolve_ranking("mrsw", 0.3) == (None, "mrsw", "MrSw")
-    assert bench.resolve_ranking("blend:0.25", None) == (0.25, "blend:0.25", "blend w=0.25")
-    for bad in ("blend:2", "blend:x", "cosine"):
+    assert bench.resolve_ranking("blend:0.08", None) == (0.08, "blend:0.08", "blend w=0.08")
+    for bad in ("blend:-1", "blend:x", "cosine"):
         with pytest.raises(ValueError, match="--ranking"):
             bench.resolve_ranking(bad, 0.3)
 
@@ -87,7 +87,7 @@ def test_resolve_ranking(bench):
 def test_recall_and_summary(bench):
     assert bench.recall([[3, 1], [0, 2, 5]], np.array([1, 7])) == {"r1": 0.0, "r5": 50.0, "r10": 50.0}
     result = {
-        "ranking": "blend w=0.30",
+        "ranking": "blend w=0.3",
         "queries": 2,
         "recall_first_stage_only": {"r1": 1.0, "r5": 2.0, "r10": 3.0},
         "recall_exhaustive": {"r1": 4.0, "r5": 5.0, "r10": 6.0},
@@ -105,7 +105,7 @@ def test_agreement_part_end_to_end(bench, tmp_path):
     data = synthetic()
     ranking = bench.resolve_ranking("model", data["blend_weight"])
     t2i, i2t = bench.agreement(data, [1, 6], 20, tmp_path, [], ranking, image_queries=None)
-    assert t2i["ranking"] == i2t["ranking"] == "blend w=0.30"
+    assert t2i["ranking"] == i2t["ranking"] == "blend w=0.3"
     assert (t2i["queries"], t2i["gallery_images"], i2t["queries"], i2t["gallery_captions"]) == (20, 12, 12, 60)
     for result in (t2i, i2t):
         assert set(result) >= {"recall_exhaustive", "recall_first_stage_only", "per_multiplier"}
@@ -120,4 +120,4 @@ def test_agreement_part_end_to_end(bench, tmp_path):
 def test_agreement_refuses_a_service_ranking_other_than_the_reference(bench, tmp_path):
     data = synthetic(n_images=4, per_image=2)
     with pytest.raises(RuntimeError, match="ranked by 'MrSw'"):
-        bench.agreement(data, [1], 2, tmp_path, [], (0.3, "mrsw", "blend w=0.30"))
+        bench.agreement(data, [1], 2, tmp_path, [], (0.3, "mrsw", "blend w=0.3"))

@@ -81,7 +81,7 @@ def test_fit_label_and_describe_ranking():
     assert fit_label("dog", 320) == "dog"
     long = fit_label(", ".join(["frisbee"] * 20), 320)
     assert long.endswith("…") and text_width(long) + 10 <= 320
-    assert "0.70 &times; global-vector cosine + 0.30 &times;" in describe_ranking("blend w=0.30")
+    assert "score = global-vector cosine + 0.08 &times; TERAN alignment" in describe_ranking("blend w=0.08")
     assert "MrSw" in describe_ranking("MrSw") and "not re-ranked" in describe_ranking("first stage")
     assert "mystery" in describe_ranking("mystery")
 
@@ -113,8 +113,8 @@ def synthetic_sections(data):
     )
     captions = [Hit(f"{data.names[0]}#1", 0.7, 0.6, {}, first.matches), Hit(f"{data.names[2]}#0", 0.5, 0.4, {}, [])]
     return [
-        Section("caption", "a black dog jumps to catch a frisbee", [first, second], "blend w=0.30"),
-        Section("image", data.names[0], captions, "blend w=0.30"),
+        Section("caption", "a black dog jumps to catch a frisbee", [first, second], "blend w=0.08"),
+        Section("image", data.names[0], captions, "blend w=0.08"),
     ]
 
 
@@ -145,7 +145,8 @@ def test_contact_sheet_one_label_per_region_no_overlap_words_with_similarity(pho
     assert "a black dog jumps to catch a frisbee" in page and f"<b>1.</b> {photos.names[0]}" in page
     assert "score <b>0.610</b> (first stage 0.520)" in page and photos.captions[0][0] in page
     assert "caption 1 of " + photos.names[0] + " <span class='own'>(its own caption)</span>" in page
-    assert "0.70 &times; global-vector cosine" in page and "mean cosine of the word's pieces and the region, -1..1" in page
+    assert "global-vector cosine + 0.08 &times; TERAN alignment" in page
+    assert "mean cosine of the word's pieces and the region, -1..1" in page
     assert page.count("data:image/jpeg;base64,") == 3 and 'src="http' not in page and 'href="http' not in page
 
 

@@ -254,7 +254,7 @@ def mrsw(regions: np.ndarray, words: np.ndarray) -> float:
 
 @pytest.mark.parametrize("query_kind", ["caption", "image"])
 def test_blend_ranking_equals_the_exhaustive_blend(corpus, milvus_uri, encoder, encoder_client, query_kind):
-    """--ranking blend:W re-ranks by (1 - W) x global cosine + W x MrSw per caption word, exactly."""
+    """--ranking blend:W re-ranks by global cosine + W x MrSw, exactly."""
     weight = 0.4
     replica = Search(milvus_uri, encoder.target, collection_prefix=corpus.prefix, ranking=f"blend:{weight}")
     try:
@@ -262,18 +262,18 @@ def test_blend_ranking_equals_the_exhaustive_blend(corpus, milvus_uri, encoder, 
             query = encoder_client.encode_captions(["a dog runs on the beach"])[0]
             ids = [f"img{i}" for i in range(8)]
             stored = stored_vectors(corpus, search_pb2.IMAGE, ids)
-            per_word = np.array([mrsw(stored[i][1], query.concepts) for i in ids]) / len(query.word_pieces)
+            alignment = np.array([mrsw(stored[i][1], query.concepts) for i in ids])
             response = replica.search(caption="a dog runs on the beach", top_k=5, rerank_multiplier=2)
         else:
             data = image_bytes(seed=3)
             query = encoder_client.encode_images([data])[0]
             ids = [f"cap{i}" for i in range(6)]
             stored = stored_vectors(corpus, search_pb2.CAPTION, ids)
-            per_word = np.array([mrsw(query.concepts, stored[i][1]) / len(stored[i][1]) for i in ids])
+            alignment = np.array([mrsw(query.concepts, stored[i][1]) for i in ids])
             response = replica.search(image=data, top_k=5, rerank_multiplier=2)
         cosines = np.stack([stored[i][0] for i in ids]) @ query.global_vector
-        blend = (1 - weight) * cosines + weight * per_word
-        assert response.ranking == "blend w=0.40"
+        blend = cosines + weight * alignment
+        assert response.ranking == "blend w=0.4"
         assert [h.id for h in response.hits] == [ids[i] for i in np.argsort(-blend, kind="stable")[:5]]
         np.testing.assert_allclose([h.score for h in response.hits], np.sort(blend)[::-1][:5], rtol=1e-4, atol=1e-4)
     finally:
@@ -289,7 +289,7 @@ def test_model_ranking_is_the_encoder_models_blend(milvus_uri, tmp_path):
         try:
             items = [search_pb2.IndexItem(id=f"img{i}", image=image_bytes(seed=i)) for i in range(3)]
             assert search.index(items).indexed == 3
-            assert search.search(caption="a dog", top_k=2).ranking == "blend w=0.30"
+            assert search.search(caption="a dog", top_k=2).ranking == "blend w=0.3"
             assert search.search(caption="a dog", top_k=2, disable_rerank=True).ranking == "first stage"
             assert explicit.search(caption="a dog", top_k=2).ranking == "MrSw"
         finally:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from search_service.config import ConfigError, SearchConfig, build_parser, from_args
-from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, rerank_scores, stack_concepts
+from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, ranking_label, rerank_scores, stack_concepts
 from search_service.store import (
     CHUNK_CHARS,
     BadFilter,
@@ -65,9 +65,9 @@ def test_config_precedence_and_errors(tmp_path):
         from_args(["--index-type", "DISKANN2"], {})
     with pytest.raises(ConfigError, match="--rerank-multiplier"):
         from_args(["--rerank-multiplier", "20", "--max-rerank-multiplier", "10"], {})
-    assert [from_args(["--ranking", r], {}).ranking for r in ("model", "mrsw", "blend:0.25")] == ["model", "mrsw", "blend:0.25"]
-    for bad in ("blend:1.5", "blend", "cosine", "blend:x"):
-        with pytest.raises(ConfigError, match=r"--ranking \(TERAN_SEARCH_RANKING\): .*give model, mrsw or blend:W with W within 0..1"):
+    assert [from_args(["--ranking", r], {}).ranking for r in ("model", "mrsw", "blend:1.5")] == ["model", "mrsw", "blend:1.5"]
+    for bad in ("blend:-0.1", "blend", "cosine", "blend:x", "blend:inf"):
+        with pytest.raises(ConfigError, match=r"--ranking \(TERAN_SEARCH_RANKING\): .*give model, mrsw or blend:W with a number W >= 0"):
             from_args(["--ranking", bad], {})
 
 
@@ -221,17 +221,17 @@ def test_explain_shows_whole_content_words_at_their_best_region():
     assert explain(regions, None, words, [])[0].box == []  # no boxes; labels default to "#i"
 
 
-def test_rerank_scores_blend_global_and_alignment_per_caption_word():
+def test_rerank_scores_add_the_weighted_alignment_to_the_global_cosine():
     rng = np.random.default_rng(2)
     query, candidates = unit(rng, 4, 8), [unit(rng, n, 8) for n in (3, 5, 2)]
     block, counts = stack_concepts(candidates, 8)
     cosines = np.array([0.3, -0.1, 0.5], np.float32)
-    mrsw = mrsw_scores(query, True, candidates)
-    np.testing.assert_allclose(rerank_scores(query, True, block, counts, cosines, None), mrsw, rtol=1e-3)
-    # Caption query: MrSw per query word; image query: per word of each candidate caption.
-    np.testing.assert_allclose(rerank_scores(query, True, block, counts, cosines, 0.25), 0.75 * cosines + 0.25 * mrsw / 4, rtol=1e-3)
-    per_caption = mrsw_scores(query, False, candidates) / counts
-    np.testing.assert_allclose(rerank_scores(query, False, block, counts, cosines, 1.0), per_caption, rtol=1e-3)
+    for query_is_caption in (True, False):
+        mrsw = mrsw_scores(query, query_is_caption, candidates)
+        np.testing.assert_allclose(rerank_scores(query, query_is_caption, block, counts, cosines, None), mrsw, rtol=1e-3)
+        blended = rerank_scores(query, query_is_caption, block, counts, cosines, 0.25)
+        np.testing.assert_allclose(blended, cosines + 0.25 * mrsw, rtol=1e-3, atol=1e-6)
+    assert (ranking_label(None), ranking_label(0.08), ranking_label(0.5)) == ("MrSw", "blend w=0.08", "blend w=0.5")
 
 
 def test_generated_search_code_is_up_to_date(tmp_path):
