@@ -12,12 +12,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY teran/ teran/
-COPY export/ export/
-COPY encoder_service/ encoder_service/
-COPY search_service/ search_service/
-COPY demo/ demo/
+# What the image holds is listed once, in .dockerignore (the build context).
+COPY . .
 RUN pip install ".[serve]" \
     && python -c "import search_service.__main__" \
     && ! python -c "import torch" 2>/dev/null
