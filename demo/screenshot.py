@@ -107,7 +107,18 @@ def screenshot(html_path: Path | str, png_path: Path | str, width: int = 1400, t
                 raise RuntimeError(f"chromium could not write a screenshot of {html_path}")
         finally:
             driver.quit()
+    compact_png(png_path)
     return png_path
+
+
+def compact_png(png_path: Path) -> None:
+    """Re-encode as a 256-colour palette PNG (dithered): a third of the size of the browser's RGB
+    screenshot, so the committed contact sheet stays small, and still legible."""
+    from PIL import Image
+
+    with Image.open(png_path) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.FLOYDSTEINBERG)
+    palette.save(png_path, optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:

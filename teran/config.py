@@ -99,10 +99,6 @@ class LossConfig:
     # matching losses; 0 = off.
     grounding_weight: float = 0.0
     grounding_temperature: float = 0.1
-    # Hinge on the blended ranking score global + blend_alignment_weight x MrSw (teran.alignment.blend_scores);
-    # 0 = off. The served weight is selected on dev after each epoch (teran.evaluate.select_blend_weight).
-    blend_loss_weight: float = 0.0
-    blend_alignment_weight: float = 0.08
 
 
 @dataclass

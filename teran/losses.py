@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teran.alignment import alignment_scores, blend_scores, global_scores
+from teran.alignment import alignment_scores, global_scores
 from teran.config import LossConfig
 from teran.model import Encoded
 
@@ -102,19 +102,11 @@ class TeranLoss(nn.Module):
 
     def forward(self, image: Encoded, text: Encoded, hardest: bool, phrases: PhraseBatch | None = None) -> dict[str, torch.Tensor]:
         cfg, parts = self.cfg, {}
-        if cfg.alignment_weight or cfg.blend_loss_weight:
-            alignment = alignment_scores(image.concepts, image.concept_mask, text.concepts, text.concept_mask, cfg.alignment_mode)
-        if cfg.global_weight or cfg.blend_loss_weight:
-            global_ = global_scores(image.global_vec, text.global_vec)
         if cfg.alignment_weight:
+            alignment = alignment_scores(image.concepts, image.concept_mask, text.concepts, text.concept_mask, cfg.alignment_mode)
             parts["alignment"] = cfg.alignment_weight * self._loss(alignment, "alignment", hardest)
         if cfg.global_weight:
-            parts["global"] = cfg.global_weight * self._loss(global_, "global", hardest)
-        if cfg.blend_loss_weight:
-            # The served ranking score: its hardest negatives are the pairs the global vector confuses, so the
-            # alignment learns what tells those apart instead of repeating the global score.
-            blend = blend_scores(global_, alignment, cfg.blend_alignment_weight)
-            parts["blend"] = cfg.blend_loss_weight * hinge_triplet_loss(blend, cfg.margin, hardest)
+            parts["global"] = cfg.global_weight * self._loss(global_scores(image.global_vec, text.global_vec), "global", hardest)
         if self.cfg.grounding_weight and phrases is not None and len(phrases.owner):
             parts["grounding"] = self.cfg.grounding_weight * grounding_loss(
                 image.concepts, text.concepts, phrases.owner, phrases.pieces, phrases.targets, self.cfg.grounding_temperature

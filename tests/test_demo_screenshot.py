@@ -37,6 +37,7 @@ def test_renders_the_full_page_height_to_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (640, 1600)
+        assert image.mode == "P"  # re-encoded as a palette PNG (compact_png)
         rgb = image.convert("RGB")
         top, bottom = rgb.getpixel((10, 5)), rgb.getpixel((10, 1490))
         assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # the gradient, top to bottom

@@ -71,21 +71,3 @@ def test_hinge_teran_loss_has_no_parameters_and_unknown_kind_is_refused():
     assert list(TeranLoss(LossConfig()).parameters()) == []
     with pytest.raises(ValueError, match="unknown loss kind 'triplet'"):
         TeranLoss(LossConfig(kind="triplet"))
-
-
-def test_blend_loss_is_the_hinge_on_the_served_ranking_score():
-    from teran.alignment import alignment_scores, blend_scores, global_scores
-
-    image, text = _encoded(4, 3, 8, 0), _encoded(4, 5, 8, 1)
-    cfg = LossConfig(blend_loss_weight=0.5, blend_alignment_weight=0.08)
-    parts = TeranLoss(cfg)(image, text, hardest=True)
-    assert set(parts) == {"alignment", "global", "blend", "total"}
-    served = blend_scores(
-        global_scores(image.global_vec, text.global_vec),
-        alignment_scores(image.concepts, image.concept_mask, text.concepts, text.concept_mask),
-        0.08,
-    )
-    assert parts["blend"].item() == pytest.approx(0.5 * hinge_triplet_loss(served, 0.2, hardest=True).item(), rel=1e-6)
-    assert parts["total"].item() == pytest.approx(sum(parts[k].item() for k in ("alignment", "global", "blend")), rel=1e-6)
-    # Off by default: the matching losses alone.
-    assert set(TeranLoss(LossConfig())(image, text, hardest=True)) == {"alignment", "global", "total"}
