@@ -18,6 +18,14 @@ ENV_PREFIX = "TERAN_ENCODER_"
 MIB = 1024 * 1024
 
 
+def image_format_names() -> set[str]:
+    """The image formats Pillow can open here (JPEG, PNG, WEBP, GIF, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return set(Image.OPEN)
+
+
 @dataclass
 class EncoderConfig:
     model_dir: Path | None = None
@@ -63,11 +71,13 @@ class EncoderConfig:
     max_image_bytes: int = 20 * MIB
     max_image_pixels: int = 40_000_000
     max_image_side: int = 16384
+    image_formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
     # lifecycle / logs
     shutdown_grace_s: float = 20.0
     log_level: str = "INFO"
     log_format: str = "json"
     access_log: bool = False
+    max_request_id_chars: int = 128
 
     def validate(self) -> EncoderConfig:
         def need(cond: bool, name: str, what: str) -> None:
@@ -79,7 +89,10 @@ class EncoderConfig:
         need(self.precision in ("fp32", "fp16"), "precision", f"{self.precision!r} is not one of fp32, fp16")
         need(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
         need(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
-        for name in ("max_items", "max_caption_chars", "max_queue", "batch_workers", "max_stream_inflight", "decode_workers"):
+        positive = (
+            "max_items", "max_caption_chars", "max_queue", "batch_workers", "max_stream_inflight", "decode_workers", "max_request_id_chars",
+        )  # fmt: skip
+        for name in positive:
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_concurrent_rpcs"):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -91,6 +104,10 @@ class EncoderConfig:
         need(self.triton_timeout_s > 0, "triton_timeout_s", f"must be > 0, got {self.triton_timeout_s}")
         need(all(b >= 1 for b in self.length_buckets), "length_buckets", "bucket edges must be >= 1")
         need(bool(self.providers), "providers", "at least one execution provider")
+        known = image_format_names()
+        unknown = [f for f in self.image_formats if f.upper() not in known]
+        need(bool(self.image_formats) and not unknown, "image_formats", f"{unknown or 'none'}: give Pillow names, e.g. JPEG,PNG,WEBP")
+        self.image_formats = [f.upper() for f in self.image_formats]
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
         need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key")
         need(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
@@ -176,10 +193,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("max_image_bytes", "int", "LIMIT: bytes per encoded image"),
     ("max_image_pixels", "int", "LIMIT: width x height per image, checked before decoding (decompression bombs)"),
     ("max_image_side", "int", "LIMIT: pixels per image side (encoded images and image_width/height of region features)"),
+    ("image_formats", "csv", "LIMIT: image formats decoded (Pillow names, e.g. JPEG,PNG,WEBP); other bytes are INVALID_ARGUMENT"),
     ("shutdown_grace_s", "float", "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)"),
     ("log_level", "str", "DEBUG, INFO, WARNING or ERROR"),
     ("log_format", "str", "json (one object per line) or text"),
     ("access_log", "bool", "log every RPC (method, code, duration, items) at INFO"),
+    ("max_request_id_chars", "int", "LIMIT: characters of a client's request_id (longer: INVALID_ARGUMENT)"),
 ]
 
 

@@ -115,7 +115,7 @@ class EncoderModel:
             else default_buckets(self.max_tokens)
         )
         self.region_buckets = default_buckets(self.max_regions)
-        self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_side)
+        self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_side, tuple(config.image_formats))
         self.has_backbone = "image_backbone" in m.graphs
         self.pixel_spec = m.pixel_spec() if self.has_backbone else None
         self.region_dim = self._region_dim()

@@ -32,6 +32,7 @@ from serving.grpc_server import (  # noqa: F401 - re-exported for existing impor
     bind_port,
     channel_options,
     create_server,
+    request_id_problem,
 )
 from teran.errors import TeranInputError
 
@@ -87,12 +88,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             self._ref_for = model
         return self._ref
 
+    def _check_request_id(self, request_id: str) -> None:
+        problem = request_id_problem(request_id, self._server.config.max_request_id_chars)
+        if problem:
+            raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
     @staticmethod
     def _deadline(context) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
     async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable]):
+        request_id = request_id[: self._server.config.max_request_id_chars]  # logged; an over-long one is refused by work()
         started = time.perf_counter()
         self.metrics.inflight.inc()
         self._server.inflight.started()
@@ -142,6 +149,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     # ------------------------------------------------------------------ captions
 
     async def _captions(self, request, deadline, field: str = "captions") -> encoder_pb2.EncodeCaptionsResponse:
+        self._check_request_id(request.request_id)
         model = self.model
         dtype = self._dtype(request.output_dtype, "output_dtype")
         results = await model.encode_captions(list(request.captions), deadline, field)
@@ -190,6 +198,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         return items
 
     async def _images(self, request, deadline, field: str = "images") -> encoder_pb2.EncodeImagesResponse:
+        self._check_request_id(request.request_id)
         model = self.model
         dtype = self._dtype(request.output_dtype, "output_dtype")
         results = await model.encode_images(self._image_inputs(request, field), deadline, field)

@@ -57,10 +57,11 @@ def from_tensor(
     finite: bool = True,
     max_elements: int | None = None,
 ) -> np.ndarray:
-    """Decode to a float32 array; FeatureShapeError names `field` and what is wrong."""
-    if tensor.dtype not in NUMPY_DTYPES:
-        name = Tensor.DType.Name(tensor.dtype) if tensor.dtype in Tensor.DType.values() else str(tensor.dtype)
-        raise FeatureShapeError(f"{field}.dtype: {name} is not supported; use FLOAT32 or FLOAT16")
+    """Decode to a float32 array; FeatureShapeError names `field` and what is wrong. DTYPE_UNSPECIFIED
+    means FLOAT32, as common.proto documents for requests."""
+    code = FLOAT32 if tensor.dtype == Tensor.DTYPE_UNSPECIFIED else tensor.dtype
+    if code not in NUMPY_DTYPES:
+        raise FeatureShapeError(f"{field}.dtype: {tensor.dtype} is not supported; use FLOAT32 or FLOAT16 (DTYPE_UNSPECIFIED: FLOAT32)")
     shape = tuple(int(d) for d in tensor.shape)
     if ndim is not None and len(shape) != ndim:
         raise FeatureShapeError(f"{field}.shape: expected {ndim} dimensions, got {list(shape)}")
@@ -71,12 +72,10 @@ def from_tensor(
         count *= d
         if max_elements is not None and count > max_elements:
             raise FeatureShapeError(f"{field}.shape: {list(shape)} exceeds the limit of {max_elements} elements")
-    dtype = NUMPY_DTYPES[tensor.dtype]
+    dtype = NUMPY_DTYPES[code]
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
-        raise FeatureShapeError(
-            f"{field}.data: {len(tensor.data)} bytes, but shape {list(shape)} of {NAMES[tensor.dtype]} needs {expected} bytes"
-        )
+        raise FeatureShapeError(f"{field}.data: {len(tensor.data)} bytes, but shape {list(shape)} of {NAMES[code]} needs {expected} bytes")
     array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     array = array.astype(np.float32)
     if finite and array.size and not np.isfinite(array).all():

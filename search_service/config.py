@@ -83,12 +83,14 @@ class SearchConfig:
     max_id_length: int = 512
     max_metadata_bytes: int = 16384
     max_concepts: int = 128
+    vector_norm_tolerance: float = 0.01
     max_filter_chars: int = 2048
     # lifecycle / logs
     shutdown_grace_s: float = 20.0
     log_level: str = "INFO"
     log_format: str = "json"
     access_log: bool = False
+    max_request_id_chars: int = 128
 
     def validate(self) -> SearchConfig:
         def need(cond: bool, name: str, what: str) -> None:
@@ -106,7 +108,7 @@ class SearchConfig:
         for name in (
             "milvus_workers", "encoder_batch", "max_concurrent_rpcs", "rerank_multiplier", "max_rerank_multiplier",
             "max_candidates", "rerank_chunk", "max_top_k", "max_index_items", "max_ids", "max_id_length",
-            "max_metadata_bytes", "max_concepts", "max_filter_chars",
+            "max_metadata_bytes", "max_concepts", "max_filter_chars", "max_request_id_chars",
         ):  # fmt: skip
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         need(all(k in ("sq", "dp", "boc") for k in self.sparse_surrogates), "sparse_surrogates", "a comma-separated subset of sq, dp, boc")
@@ -115,6 +117,7 @@ class SearchConfig:
             "sparse_surrogates",
             "boc needs a codebook: set --boc-codebook PATH (build one with python -m search_service.codebook)",
         )
+        need(0 < self.vector_norm_tolerance < 1, "vector_norm_tolerance", f"must be in (0, 1), got {self.vector_norm_tolerance}")
         need(self.boc_top >= 1, "boc_top", f"must be >= 1, got {self.boc_top}")
         need(self.boc_keep >= 0, "boc_keep", f"must be >= 0 (0: keep all), got {self.boc_keep}")
         need(self.boc_temperature > 0, "boc_temperature", f"must be > 0, got {self.boc_temperature}")
@@ -217,13 +220,19 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("max_index_items", "int", "LIMIT: items per Index request / StreamIndex message"),
     ("max_ids", "int", "LIMIT: ids per Get / Delete request"),
     ("max_id_length", "int", "LIMIT: bytes per item id (fixed when the collections are created)"),
-    ("max_metadata_bytes", "int", "LIMIT: bytes of metadata JSON per item"),
+    ("max_metadata_bytes", "int", "LIMIT: bytes of metadata JSON per item (integers within int64, finite numbers, nesting <= 32)"),
+    (
+        "vector_norm_tolerance",
+        "float",
+        "LIMIT: vectors sent precomputed (global and every concept) must have L2 norm 1 within this; others are refused",
+    ),
     ("max_concepts", "int", "LIMIT: concept vectors (regions / word pieces) per item (fixed when the collections are created)"),
     ("max_filter_chars", "int", "LIMIT: characters per search filter expression"),
     ("shutdown_grace_s", "float", "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)"),
     ("log_level", "str", "DEBUG, INFO, WARNING or ERROR"),
     ("log_format", "str", "json (one object per line) or text"),
     ("access_log", "bool", "log every RPC (method, code, duration) at INFO"),
+    ("max_request_id_chars", "int", "LIMIT: characters of a client's request_id (longer: INVALID_ARGUMENT)"),
 ]
 _SECRET = {"milvus_token", "encoder_token", "auth_token"}
 

@@ -24,13 +24,25 @@ from encoder_service.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
 from search_service import cache as rerank_cache
 from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.cache import RerankCache
+from search_service.checks import check_unit_rows, parse_metadata
 from search_service.config import SearchConfig, parse_ranking
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.ranking import explain, ranking_label, rerank_scores, stack_concepts
 from search_service.sparse import load_codebook
-from search_service.store import CAPTIONS, ID_FORBIDDEN, IMAGES, BadFilter, Item, MilvusStore, ModelInfo, ModelMismatch, StoreError
-from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server
+from search_service.store import (
+    CAPTIONS,
+    ID_FORBIDDEN,
+    IMAGES,
+    BadFilter,
+    Item,
+    MilvusStore,
+    ModelInfo,
+    ModelMismatch,
+    StoreError,
+    WriteFailed,
+)
+from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server, request_id_problem
 from teran.errors import TeranInputError
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
@@ -121,6 +133,10 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._server.inflight.started()
         code, details = grpc.StatusCode.OK, ""
         try:
+            problem = request_id_problem(request_id, self.config.max_request_id_chars)
+            if problem:
+                request_id = request_id[: self.config.max_request_id_chars]
+                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
             if self._server.stopping:
                 raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the search service is shutting down; retry on another replica")
             return await work()
@@ -177,12 +193,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         if not text.strip():
             return {}
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"{where}: malformed JSON ({exc})") from None
-        if not isinstance(value, dict):
-            raise invalid(f"{where}: must be a JSON object, got {type(value).__name__}")
-        return value
+            return parse_metadata(text, where)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
 
     def _ids(self, ids, where: str = "ids") -> list[str]:
         ids = list(ids)
@@ -216,6 +229,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             raise invalid(f"{where}.global_vector: {dim} values, but model.dimension is {v.model.dimension}")
         if concepts.shape[1] != dim:
             raise invalid(f"{where}.concepts.shape: {list(concepts.shape)}; the global vector has dimension {dim}")
+        try:
+            check_unit_rows(global_vector, f"{where}.global_vector", self.config.vector_norm_tolerance)
+            check_unit_rows(concepts, f"{where}.concepts", self.config.vector_norm_tolerance)
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
         boxes = None
         labels: list[str] = []
         if modality == IMAGES:
@@ -392,12 +410,32 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             batches[modality].append(
                 Item(items[i].id, query.global_vector, query.concepts, metadata, labels=query.labels, boxes=query.boxes)
             )
+        stored: list[str] = []  # ids acknowledged so far, for the error if a later write fails
         for modality, batch in batches.items():
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._db(store.upsert, modality, batch)
-                self.metrics.items.labels(modality).inc(len(batch))
-                await self._db(self._server.cache_written, modality, batch)
+            except WriteFailed as exc:
+                stored += [f"{modality}/{item.id}" for item in batch[: exc.stored]]
+                raise self._write_failure(prefix, exc, stored) from None
+            stored += [f"{modality}/{item.id}" for item in batch]
+            self.metrics.items.labels(modality).inc(len(batch))
+            await self._db(self._server.cache_written, modality, batch)
         return len(batches[IMAGES]), len(batches[CAPTIONS])
+
+    @staticmethod
+    def _write_failure(prefix: str, exc: WriteFailed, stored: list[str]) -> RpcFailure:
+        """Says exactly what an Index stored before Milvus failed. A refusal of the data itself is permanent
+        (INVALID_ARGUMENT); anything else (Milvus unreachable, timeouts) may be retried (UNAVAILABLE)."""
+        if not stored:
+            done = "nothing of this request was stored"
+        else:
+            shown = ", ".join(stored[:5]) + (f", ... ({len(stored)} in all)" if len(stored) > 5 else "")
+            done = f"{len(stored)} items were stored before it (modality/id): {shown}"
+        if exc.permanent:
+            return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{prefix}items: {exc}; {done}; fix the data, retrying fails the same way")
+        return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"{exc}; {done} (retry: indexing is idempotent)")
 
     async def Index(self, request, context):
         async def work():
@@ -420,8 +458,11 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             nonlocal messages
             request_id = ""
             async for request in request_iterator:
-                request_id = request.request_id or request_id
                 try:
+                    problem = request_id_problem(request.request_id, self.config.max_request_id_chars)
+                    if problem:
+                        raise invalid(f"stream message {messages}: {problem}")
+                    request_id = request.request_id or request_id
                     images, captions = await self._index(request, prefix=f"stream message {messages}: ")
                 except Exception as exc:  # noqa: BLE001
                     code, details = classify(exc)

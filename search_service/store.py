@@ -57,6 +57,16 @@ class StoreError(Exception):
     """Milvus failed or cannot be reached (UNAVAILABLE; the caller may retry)."""
 
 
+class WriteFailed(StoreError):
+    """An upsert failed after `stored` of its rows (the first ones, in order) were acknowledged.
+    `permanent`: Milvus refused the data itself (retrying the same rows fails the same way)."""
+
+    def __init__(self, message: str, stored: int, permanent: bool):
+        super().__init__(message)
+        self.stored = stored
+        self.permanent = permanent
+
+
 class ModelMismatch(Exception):
     """Vectors from a model other than the collections' (FAILED_PRECONDITION)."""
 
@@ -515,6 +525,7 @@ class MilvusStore:
             item.stamp = secrets.randbits(63)  # a new version, unique across replicas with overwhelming probability
         rows = [self._row(item, modality) for item in items]
         name = self.name(modality)
+        stored = 0
         try:
             with self._lite_write_lock:
                 batch: list[dict] = []
@@ -523,15 +534,21 @@ class MilvusStore:
                     row_bytes = sum(len(row[f"concepts_{k}"]) for k in range(self.chunks)) + 4 * len(row["global_vector"]) + 1024
                     if batch and size + row_bytes > max_batch_bytes:
                         self.client.upsert(name, batch)
+                        stored += len(batch)
                         batch, size = [], 0
                     batch.append(row)
                     size += row_bytes
                 if batch:
                     self.client.upsert(name, batch)
+                    stored += len(batch)
                 if self.flush_on_index:
                     self.client.flush(name)
         except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"Milvus upsert into {name} failed: {exc}") from exc
+            from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
+
+            # Milvus refused the rows themselves (e.g. a value its schema cannot hold): the same rows fail again.
+            permanent = isinstance(exc, DataNotMatchException | DataTypeNotMatchException | ParamError)
+            raise WriteFailed(f"Milvus upsert into {name} failed: {exc}", stored, permanent) from exc
         return len(rows)
 
     def delete(self, modality: str, ids: list[str]) -> tuple[int, list[str]]:

@@ -70,6 +70,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
 
 
+def request_id_problem(request_id: str, limit: int) -> str | None:
+    """What is wrong with a client's request_id (None: nothing). Checked before any work, so that an
+    over-long id is refused (INVALID_ARGUMENT) and never logged or echoed whole."""
+    if len(request_id) > limit:
+        return f"request_id: {len(request_id)} characters exceeds the limit of {limit} (--max-request-id-chars)"
+    return None
+
+
 def create_server(cfg, metrics=None, log: logging.Logger | None = None) -> grpc.aio.Server:
     """A grpc.aio server from the common settings (max_message_bytes, max_concurrent_rpcs, auth_tokens)."""
     interceptors = [BearerTokenInterceptor(cfg.auth_tokens, metrics, log=log)] if cfg.auth_tokens else []

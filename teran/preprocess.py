@@ -35,10 +35,12 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 16384
+    # Pillow format names tried when decoding; every other decoder (GIF, TIFF, BMP, ...) stays unreachable.
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
 
 
 def decode_image(data: bytes, source: str = "image", limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Decode JPEG/PNG/WebP bytes to an RGB PIL image, enforcing `limits`.
+    """Decode image bytes of one of `limits.formats` (JPEG/PNG/WebP) to an RGB PIL image, enforcing `limits`.
 
     `source` names the file or request field in error messages.
     """
@@ -49,7 +51,7 @@ def decode_image(data: bytes, source: str = "image", limits: ImageLimits = Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=list(limits.formats))
             width, height = image.size
             if width * height > limits.max_pixels or max(width, height) > limits.max_side:
                 raise ImageDecodeError(
@@ -61,7 +63,8 @@ def decode_image(data: bytes, source: str = "image", limits: ImageLimits = Image
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{source}: not a decodable JPEG/PNG/WebP image ({exc})") from None
+        allowed = "/".join(limits.formats)
+        raise ImageDecodeError(f"{source}: not a decodable image of the allowed formats {allowed} ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{source}: corrupt or truncated image ({exc})") from None
     return image.convert("RGB")

@@ -61,6 +61,12 @@ def test_tensor_codec_round_trip_and_errors():
         from_tensor(huge, "x", max_elements=100)
     with pytest.raises(FeatureShapeError, match="negative dimension"):
         from_tensor(common_pb2.Tensor(dtype=common_pb2.Tensor.FLOAT32, shape=[-1, 2], data=b""), "x")
+    # DTYPE_UNSPECIFIED is FLOAT32 in requests (common.proto); unknown codes are refused by number.
+    unspecified = common_pb2.Tensor(shape=[3, 4], data=array.astype("<f4").tobytes())
+    assert unspecified.dtype == common_pb2.Tensor.DTYPE_UNSPECIFIED
+    np.testing.assert_array_equal(from_tensor(unspecified), array)
+    with pytest.raises(FeatureShapeError, match=r"x\.dtype: 5 is not supported; use FLOAT32 or FLOAT16"):
+        from_tensor(common_pb2.Tensor(dtype=5, shape=[1], data=b"\0" * 4), "x")
 
 
 def test_help_documents_every_limit_and_its_variable():
@@ -94,6 +100,10 @@ def test_flags_and_environment(tmp_path):
     assert config.auth_tokens == ["alpha", "beta"]
     with pytest.raises(ConfigError, match="TERAN_ENCODER_MAX_BATCH: invalid int"):
         from_args([], {"TERAN_ENCODER_MODEL_DIR": str(tmp_path), "TERAN_ENCODER_MAX_BATCH": "lots"})
+    assert config.image_formats == ["JPEG", "PNG", "WEBP"] and config.max_request_id_chars == 128
+    assert from_args(["--image-formats", "jpeg,bmp"], env).image_formats == ["JPEG", "BMP"]
+    with pytest.raises(ConfigError, match=r"image-formats.*\['HEIF2'\]: give Pillow names"):
+        from_args(["--image-formats", "JPEG,HEIF2"], env)
     with pytest.raises(ConfigError, match="--max-items .*must be >= 1"):
         from_args(["--model-dir", str(tmp_path), "--max-items", "0"], {})
     with pytest.raises(ConfigError, match="--model-dir .*required"):

@@ -308,6 +308,7 @@ BAD_CAPTIONS = [
     (["a"] * 9, {}, "captions: 9 captions exceeds the limit of 8"),
     (["\x00\x01"], {}, "captions[0]: no word pieces"),
     (["a dog"], {"output_dtype": 7}, "output_dtype: unknown dtype code 7"),
+    (["a dog"], {"request_id": "r" * 129}, "request_id: 129 characters exceeds the limit of 128 (--max-request-id-chars)"),
 ]
 
 
@@ -324,12 +325,12 @@ BAD_IMAGES = [
     ([encoder_pb2.ImageInput()], "images[0]: set either encoded"),
     ([encoder_pb2.ImageInput(encoded=b"")], "images[0].encoded: empty image data"),
     ([encoder_pb2.ImageInput(encoded=b"GIF89a not really")], "images[0].encoded: not a decodable"),
+    ([encoder_pb2.ImageInput(encoded=image_bytes(fmt="GIF"))], "images[0].encoded: not a decodable image of the allowed formats JPEG/PNG"),
     ([encoder_pb2.ImageInput(encoded=image_bytes(200, 200)[:300])], "images[0].encoded: corrupt or truncated"),
     ([encoder_pb2.ImageInput(encoded=bomb_png(20000))], "images[0].encoded: image exceeds the limit of 40000000 pixels"),
     ([encoder_pb2.ImageInput(encoded=bomb_png(7000))], "images[0].encoded: 7000x7000 pixels exceeds the limit of 40000000"),
     ([encoder_pb2.ImageInput(encoded=b"\xff" * 2_000_001)], "images[0].encoded: 2000001 bytes exceeds the limit of 2000000 bytes"),
     ([encoder_pb2.ImageInput(encoded=image_bytes())] * 9, "images: 9 images exceeds the limit of 8"),
-    ([_region_input(fdtype=common_pb2.Tensor.DTYPE_UNSPECIFIED)], "images[0].regions.features.dtype: DTYPE_UNSPECIFIED is not supported"),
     ([_region_input(fdtype=5)], "images[0].regions.features.dtype: 5 is not supported"),
     ([_region_input(fshape=[4, 12, 1])], "images[0].regions.features.shape: expected 2 dimensions"),
     ([_region_input(fshape=[4, 13], fdata=b"\0" * 4 * 13 * 4)], "images[0].regions.features.shape: expected [regions, 12], got [4, 13]"),
@@ -362,6 +363,16 @@ def test_bad_stream_message_names_its_index(client):
     with pytest.raises(EncoderError) as info:
         list(client.stream_encode_images([[image_bytes()], [b"junk"]]))
     assert "stream message 1: images[0].encoded" in info.value.details
+
+
+def test_over_long_request_id_in_a_stream_is_refused(stub):
+    messages = [
+        encoder_pb2.EncodeImagesRequest(images=[encoder_pb2.ImageInput(encoded=image_bytes())], request_id=rid) for rid in ("ok", "r" * 200)
+    ]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamEncodeImages(iter(messages), timeout=20))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id: 200 characters exceeds the limit of 128" in info.value.details()
 
 
 def test_message_size_limits_on_both_ends(server, client):

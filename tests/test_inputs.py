@@ -106,3 +106,14 @@ def test_config_rejects_unknown_settings(tmp_path):
     path.write_text("epochs: 2\nmodel:\n  joint_dim: 64\n")
     cfg = load_train_config(path, {"seed": 5})
     assert cfg.model.joint_dim == 64 and cfg.epochs == 2 and cfg.seed == 5
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "PPM", "ICO"])
+def test_only_the_allowed_image_formats_are_decoded(fmt):
+    """Real images of other formats never reach their Pillow decoders; opting a format in works."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format=fmt)
+    with pytest.raises(ImageDecodeError, match=r"x: not a decodable image of the allowed formats JPEG/PNG/WEBP"):
+        decode_image(buffer.getvalue(), source="x")
+    image = decode_image(buffer.getvalue(), limits=ImageLimits(formats=("JPEG", fmt)))
+    assert image.size == (16, 16) and image.getpixel((3, 3))[0] > 150

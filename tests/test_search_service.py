@@ -333,8 +333,10 @@ def test_search_bad_input(corpus):
     expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="dog", rerank_multiplier=101, match="--max-rerank-multiplier")
     expect_error(CODE.INVALID_ARGUMENT, corpus.search, image=b"not an image", match="image")
     rng = np.random.default_rng(0)
-    wrong = vectors_message("captions", rng.random(DIM + 1), rng.random((3, DIM + 1)))
+    wrong = vectors_message("captions", random_unit(rng, DIM + 1), random_unit(rng, 3, DIM + 1))
     expect_error(CODE.FAILED_PRECONDITION, corpus.search, vectors=wrong, match="dimension 17")
+    scaled_query = vectors_message("captions", rng.random(DIM), random_unit(rng, 3, DIM))
+    expect_error(CODE.INVALID_ARGUMENT, corpus.search, vectors=scaled_query, match="vectors.global_vector: L2 norm")
 
 
 # --------------------------------------------------------------------------- writes
@@ -391,6 +393,26 @@ def test_bad_index_requests_leave_store_intact(make_search):
         ([fresh, vector_item("d", "captions", DIM + 2, seed=1)], CODE.FAILED_PRECONDITION, "dimension 18"),
         ([fresh, vector_item("m", "captions", DIM, seed=1, model=("other", 3, DIM))], CODE.FAILED_PRECONDITION, "other v3"),
         ([vector_item("k0", "captions", DIM, seed=7, n=200)], CODE.INVALID_ARGUMENT, "--max-concepts"),
+        # Values Milvus cannot store fail here, before any write, not halfway through the batch inside Milvus.
+        (
+            [fresh] + [meta_item(f"b{i}", {"i": i}) for i in range(30)] + [meta_item("big", {"x": 10**30})],
+            CODE.INVALID_ARGUMENT,
+            "items[31].metadata_json.x: integer 1000000000000000000000000000000 is outside the 64-bit range",
+        ),
+        ([fresh, meta_item("nan", '{"x": {"y": NaN}}')], CODE.INVALID_ARGUMENT, "items[1].metadata_json: NaN is not a JSON number"),
+        ([fresh, meta_item("inf", '{"x": [1, 1e999]}')], CODE.INVALID_ARGUMENT, "items[1].metadata_json.x[1]: number inf is not finite"),
+        ([fresh, meta_item("deep", '{"a": ' * 40 + "1" + "}" * 40)], CODE.INVALID_ARGUMENT, "nested 40 levels deep; at most 32"),
+        # Vectors must be unit length, as the encoder returns them: a scaled item would top every search.
+        (
+            [fresh, scaled(vector_item("s", "captions", DIM, seed=3), 100.0)],
+            CODE.INVALID_ARGUMENT,
+            "items[1].vectors.global_vector: L2 norm 100; vectors must be L2-normalised",
+        ),
+        (
+            [scaled(vector_item("s", "images", DIM, seed=3), 4.8e6, concept_row=2)],
+            CODE.INVALID_ARGUMENT,
+            "items[0].vectors.concepts: row 2 L2 norm 4.8e+06",
+        ),
     ]
     for items, code, match in cases:
         expect_error(code, search.index, items, match=match)
@@ -404,9 +426,82 @@ def test_bad_index_requests_leave_store_intact(make_search):
     no_modality.vectors.modality = search_pb2.MODALITY_UNSPECIFIED
     expect_error(CODE.INVALID_ARGUMENT, search.index, [no_modality], match="items[0].vectors.modality")
     assert snapshot(search, search_pb2.CAPTION, ids) == before
-    assert not any(i.found for i in search.get(search_pb2.CAPTION, ["new", "new2", "d", "m", "e"]).items)
+    assert not any(i.found for i in search.get(search_pb2.CAPTION, ["new", "new2", "d", "m", "e", "b0", "b29", "big", "s"]).items)
+    assert not search.get(search_pb2.IMAGE, ["s"]).items[0].found
     assert search.stats().captions == 4
     expect_error(CODE.INVALID_ARGUMENT, search.get, search_pb2.CAPTION, [f"x{i}" for i in range(65)], match="--max-ids")
+    long_id = "r" * 129
+    expect_error(
+        CODE.INVALID_ARGUMENT, search.index, [fresh], request_id=long_id, match="request_id: 129 characters exceeds the limit of 128"
+    )
+    expect_error(CODE.INVALID_ARGUMENT, search.search, caption="a dog", request_id=long_id, match="--max-request-id-chars")
+    stream = [search_pb2.IndexRequest(items=[fresh], request_id="ok"), search_pb2.IndexRequest(items=[fresh], request_id=long_id)]
+    with pytest.raises(grpc.RpcError) as info:
+        search.stub.StreamIndex(iter(stream), timeout=60)
+    assert info.value.code() == CODE.INVALID_ARGUMENT
+    assert (
+        "stream message 1: request_id: 129 characters" in info.value.details()
+        and "messages 0..0 (1 items) were stored" in info.value.details()
+    )
+    search.stub.Delete(search_pb2.DeleteRequest(modality=search_pb2.CAPTION, ids=["new"]), timeout=60)
+
+
+def meta_item(item_id: str, metadata) -> search_pb2.IndexItem:
+    item = vector_item(item_id, "captions", DIM, seed=len(item_id))
+    item.metadata_json = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    return item
+
+
+def scaled(item: search_pb2.IndexItem, factor: float, concept_row: int | None = None) -> search_pb2.IndexItem:
+    """The item with its global vector (or one concept row) multiplied by `factor`."""
+    if concept_row is None:
+        vector = np.frombuffer(item.vectors.global_vector.data, np.float32) * factor
+        item.vectors.global_vector.data = vector.astype(np.float32).tobytes()
+    else:
+        concepts = np.frombuffer(item.vectors.concepts.data, np.float32).reshape(-1, DIM).copy()
+        concepts[concept_row] *= factor
+        item.vectors.concepts.data = concepts.tobytes()
+    return item
+
+
+def test_a_failed_write_reports_what_was_stored(make_search, monkeypatch):
+    """Milvus refusing the second batch of an Index (its captions, after its images were acknowledged):
+    INVALID_ARGUMENT that lists what was stored and says not to retry; a transport failure stays UNAVAILABLE."""
+    from pymilvus.exceptions import DataNotMatchException, MilvusUnavailableException
+
+    search = make_search()
+    search.index([vector_item("warm", "captions", DIM, seed=1)])  # collections exist
+    client = search.thread.server.store.client
+    real_upsert = client.upsert
+    calls = []
+
+    def second_call_fails(error):
+        def upsert(name, rows, *args, **kwargs):
+            calls.append(name)
+            if len(calls) == 2:
+                raise error
+            return real_upsert(name, rows, *args, **kwargs)
+
+        return upsert
+
+    images = [vector_item(f"im{i}", "images", DIM, seed=i) for i in range(3)]
+    captions = [vector_item(f"ca{i}", "captions", DIM, seed=i) for i in range(2)]
+    monkeypatch.setattr(client, "upsert", second_call_fails(DataNotMatchException(message="Integer exceeds 64-bit range")))
+    expect_error(
+        CODE.INVALID_ARGUMENT,
+        search.index,
+        images + captions,
+        match="3 items were stored before it (modality/id): images/im0, images/im1, images/im2; fix the data, retrying fails",
+    )
+    assert [i.found for i in search.get(search_pb2.IMAGE, ["im0", "im1", "im2"]).items] == [True] * 3
+    assert not any(i.found for i in search.get(search_pb2.CAPTION, ["ca0", "ca1"]).items)
+
+    calls.clear()
+    monkeypatch.setattr(client, "upsert", second_call_fails(MilvusUnavailableException(message="connection refused")))
+    details = expect_error(CODE.UNAVAILABLE, search.index, images + captions, match="3 items were stored before it")
+    assert details.endswith("(retry: indexing is idempotent)")
+    monkeypatch.setattr(client, "upsert", real_upsert)
+    assert search.index(images + captions).indexed == 5
 
 
 def test_encoder_dimension_mismatch_is_failed_precondition(make_search):
@@ -452,7 +547,7 @@ def test_vectors_only_service_and_restart(milvus_uri):
         stats = again.stats()
         assert (stats.images, stats.model.name, stats.model.version, stats.model.dimension) == (5, "mine", 7, 8)
         rng = np.random.default_rng(1)
-        g, c = rng.random(8), rng.random((2, 8))
+        g, c = random_unit(rng, 8), random_unit(rng, 2, 8)
         hits = again.search(vectors=vectors_message("captions", g, c), top_k=5).hits
         assert len(hits) == 5
         again.channel.close()

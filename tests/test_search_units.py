@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from search_service.checks import INT64_MAX, INT64_MIN, check_unit_rows, parse_metadata
 from search_service.config import ConfigError, SearchConfig, build_parser, from_args
 from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, ranking_label, rerank_scores, stack_concepts
 from search_service.store import (
@@ -296,3 +300,56 @@ def test_bag_of_concepts_codebook_and_encoding():
     assert len(bag_of_concepts(regions, codebook, top=3, pool="sum", keep=2)) == 2
     with pytest.raises(ValueError, match="pool"):
         bag_of_concepts(regions, codebook, pool="mean")
+
+
+# --------------------------------------------------------------------------- metadata and vector checks
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(INT64_MIN, INT64_MAX) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _json_values, max_size=5))
+def test_metadata_milvus_can_store_is_accepted_unchanged(value):
+    assert parse_metadata(json.dumps(value), "m") == json.loads(json.dumps(value))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"x": 9223372036854775808}', "m.x: integer 9223372036854775808 is outside the 64-bit range"),
+        ('{"x": [0, -9223372036854775809]}', "m.x[1]: integer -9223372036854775809 is outside the 64-bit range"),
+        ('{"x": NaN}', "m: NaN is not a JSON number"),
+        ('{"x": -Infinity}', "m: -Infinity is not a JSON number"),
+        ('{"x": {"y": 1e400}}', "m.x.y: number inf is not finite"),
+        ('{"a": "[[[[", "b": ' + "[" * 33 + "]" * 33 + "}", "m: nested 34 levels deep; at most 32"),
+        ("[1]", "m: must be a JSON object, got list"),
+        ("{", "m: malformed JSON"),
+    ],
+)
+def test_metadata_milvus_cannot_store_is_refused(text, message):
+    with pytest.raises(ValueError) as info:
+        parse_metadata(text, "m")
+    assert message in str(info.value)
+
+
+def test_nesting_inside_strings_does_not_count():
+    assert parse_metadata('{"a": "' + "[" * 100 + '"}', "m") == {"a": "[" * 100}
+    assert parse_metadata('{"a": "\\"[[[[" , "b": [[1]]}', "m") == {"a": '"[[[[', "b": [[1]]}
+
+
+def test_unit_rows():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((4, 8))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    check_unit_rows(rows, "c", 0.01)
+    check_unit_rows(rows[0] * 1.009, "g", 0.01)
+    check_unit_rows(rows.astype(np.float16), "c", 0.01)  # fp16 rounding stays well inside the tolerance
+    rows[3] *= 1.02
+    with pytest.raises(ValueError, match=r"c: row 3 L2 norm 1\.02; vectors must be L2-normalised \(norm 1 within 0\.01"):
+        check_unit_rows(rows, "c", 0.01)
+    with pytest.raises(ValueError, match=r"g: L2 norm 0;"):
+        check_unit_rows(np.zeros(8), "g", 0.01)
