@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,9 +41,26 @@ class MilvusStandalone:
     def __init__(self, base_dir: Path, start_timeout_s: float = 120.0):
         from milvus import MilvusServer, MilvusServerConfig
 
-        self.server = MilvusServer(MilvusServerConfig(), wait_for_started=False)
+        # The embedded etcd would listen on its fixed default ports (client 2379, peer 2380), so a
+        # second server on this machine (another test run) would crash: give it free ones, through
+        # an etcd config file (Milvus's etcd.config.path, a key the package's template lacks).
+        client_port, peer_port = free_ports(2)
+        self.server = MilvusServer(MilvusServerConfig(etcd_port=client_port), wait_for_started=False)
         self.server.set_base_dir(str(base_dir))
         self.base_dir = base_dir
+        etcd_config = base_dir / "embedded-etcd.yaml"
+        etcd_config.write_text(
+            "name: default\n"
+            f"listen-client-urls: http://127.0.0.1:{client_port}\n"
+            f"advertise-client-urls: http://127.0.0.1:{client_port}\n"
+            f"listen-peer-urls: http://127.0.0.1:{peer_port}\n"
+            f"initial-advertise-peer-urls: http://127.0.0.1:{peer_port}\n"
+            f"initial-cluster: default=http://127.0.0.1:{peer_port}\n"
+        )
+        template = self.server.config.template_text
+        anchor = "  use:\n    embed: true"
+        assert anchor in template, "the milvus package's config template changed: update MilvusStandalone"
+        self.server.config.template_text = template.replace(anchor, f"  config:\n    path: {etcd_config}\n{anchor}", 1)
         self.server.start()
         self.pid = self.server.server_proc.pid
         try:
@@ -75,6 +93,20 @@ class MilvusStandalone:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(self.pid, 0)
             os.kill(self.pid, signal.SIGKILL)  # last resort: the binary survived stop()
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports free on loopback right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def drop_collections(uri: str, prefix: str) -> None:

@@ -1,0 +1,30 @@
+"""The Milvus standalone test fixture: a second server starts while one runs (as in two test runs at
+once on one machine), each on its own ports, the embedded etcd's included (it used to take the fixed
+2379/2380 and crash the second server)."""
+
+from __future__ import annotations
+
+import pytest
+from search_fixtures import MilvusStandalone
+
+pytest.importorskip("milvus")
+
+
+def test_two_standalone_servers_run_side_by_side(tmp_path):
+    servers = [MilvusStandalone(tmp_path / "a")]
+    try:
+        servers.append(MilvusStandalone(tmp_path / "b"))
+        from pymilvus import MilvusClient
+
+        assert servers[0].uri != servers[1].uri
+        for server in servers:
+            client = MilvusClient(uri=server.uri, timeout=10)
+            assert isinstance(client.list_collections(), list)
+            client.close()
+            config = (server.base_dir / "configs" / "milvus.yaml").read_text()
+            assert f"path: {server.base_dir / 'embedded-etcd.yaml'}" in config
+        peers = [(s.base_dir / "embedded-etcd.yaml").read_text().split("listen-peer-urls: ")[1].split()[0] for s in servers]
+        assert peers[0] != peers[1] and not any(p.endswith(":2380") for p in peers)
+    finally:
+        for server in servers:
+            server.stop()
