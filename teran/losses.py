@@ -107,9 +107,9 @@ class TeranLoss(nn.Module):
             parts["alignment"] = cfg.alignment_weight * self._loss(alignment, "alignment", hardest)
         if cfg.global_weight:
             parts["global"] = cfg.global_weight * self._loss(global_scores(image.global_vec, text.global_vec), "global", hardest)
-        if self.cfg.grounding_weight and phrases is not None and len(phrases.owner):
-            parts["grounding"] = self.cfg.grounding_weight * grounding_loss(
-                image.concepts, text.concepts, phrases.owner, phrases.pieces, phrases.targets, self.cfg.grounding_temperature
+        if cfg.grounding_weight and phrases is not None and len(phrases.owner):
+            parts["grounding"] = cfg.grounding_weight * grounding_loss(
+                image.concepts, text.concepts, phrases.owner, phrases.pieces, phrases.targets, cfg.grounding_temperature
             )
         parts["total"] = sum(parts.values())
         return parts

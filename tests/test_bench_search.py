@@ -3,23 +3,16 @@ end to end (both directions, milvus-lite, in-process service) on small synthetic
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench_modules import load_bench
 
 from search_service.ranking import rerank_scores
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "bench" / "bench_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_search")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
