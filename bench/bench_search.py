@@ -8,9 +8,12 @@ One command runs everything (default parts: agreement, latency); `--parts` runs 
 strategies, latency, scale) and `--merge` updates the report in place, keeping what was not re-run.
 
 The re-rank score (`--ranking`, passed to the service as its --ranking): `model` (default) is the exported
-model's, from its manifest: global cosine + w x MrSw with w = `blend_weight`, or MrSw when the manifest has no
-weight; `mrsw`; `blend:W`. The report's `ranking` says which ("blend w=0.08" or "MrSw", as the service's
-SearchResponse.ranking, checked on every query).
+model's, from its manifest: global cosine + w x MrSw with w = `blend_weight` (MrSw when the manifest has no
+weight), less the hub penalty when the manifest has one (teran.hubness: then the agreement part starts an
+encoder on the model directory, from which the service takes the ranking and each item's hub statistic is
+computed when indexing, as in production); `mrsw`; `blend:W`. The report's `ranking` says which
+("blend w=0.08, hub 0.5", "blend w=0.08" or "MrSw", as the service's SearchResponse.ranking, checked on every
+query). Latency runs have no encoder and rank by the blend (the penalty is one subtraction per candidate).
 
 1. Encodes Flickr8k dev (1,000 images, 5,000 captions) with the real exported model through the
    encoder service (cached in .cache/bench-search/), stores the images and their captions in a fresh
@@ -79,19 +82,25 @@ def rss_mb(pid: int) -> float:
 
 
 def encode_dev(model_dir: Path, limit: int) -> dict:
-    """Dev images and captions through the real encoder service (cached), and the manifest's `blend_weight`
-    (the model's served ranking; None: MrSw) under the key "blend_weight"."""
+    """Dev images and captions through the real encoder service (cached), and the manifest's served ranking:
+    `blend_weight` (None: MrSw) and `hub` (its hub penalty reference, teran.hubness; None: no penalty)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     import hashlib
 
+    from teran.hubness import HubReference
     from teran.manifest import load_manifest
 
-    blend_weight = load_manifest(model_dir, verify=False).blend_weight
+    manifest = load_manifest(model_dir, verify=False)
+    served = {
+        "blend_weight": manifest.blend_weight,
+        "hub": None if manifest.hub_penalty is None else HubReference.load(model_dir, manifest.hub_penalty),
+        "model_dir": model_dir,
+    }
     digest = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()[:12]
     cache = CACHE / f"dev-{model_dir.name}-{digest}-{limit}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
-        return {**{k: data[k] for k in data.files}, "blend_weight": blend_weight}
+        return {**{k: data[k] for k in data.files}, **served}
     from encoder_service.client import EncoderClient
     from encoder_service.config import EncoderConfig
     from encoder_service.server import ServerThread
@@ -134,23 +143,25 @@ def encode_dev(model_dir: Path, limit: int) -> dict:
         "model": np.array([model.name, str(model.version), str(model.dimension)]),
     }
     np.savez(cache, **data)
-    return {**data, "blend_weight": blend_weight}
+    return {**data, **served}
 
 
-def resolve_ranking(option: str, manifest_weight: float | None) -> tuple[float | None, str, str]:
-    """--ranking (model | mrsw | blend:W) -> (blend weight or None for MrSw, the service's --ranking setting,
-    the label the service answers in SearchResponse.ranking)."""
+def resolve_ranking(option: str, manifest_weight: float | None, hub=None):
+    """--ranking (model | mrsw | blend:W) -> (search_service.ranking.Ranking, the service's --ranking setting).
+    With the manifest's hub penalty (`hub`, a teran.hubness.HubReference) the setting is "model": the service
+    then takes the weight and the hub reference from an encoder serving the model."""
     from search_service.config import parse_ranking
-    from search_service.ranking import ranking_label
+    from search_service.ranking import Ranking
 
     parsed = parse_ranking(option)
     if parsed == "invalid":
         raise ValueError(f"--ranking {option!r}: give model, mrsw or blend:W with a number W >= 0")
+    if parsed == "model" and hub is not None:
+        return Ranking(manifest_weight, hub), "model"
     weight = manifest_weight if parsed == "model" else parsed
     if weight is None:
-        return None, "mrsw", ranking_label(None)
-    weight = float(weight)
-    return weight, f"blend:{weight!r}", ranking_label(weight)
+        return Ranking(), "mrsw"
+    return Ranking(float(weight)), f"blend:{float(weight)!r}"
 
 
 # --------------------------------------------------------------------------- service
@@ -164,6 +175,14 @@ def vectors(modality: int, g: np.ndarray, c: np.ndarray, model, boxes=None) -> s
         v.boxes.CopyFrom(to_tensor(boxes, np.float32))
     v.model.name, v.model.version, v.model.dimension = model[0], int(model[1]), int(model[2])
     return v
+
+
+def start_encoder(model_dir: Path):
+    """An encoder service (ServerThread) on `model_dir`, for a search service that takes its ranking from it."""
+    from encoder_service.config import EncoderConfig
+    from encoder_service.server import ServerThread
+
+    return ServerThread(EncoderConfig(model_dir=model_dir, host="127.0.0.1", port=0, metrics_port=-1, verify_model=False).validate())
 
 
 class Service:
@@ -257,14 +276,16 @@ def recall(ranked_ids: list[list[int]], owners: np.ndarray) -> dict:
     return out
 
 
-def reference_scores(data: dict, weight: float | None, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def reference_scores(data: dict, ranking, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The served re-rank score of every (image, caption) pair, exhaustively: (scores, global cosines), both
     float32 [n_images, n_captions].
 
     MrSw(image, caption) = sum over the caption's word pieces of the max over the image's regions of the cosine:
     the same number whichever side queries (search_service.ranking.mrsw_block), so one matrix serves both
     directions. Concepts rounded to fp16 on both sides (stored as fp16; the bench sends its query concepts as
-    fp16), global vectors fp32. weight None: MrSw; else blend_scores(global cosine, MrSw, weight)."""
+    fp16), global vectors fp32. `ranking` (search_service.ranking.Ranking): MrSw without a blend weight, else
+    blend_scores(global cosine, MrSw, weight); less the hub penalty of the ranked side when it has one (the
+    matrix carries both sides' penalties: each is constant for the queries of the other direction)."""
     regions = data["image_concepts"].astype(np.float16).astype(np.float32)  # [Ni, R, D]
     lengths = np.asarray(data["caption_lengths"], np.int64)
     words = np.concatenate(
@@ -278,9 +299,10 @@ def reference_scores(data: dict, weight: float | None, chunk: int = 8) -> tuple[
         best = (part.reshape(-1, dim) @ words.T).reshape(len(part), n_regions, -1).max(axis=1)  # [chunk, word pieces]
         mrsw[i : i + chunk] = np.add.reduceat(best, starts, axis=1)
     cosines = data["image_global"].astype(np.float32) @ data["caption_global"].astype(np.float32).T
-    if weight is None:
-        return mrsw, cosines
-    return blend_scores(cosines, mrsw, weight), cosines
+    scores = mrsw if ranking.blend_weight is None else blend_scores(cosines, mrsw, ranking.blend_weight)
+    if ranking.hub is not None:
+        scores = ranking.hub.penalise(scores, data["image_global"], data["caption_global"])
+    return scores, cosines
 
 
 def top10(scores: np.ndarray) -> list[list[int]]:
@@ -324,24 +346,36 @@ def agreement(
     queries: int,
     workdir: Path,
     boc: list[tuple[int, int]],
-    ranking: tuple[float | None, str, str] = (None, "mrsw", "MrSw"),
+    ranking: tuple | None = None,
     image_queries: int | None = None,
 ) -> tuple[dict, dict]:
     """(text to image, image to text) agreement of the service's re-rank with the exhaustive ranking by the same
-    score; `ranking`: resolve_ranking's (weight, service setting, label)."""
-    weight, setting, label = ranking
+    score; `ranking`: resolve_ranking's (Ranking, service setting; default MrSw). The setting "model" (a hub
+    penalty) starts an encoder serving data["model_dir"]: the service takes the ranking from it and computes
+    each item's hub statistic when indexing, as in production."""
+    from search_service.ranking import Ranking
+
+    served, setting = ranking or (Ranking(), "mrsw")
+    label = served.label
     n_images, n_captions = len(data["image_global"]), len(data["caption_global"])
     image_queries = n_images if image_queries is None else min(image_queries, n_images)
-    service = Service(str(workdir / "agreement.db"), index_type="FLAT", max_candidates=2000, ranking=setting)
+    encoder = start_encoder(data["model_dir"]) if setting == "model" else None
+    service = Service(
+        str(workdir / "agreement.db"),
+        index_type="FLAT",
+        max_candidates=2000,
+        ranking=setting,
+        **({"encoder_address": encoder.target} if encoder else {}),
+    )
     try:
         index_s = service.index(data, n_images)
         log(f"indexed {n_images} dev images in {index_s:.1f}s")
         index_s = service.index_captions(data)
         log(f"indexed {n_captions} dev captions in {index_s:.1f}s")
         started = time.perf_counter()
-        scores, cosines = reference_scores(data, weight)
+        scores, cosines = reference_scores(data, served)
         log(f"exhaustive {label} of {n_images} images x {n_captions} captions in {time.perf_counter() - started:.1f}s")
-        common = {"ranking": label, "blend_weight": weight}
+        common = {"ranking": label, "blend_weight": served.blend_weight, "hub_penalty": served.hub.describe() if served.hub else None}
 
         owners = data["caption_owner"][:queries]
         full = np.ascontiguousarray(scores[:, :queries].T)  # [queries, images]
@@ -381,6 +415,8 @@ def agreement(
         )
     finally:
         service.close()
+        if encoder is not None:
+            encoder.stop()
     # numpy only, after the queries (an idle service's Milvus channel gets GOAWAY too_many_pings during it)
     t2i["strategies"] = strategies(data, full, exhaustive, owners, multipliers, boc)
     return t2i, i2t
@@ -659,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts" / "teran-flickr8k")
     parser.add_argument("--images", type=int, default=1000, help="dev images (gallery of the agreement part)")
-    parser.add_argument("--queries", type=int, default=1000, help="caption queries of the agreement part")
+    parser.add_argument("--queries", type=int, default=5000, help="caption queries of the agreement part (default: all 5,000 dev captions)")
     parser.add_argument(
         "--image-queries", type=int, default=None, help="image queries of the agreement part (default: every gallery image)"
     )
@@ -698,11 +734,12 @@ def main(argv: list[str] | None = None) -> int:
     multipliers = [int(x) for x in args.multipliers.split(",")]
     data = encode_dev(args.model_dir, args.images)
     try:
-        ranking = resolve_ranking(args.ranking, data["blend_weight"])
+        ranking = resolve_ranking(args.ranking, data["blend_weight"], data["hub"])
     except ValueError as exc:
         parser.error(str(exc))
-    args.ranking_setting = ranking[1]
-    log(f"embeddings: {data['image_concepts'].shape} images, {data['caption_concepts'].shape} captions; ranking {ranking[2]}")
+    # Latency runs have no encoder: they rank by the blend alone (the hub penalty adds one subtraction per candidate).
+    args.ranking_setting = resolve_ranking(args.ranking, data["blend_weight"])[1]
+    log(f"embeddings: {data['image_concepts'].shape} images, {data['caption_concepts'].shape} captions; ranking {ranking[0].label}")
     report: dict = json.loads(args.output.read_text()) if args.merge and args.output.exists() else {}
     command = "python bench/bench_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report["machine"] = {
@@ -718,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
             "version": int(data["model"][1]),
             "dimension": int(data["model"][2]),
             "blend_weight": data["blend_weight"],
+            "hub_penalty": data["hub"].describe() if data["hub"] else None,
         }
         report["rerank_multiplier"] = args.rerank_multiplier
         report["command"] = command
@@ -741,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             owners = data["caption_owner"][:queries]
             report.setdefault("agreement", {})["strategies"] = strategies(data, full, top10(full), owners, multipliers, boc)
             report["strategies_command"] = command
-            report["strategies_ranking"] = ranking[2]
+            report["strategies_ranking"] = ranking[0].label
         if "scale" in parts:
             if args.scale_backend == "server":
                 from search_fixtures import MilvusStandalone

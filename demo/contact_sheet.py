@@ -73,14 +73,18 @@ def describe_ranking(ranking: str) -> str:
     """A sentence saying how SearchHit.score was computed, from SearchResponse.ranking."""
     ranking = (ranking or "").strip()
     if ranking.startswith("blend w="):
+        blend, _, hub = ranking.removeprefix("blend w=").partition(", hub ")
         try:
-            weight = float(ranking.removeprefix("blend w="))
+            weight, penalty = float(blend), float(hub) if hub else None
         except ValueError:
             return f"score: {html.escape(ranking)}"
-        return (
+        text = (
             f"score = global-vector cosine + {weight:g} &times; TERAN alignment "
             "(MrSw: the sum over the caption's word pieces of their cosine with their best region)"
         )
+        if penalty is not None:
+            text += f" &minus; {penalty:g} &times; the hit's hub statistic (how close it lies to many training items)"
+        return text
     if ranking == "MrSw":
         return "score = TERAN MrSw alignment: each caption word piece's cosine with its best region, summed"
     if ranking == "first stage":

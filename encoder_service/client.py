@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from encoder_service._proto import encoder_pb2, encoder_pb2_grpc
 from encoder_service.tensors import FLOAT16, FLOAT32, decode, dtype_code, fill_tensor
+from teran.hubness import HubReference
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "teran.v1.EncoderService"
@@ -86,6 +87,7 @@ class ModelInfo:
     accepts_encoded_images: bool
     limits: dict[str, int]
     blend_weight: float | None = None  # the model's ranking blend (None: rank by alignment_mode)
+    hub_penalty_weight: float | None = None  # the ranking's hub penalty (None: none; reference: hub_reference())
 
 
 ImageLike = bytes | RegionFeatures
@@ -180,7 +182,12 @@ def parse_info(info: encoder_pb2.ModelInfo) -> ModelInfo:
         accepts_encoded_images=info.accepts_encoded_images,
         limits=limits,
         blend_weight=info.blend_weight if info.HasField("blend_weight") else None,
+        hub_penalty_weight=info.hub_penalty_weight if info.HasField("hub_penalty_weight") else None,
     )
+
+
+def parse_hub_reference(reply: encoder_pb2.HubReference) -> tuple[ModelRef, HubReference]:
+    return _model(reply.model), HubReference(decode(reply.image_reference), decode(reply.caption_reference), reply.k, reply.weight)
 
 
 def _error(exc: grpc.RpcError) -> EncoderError:
@@ -279,6 +286,10 @@ class EncoderClient:
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return parse_info(self._call(self.stub.GetModelInfo, encoder_pb2.GetModelInfoRequest(), timeout))
+
+    def hub_reference(self, *, timeout: float | None = None) -> tuple[ModelRef, HubReference]:
+        """The model's hub penalty reference (EncoderError FAILED_PRECONDITION when it has none)."""
+        return parse_hub_reference(self._call(self.stub.GetHubReference, encoder_pb2.GetHubReferenceRequest(), timeout))
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = 5.0) -> str:
         """'SERVING', 'NOT_SERVING', ... (raises EncoderError if the server cannot be reached)."""
@@ -401,6 +412,10 @@ class AsyncEncoderClient:
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return parse_info(await self._call(self.stub.GetModelInfo, encoder_pb2.GetModelInfoRequest(), timeout))
+
+    async def hub_reference(self, *, timeout: float | None = None) -> tuple[ModelRef, HubReference]:
+        """The model's hub penalty reference (EncoderError FAILED_PRECONDITION when it has none)."""
+        return parse_hub_reference(await self._call(self.stub.GetHubReference, encoder_pb2.GetHubReferenceRequest(), timeout))
 
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = 5.0) -> str:
         response = await self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)

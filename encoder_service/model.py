@@ -23,6 +23,7 @@ from encoder_service.config import ConfigError, EncoderConfig
 from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from teran.errors import CaptionError, TeranInputError
+from teran.hubness import HubReference
 from teran.manifest import Manifest, load_manifest
 from teran.preprocess import ImageLimits, decode_image, to_pixels
 from teran.tokenization import CaptionTokenizer
@@ -124,6 +125,7 @@ class EncoderModel:
         if self.region_count is not None and self.region_count > self.max_regions:
             raise ConfigError(f"--max-regions {self.max_regions} is below the {self.region_count} grid regions this model takes")
         self.joint_dim = m.joint_dim
+        self.hub_reference = self._hub_reference()
         self._text_inputs = {s.name: s for s in m.graph("text_encoder").inputs}
         self._image_inputs = {s.name: s for s in m.graph("image_encoder").inputs}
         self.image_sizes_input = "image_sizes" in self._image_inputs
@@ -133,6 +135,21 @@ class EncoderModel:
         self._executor: ThreadPoolExecutor | None = None
         self._decoder: ThreadPoolExecutor | None = None
         self.load_seconds = time.monotonic() - started
+
+    def _hub_reference(self) -> HubReference | None:
+        """The reference of the model's hub penalty (manifest `hub_penalty`), served by GetHubReference."""
+        entry = self.manifest.hub_penalty
+        if entry is None:
+            return None
+        try:
+            reference = HubReference.load(self.model_dir, entry)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{self.model_dir}: cannot read the hub penalty's reference ({exc})") from None
+        if reference.dimension != self.manifest.joint_dim:
+            raise ConfigError(
+                f"{self.model_dir}: the hub reference has dimension {reference.dimension}, the model {self.manifest.joint_dim}"
+            )
+        return reference
 
     def _region_dim(self) -> int:
         value = self.manifest.preprocessing.get("region_dim")
@@ -418,4 +435,5 @@ class EncoderModel:
             "image_size": self.pixel_spec.size if self.pixel_spec else 0,
             "region_count": self.region_count or 0,
             **({} if m.blend_weight is None else {"blend_weight": m.blend_weight}),
+            **({} if self.hub_reference is None else {"hub_penalty_weight": self.hub_reference.weight}),
         }

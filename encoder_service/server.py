@@ -23,7 +23,7 @@ from encoder_service.config import EncoderConfig
 from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
-from encoder_service.tensors import FLOAT32, dtype_code, fill_tensor, from_tensor
+from encoder_service.tensors import FLOAT16, FLOAT32, dtype_code, fill_tensor, from_tensor, to_tensor
 from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
     HEALTH_EXEMPT,
     BearerTokenInterceptor,
@@ -309,6 +309,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             return encoder_pb2.ModelInfo(model=ref, **info)
 
         return await self._unary("GetModelInfo", context, "", work)
+
+    async def GetHubReference(self, request, context):
+        async def work():
+            reference = self.model.hub_reference
+            if reference is None:
+                raise _RpcFailure(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"model {self.model.manifest.model_name} has no hub penalty (its manifest.json has no hub_penalty)",
+                )
+            m = self.model.manifest
+            return encoder_pb2.HubReference(
+                model=common_pb2.ModelRef(name=m.model_name, version=m.model_version, dimension=m.joint_dim),
+                k=reference.k,
+                weight=reference.weight,
+                image_reference=to_tensor(reference.images, FLOAT16),
+                caption_reference=to_tensor(reference.captions, FLOAT16),
+            )
+
+        return await self._unary("GetHubReference", context, "", work)
 
 
 # --------------------------------------------------------------------------- server

@@ -339,6 +339,7 @@ def export_model_dir(
         raw_dir.rmdir()
         tokenizer_name = "tokenizer.json"
         shutil.copyfile(source.tokenizer_file, tmp / tokenizer_name)
+        hub_penalty = source.hub_reference.save(tmp) if source.hub_reference is not None else None
         manifest = Manifest(
             model_name=name,
             model_version=version,
@@ -355,6 +356,7 @@ def export_model_dir(
             alignment_mode=source.alignment_mode,
             concept_mode=source.concept_mode,
             blend_weight=source.blend_weight,
+            hub_penalty=hub_penalty,
             graphs=entries,
             extra={
                 **source.extra,

@@ -27,6 +27,7 @@ import torch
 
 from teran.errors import TeranInputError
 from teran.exported import ExportedModel, caption_batches, ort_session, region_batches, run_batches
+from teran.hubness import HubReference
 from teran.manifest import file_sha256, load_manifest
 
 TARGETS = {
@@ -85,14 +86,17 @@ def _scores(images, texts, mode: str) -> dict[str, np.ndarray]:
     return {"alignment": alignment, "global": global_scores(image_enc.global_vec, torch.from_numpy(texts[0])).numpy()}
 
 
-def _retrieval(images, texts, owners: np.ndarray, mode: str, blend_weight: float | None = None) -> dict:
-    """Recall of each score; with a blend weight (MrSw models) also of the served blend."""
+def _retrieval(images, texts, owners: np.ndarray, mode: str, blend_weight: float | None = None, hub=None) -> dict:
+    """Recall of each score; with a blend weight (MrSw models) also of the blend, and with a hub reference
+    (teran.hubness.HubReference) of the served ranking (the blend less the hub penalty)."""
     from teran.alignment_numpy import blend_scores
     from teran.metrics import recall_at_k
 
     scores = _scores(images, texts, mode)
     if blend_weight is not None and mode == "MrSw":
         scores["blend"] = blend_scores(scores["global"], scores["alignment"], blend_weight)
+        if hub is not None:
+            scores["served"] = hub.penalise(scores["blend"], images[0], texts[0])
     return {name: recall_at_k(values, owners) for name, values in scores.items()}
 
 
@@ -162,10 +166,11 @@ def run_parity(
         encoded[precision] = (exported.encode_token_batches(text_batches), exported.encode_region_batches(image_batches))
         timings[f"ort_{precision}"] = round(time.monotonic() - t0, 1)
 
+    hub = HubReference.load(model_dir, manifest.hub_penalty) if manifest.hub_penalty else None
     retrieval = {}
     for variant, (texts, images) in encoded.items():
         say(f"scoring {variant} ({mode} alignment and global) ...")
-        retrieval[variant] = _retrieval(images, texts, owners, mode, manifest.blend_weight)
+        retrieval[variant] = _retrieval(images, texts, owners, mode, manifest.blend_weight, hub)
 
     report: dict = {}
     for precision in ("fp32", "fp16"):
@@ -233,6 +238,7 @@ def run_parity(
         "n_captions": len(captions),
         "alignment_mode": mode,
         "blend_weight": manifest.blend_weight,
+        "hub_penalty": hub.describe() if hub else None,
         "torch_rsum": {name: retrieval["torch"][name]["rsum"] for name in ("alignment", "global")},
         "torch_recall": retrieval["torch"],
         **report,

@@ -23,6 +23,7 @@ from torch import nn
 from teran import backbones
 from teran.checkpoint import FORMAT as PROJECT_FORMAT
 from teran.errors import CheckpointError
+from teran.hubness import HubReference
 from teran.manifest import file_sha256
 from teran.preprocess import PixelSpec
 
@@ -59,6 +60,7 @@ class ExportSource:
     concept_mode: str
     default_name: str
     blend_weight: float | None = None  # the served ranking's MrSw weight (teran.alignment.blend_scores)
+    hub_reference: Any = None  # teran.hubness.HubReference of the served ranking's hub penalty (None: no penalty)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -368,6 +370,7 @@ def _project_source(
         concept_mode="words",
         default_name=path.stem,
         blend_weight=payload.get("blend_weight") if mode == "MrSw" else None,
+        hub_reference=HubReference.from_checkpoint(payload) if mode == "MrSw" and payload.get("blend_weight") is not None else None,
         extra={
             "backbones": {"text": text_name, "image": image_name, **({"injected": injected} if injected else {})},
             "model_config": payload.get("model_config"),

@@ -3,7 +3,7 @@
 MrSw(image, caption) = sum over the caption's word pieces of the max over the image's regions of
 the cosine. A caption query scores candidate images (its words against their regions); an image
 query scores candidate captions (their words against its regions). The served ranking adds it,
-weighted, to the global cosine (`rerank_scores`).
+weighted, to the global cosine and subtracts the hub penalty (`rerank_scores`, teran.hubness).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from teran.alignment_numpy import blend_scores, word_regions
+from teran.hubness import HubReference, penalised
 from teran.words import content_words
 
 
@@ -60,9 +61,19 @@ def mrsw_block(query: np.ndarray, query_is_caption: bool, block: np.ndarray, cou
     return scores
 
 
-def ranking_label(blend_weight: float | None) -> str:
-    """SearchResponse.ranking of a re-rank: "MrSw", or "blend w=0.08" (global cosine + w x MrSw)."""
-    return "MrSw" if blend_weight is None else f"blend w={blend_weight:g}"
+@dataclass(frozen=True)
+class Ranking:
+    """How candidates are re-ranked: MrSw (blend_weight None) or global cosine + w x MrSw, less the hub
+    penalty when `hub` is set (teran.hubness: weight x each candidate's stored hub statistic)."""
+
+    blend_weight: float | None = None
+    hub: HubReference | None = None
+
+    @property
+    def label(self) -> str:
+        """SearchResponse.ranking: "MrSw", "blend w=0.08" (global cosine + w x MrSw), "blend w=0.08, hub 0.5"."""
+        text = "MrSw" if self.blend_weight is None else f"blend w={self.blend_weight:g}"
+        return text if self.hub is None else f"{text}, hub {self.hub.weight:g}"
 
 
 def rerank_scores(
@@ -71,13 +82,16 @@ def rerank_scores(
     block: np.ndarray,
     counts: np.ndarray,
     global_cosines: np.ndarray,
-    blend_weight: float | None,
+    ranking: Ranking,
+    hubs: np.ndarray,
     chunk: int = 256,
 ) -> np.ndarray:
-    """The re-rank score of each candidate: MrSw (blend_weight None), or the model's blend
-    global cosine + w x MrSw (teran.alignment.blend_scores)."""
+    """The re-rank score of each candidate: MrSw (no blend weight), or the model's blend
+    global cosine + w x MrSw (teran.alignment.blend_scores); less weight x `hubs` (the candidates'
+    hub statistics) when the ranking has a hub penalty (teran.hubness.penalised)."""
     mrsw = mrsw_block(query, query_is_caption, block, counts, chunk)
-    return mrsw if blend_weight is None else blend_scores(global_cosines, mrsw, blend_weight)
+    scores = mrsw if ranking.blend_weight is None else blend_scores(global_cosines, mrsw, ranking.blend_weight)
+    return scores if ranking.hub is None else penalised(scores, hubs, ranking.hub.weight)
 
 
 def mrsw_scores(query: np.ndarray, query_is_caption: bool, candidates: list[np.ndarray], chunk: int = 256) -> np.ndarray:

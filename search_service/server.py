@@ -28,7 +28,7 @@ from search_service.checks import check_unit_rows, parse_metadata
 from search_service.config import SearchConfig, parse_ranking
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
-from search_service.ranking import explain, ranking_label, rerank_scores, stack_concepts
+from search_service.ranking import Ranking, explain, rerank_scores, stack_concepts
 from search_service.sparse import load_codebook
 from search_service.store import (
     CAPTIONS,
@@ -112,7 +112,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._server = server
         self.config: SearchConfig = server.config
         self.metrics = server.metrics
-        self._model_blend: dict[tuple[str, int], float | None] = {}  # (name, version) -> the encoder model's blend weight
+        self._model_rankings: dict[tuple[str, int], Ranking] = {}  # (name, version) -> the encoder model's ranking
 
     @property
     def store(self) -> MilvusStore:
@@ -276,26 +276,55 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 pass
         return ModelInfo(self.config.model_name, self.config.model_version, dim)
 
-    async def _blend_weight(self, model: ModelInfo) -> float | None:
-        """The re-rank's blend weight per --ranking; None: MrSw alone. `model`: the collections' model.
-
-        With --ranking model it is the encoder model's (from its manifest), fetched once per model; a
-        model the encoder does not serve, or no encoder, ranks by MrSw."""
+    async def _ranking(self, model: ModelInfo) -> Ranking:
+        """The re-rank per --ranking. `model`: the collections' model. With --ranking model it is the
+        encoder model's (blend weight and hub penalty); a model the encoder does not serve, or no
+        encoder, ranks by MrSw."""
         ranking = parse_ranking(self.config.ranking)
         if ranking != "model":
-            return ranking
+            return Ranking(ranking)
+        return await self._model_ranking(model)
+
+    async def _model_ranking(self, model: ModelInfo) -> Ranking:
+        """The encoder's ranking for `model` (from its manifest), fetched once per model."""
         encoder = self._server.encoder
         if encoder is None:
-            return None
+            return Ranking()
         key = (model.name, model.version)
-        if key not in self._model_blend:
+        if key not in self._model_rankings:
+            timeout = self.config.encoder_timeout_s
             try:
-                info = await encoder.model_info(timeout=self.config.encoder_timeout_s)
+                info = await encoder.model_info(timeout=timeout)
+                same = (info.model.name, info.model.version) == key
+                hub = None
+                if same and info.hub_penalty_weight is not None:
+                    served, hub = await encoder.hub_reference(timeout=timeout)
+                    if (served.name, served.version, hub.dimension) != (*key, model.dimension):
+                        raise RpcFailure(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"the encoder's hub reference is for {served.name} v{served.version} (dimension {hub.dimension}), "
+                            f"not the collections' {model.describe()}: it is changing models; retry",
+                        )
             except EncoderError as exc:
                 raise self._encoder_failure(exc, []) from None
-            same = (info.model.name, info.model.version) == key
-            self._model_blend[key] = info.blend_weight if same else None
-        return self._model_blend[key]
+            except ValueError as exc:  # a malformed reference
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"the encoder's hub reference is unusable: {exc}") from None
+            self._model_rankings[key] = Ranking(info.blend_weight if same else None, hub)
+        return self._model_rankings[key]
+
+    async def _hub_statistics(self, modality: str, items: list[Item]) -> None:
+        """Set each item's hub statistic from the encoder model's reference, where the collections
+        store one (0 stays when the model has no reference, or there is no encoder)."""
+        store = self.store
+        if not items or not store.hub_field:
+            return
+        hub = (await self._model_ranking(store.model)).hub
+        if hub is None:
+            return
+        vectors = np.stack([item.global_vector for item in items])
+        values = await asyncio.get_running_loop().run_in_executor(None, hub.statistic, vectors, modality == IMAGES)
+        for item, value in zip(items, values.tolist(), strict=True):
+            item.hub = value
 
     # ------------------------------------------------------------------ encoder
 
@@ -410,6 +439,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             batches[modality].append(
                 Item(items[i].id, query.global_vector, query.concepts, metadata, labels=query.labels, boxes=query.boxes)
             )
+        for modality, batch in batches.items():
+            await self._hub_statistics(modality, batch)
         stored: list[str] = []  # ids acknowledged so far, for the error if a later write fails
         for modality, batch in batches.items():
             if not batch:
@@ -620,10 +651,12 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                 await self._db(store.validate_filter, target, expr)
             rerank = not request.disable_rerank
             n = min(multiplier * top_k, cfg.max_candidates) if rerank else top_k
-            blend_weight = await self._blend_weight(store.model) if rerank and store.model is not None else None
-            response.ranking = ranking_label(blend_weight) if rerank else "first stage"
+            ranking = await self._ranking(store.model) if rerank and store.model is not None else Ranking()
+            if not store.hub_field:  # collections of schema format < 3 hold no hub statistics
+                ranking = Ranking(ranking.blend_weight)
+            response.ranking = ranking.label if rerank else "first stage"
             # The blend needs each candidate's exact global cosine: the dense first stage's score on raw-vector indexes.
-            need_globals = blend_weight is not None and not (first_stage == "dense" and store.dense_scores_exact)
+            need_globals = ranking.blend_weight is not None and not (first_stage == "dense" and store.dense_scores_exact)
             started = time.perf_counter()
             need_concepts = rerank or not request.skip_explanation
             cache = self._server.usable_cache()
@@ -666,7 +699,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     block,
                     counts,
                     global_cosines,
-                    blend_weight,
+                    ranking,
+                    np.array([c.hub for c in candidates], dtype=np.float32),
                     cfg.rerank_chunk,
                 )
                 self.metrics.stage.labels("rerank").observe(time.perf_counter() - started)

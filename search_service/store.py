@@ -13,6 +13,9 @@ Two collections, PREFIX_images and PREFIX_captions, same schema:
     model           VARCHAR                    "name@version" of the model that produced the vectors
     stamp           INT64                      random 63-bit version, new at every write (re-rank cache validation;
                                                collections of schema format 1, before the cache, have none)
+    hub             FLOAT                      the item's hub statistic r(x) for the ranking's hub penalty
+                                               (teran.hubness; 0 when indexed without the model's reference;
+                                               collections of schema formats 1-2 have none)
     {sq,dp}_vector  SPARSE_FLOAT_VECTOR        surrogates of the global vector (--sparse-surrogates, sparse backends)
     boc_vector      SPARSE_FLOAT_VECTOR        Bag of Concepts of the concept vectors (--boc-codebook, sparse backends)
 
@@ -48,7 +51,7 @@ IMAGES, CAPTIONS = "images", "captions"
 MODALITIES = (IMAGES, CAPTIONS)
 CHUNK_CHARS = 65535  # Milvus VARCHAR max_length
 CONCEPT_ENCODING = "fp16-le-base64-varchar"
-SCHEMA_FORMAT = 2  # 2: rows carry `stamp`
+SCHEMA_FORMAT = 3  # 2: rows carry `stamp`; 3: and `hub`
 ID_FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
 BOC_PART_CHARS = 32768  # base64 characters per codebook row in PREFIX_meta (well below Milvus's JSON limit)
 
@@ -100,6 +103,7 @@ class Item:
     labels: list[str] = field(default_factory=list)
     boxes: np.ndarray | None = None
     stamp: int = 0  # set by MilvusStore.upsert
+    hub: float = 0.0  # hub statistic (teran.hubness), stored where the collections have the field
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Stored:
     concepts: np.ndarray | None = None  # float16 [N, D]
     score: float = 0.0  # first-stage score (search results)
     stamp: int = 0  # the row's version (0: collections without stamps)
+    hub: float = 0.0  # the row's hub statistic (0: none stored)
 
 
 def encode_concepts(concepts: np.ndarray, chunks: int) -> list[str]:
@@ -215,6 +220,7 @@ class MilvusStore:
         self.model: ModelInfo | None = None
         self.chunks = 0
         self.stamped = True  # rows carry `stamp` (False for collections created before schema format 2)
+        self.hub_field = True  # rows carry `hub` (False for collections created before schema format 3)
         self._lock = threading.Lock()
         # milvus-lite 3.x applies concurrent writes to one collection without a lock: two at once
         # interleave in its write-ahead log, and a crash then loses everything after the damage.
@@ -273,6 +279,7 @@ class MilvusStore:
             "sparse": self.surrogates,
             "sparse_params": self.sparse_params,
             "row_stamp": self.stamped,
+            "row_hub": self.hub_field,
             **({"boc": self._boc_info()} if self.codebook is not None else {}),
         }
 
@@ -349,6 +356,7 @@ class MilvusStore:
         self.surrogates = list(info.get("sparse", []))
         self.sparse_params = dict(info.get("sparse_params", self.sparse_params))
         self.stamped = bool(info.get("row_stamp", False))
+        self.hub_field = bool(info.get("row_hub", False))
         if BOC in self.surrogates:
             self.codebook = info["boc"]["codebook"] if "codebook" in info.get("boc", {}) else self._read_codebook(info["boc"])
         self._check_requested_codebook()
@@ -372,6 +380,7 @@ class MilvusStore:
                     "max_id_length": int(fields["id"]["params"]["max_length"]),
                     "sparse": [k for k in (*SPARSE_KINDS, BOC) if f"{k}_vector" in fields],
                     "row_stamp": "stamp" in fields,
+                    "row_hub": "hub" in fields,
                     **self._recover_boc(fields),
                 }
         for modality in existing:
@@ -423,7 +432,7 @@ class MilvusStore:
                         f"have dimension {model.dimension}: build the codebook from this model's concept vectors "
                         "(python -m search_service.codebook)"
                     )
-                self.stamped = True
+                self.stamped = self.hub_field = True
                 try:
                     self._create_missing(model)
                 except Exception as exc:  # noqa: BLE001
@@ -473,6 +482,8 @@ class MilvusStore:
             schema.add_field("model", DataType.VARCHAR, max_length=512)
             if self.stamped:
                 schema.add_field("stamp", DataType.INT64)
+            if self.hub_field:
+                schema.add_field("hub", DataType.FLOAT)
             for kind in self.surrogates:
                 schema.add_field(f"{kind}_vector", DataType.SPARSE_FLOAT_VECTOR)
             index = self.client.prepare_index_params()
@@ -510,6 +521,7 @@ class MilvusStore:
             "metadata": item.metadata,
             "model": f"{self.model.name}@{self.model.version}",
             **({"stamp": item.stamp} if self.stamped else {}),
+            **({"hub": float(item.hub)} if self.hub_field else {}),
             **{f"{k}_vector": surrogate(k, item.global_vector, self.sparse_params) for k in self.surrogates if k != BOC},
             **({"boc_vector": self._boc(item.concepts, modality == IMAGES)} if BOC in self.surrogates else {}),
         }
@@ -574,6 +586,7 @@ class MilvusStore:
 
     def _fields(self, concepts: bool, global_vector: bool) -> list[str]:
         names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"] + (["stamp"] if self.stamped else [])
+        names += ["hub"] if self.hub_field else []
         if concepts:
             names += [f"concepts_{k}" for k in range(self.chunks)]
         if global_vector:
@@ -590,6 +603,7 @@ class MilvusStore:
             boxes=decode_boxes(row.get("boxes") or "", count),
             model=row.get("model", ""),
             stamp=int(row.get("stamp") or 0),
+            hub=float(row.get("hub") or 0.0),
         )
         if "global_vector" in row:
             item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)

@@ -40,6 +40,13 @@ def save_checkpoint(path: str | Path, model: TeranModel, **extra) -> None:
     os.replace(tmp, path)
 
 
+def payload_extras(payload: dict) -> dict:
+    """What save_checkpoint(**extra) wrote into `payload` (training state, history, ranking settings)."""
+    return {
+        key: value for key, value in payload.items() if key not in ("format", "format_version", "model_config", "backbones", "state_dict")
+    }
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint dict of ours, with a clear error for anything else."""
     path = Path(path)

@@ -1,5 +1,6 @@
 """Evaluate a trained model: Recall@1/5/10 both directions, rsum and NDCG@25 (ROUGE-L
-relevance), for the alignment score and the global score. Writes a JSON report.
+relevance), for the alignment score, the global score, their blend and the served ranking (the blend
+less the hub penalty, when the checkpoint has a hub reference). Writes a JSON report.
 
     python -m teran.evaluate --checkpoint models/teran-flickr8k.pt --split dev \
         --output reports/eval-flickr8k-dev.json
@@ -23,6 +24,7 @@ from teran.alignment import blend_scores, chunked_alignment_scores, global_score
 from teran.data.flickr8k import load_split
 from teran.errors import TeranInputError
 from teran.features import ImageFeatures, TextFeatures, image_features, text_features
+from teran.hubness import HubReference
 from teran.metrics import caption_relevance, ndcg_both_directions, recall_at_k
 from teran.model import Encoded, TeranModel
 
@@ -102,10 +104,12 @@ def evaluate_model(
     mode: str = "MrSw",
     progress: bool = False,
     blend_weight: float | None = None,
+    hub: HubReference | None = None,
 ) -> dict:
     """Recall (and NDCG when captions are given) for both scores on one gallery, and for their
     blend (teran.alignment.blend_scores) with MrSw: at `blend_weight`, or the weight that is best
-    on this gallery when None (reported as `blend.weight`)."""
+    on this gallery when None (reported as `blend.weight`); with a hub reference, also the served
+    ranking (`served`: the blend less the hub penalty, teran.hubness)."""
     model.eval()
     images = encode_images(model, image_feats, progress=progress)
     texts = encode_texts(model, text_feats, progress=progress)
@@ -116,6 +120,8 @@ def evaluate_model(
         global_, alignment = scores_by_name["global"], scores_by_name["alignment"]
         weight = select_blend_weight(global_, alignment, owners) if blend_weight is None else blend_weight
         scores_by_name["blend"] = blend_scores(torch.from_numpy(global_), torch.from_numpy(alignment), weight).numpy()
+        if hub is not None:  # the served ranking: the blend less the hub penalty (teran.hubness)
+            scores_by_name["served"] = hub.penalise(scores_by_name["blend"], images.global_vec.numpy(), texts.global_vec.numpy())
     for name, scores in scores_by_name.items():
         report[name] = recall_at_k(scores, owners)
         if relevance is not None:
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     weight = args.blend_weight if args.blend_weight is not None else payload.get("blend_weight")
+    hub = HubReference.from_checkpoint(payload)
     if args.protocol == "5fold1k":
         fold_reports = []
         for fold in _folds(len(data.names), 1000):
@@ -177,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             sub_images = ImageFeatures([data.names[i] for i in fold], image_feats.regions[fold], image_feats.boxes[fold])
             sub_text = TextFeatures(*_subset_text(text_feats, caps))
             fold_reports.append(
-                evaluate_model(model, sub_images, sub_text, owners[caps] - fold[0], [captions[c] for c in caps], args.mode, True, weight)
+                evaluate_model(
+                    model, sub_images, sub_text, owners[caps] - fold[0], [captions[c] for c in caps], args.mode, True, weight, hub
+                )
             )
         results = _mean_reports(fold_reports)
     else:
-        results = evaluate_model(model, image_feats, text_feats, owners, captions, args.mode, progress=True, blend_weight=weight)
+        results = evaluate_model(model, image_feats, text_feats, owners, captions, args.mode, progress=True, blend_weight=weight, hub=hub)
 
     report = {
         "command": "python -m teran.evaluate " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -197,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         else "checkpoint"
         if weight is not None
         else "best on this split",
+        "hub_penalty": None if hub is None else hub.describe(),
         "model_config": payload["model_config"],
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
         "seconds": round(time.monotonic() - started, 1),
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
-    for name in [n for n in ("alignment", "global", "blend") if n in results]:
+    for name in [n for n in ("alignment", "global", "blend", "served") if n in results]:
         r = results[name]
         print(
             f"{name:9s} i2t R@1 {r['i2t']['r1']:.1f} R@5 {r['i2t']['r5']:.1f} R@10 {r['i2t']['r10']:.1f} | "

@@ -18,6 +18,9 @@ the tokenizer, an optional Triton model repository under `triton/`, and `manifes
     blend_weight                 the served ranking: global cosine + w x MrSw
                                  (teran.alignment.blend_scores), w selected on dev in training;
                                  absent: rank by the alignment_mode score alone
+    hub_penalty                  the served ranking's hub penalty (teran.hubness): k, weight and
+                                 the two reference files (fp16 .npy global vectors of training
+                                 photos and captions); absent: no penalty
     graphs                       per graph: fp32 / fp16 file, inputs / outputs (name, dtype,
                                  shape with symbolic dims as strings), ORT optimisation level
     files                        sha256 + size of every file in the directory
@@ -132,6 +135,7 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
     extra: dict[str, Any] = field(default_factory=dict)
     blend_weight: float | None = None
+    hub_penalty: dict[str, Any] | None = None  # {"k", "weight", "image_reference", "caption_reference"}
 
     def graph(self, name: str) -> GraphEntry:
         if name not in self.graphs:
@@ -162,6 +166,7 @@ class Manifest:
             "alignment_mode": self.alignment_mode,
             "concept_mode": self.concept_mode,
             "blend_weight": self.blend_weight,
+            "hub_penalty": self.hub_penalty,
             "graphs": {name: entry.to_dict() for name, entry in self.graphs.items()},
             "files": {name: asdict(entry) for name, entry in sorted(self.files.items())},
             "extra": self.extra,
@@ -206,6 +211,13 @@ class Manifest:
         need(data["concept_mode"] in CONCEPT_MODES, f"concept_mode ({data['concept_mode']!r} not in {CONCEPT_MODES})")
         blend = data.get("blend_weight")
         need(blend is None or (isinstance(blend, int | float) and 0.0 <= blend < float("inf")), "blend_weight (null or a number >= 0)")
+        hub = data.get("hub_penalty")
+        if hub is not None:
+            need(isinstance(hub, dict), "hub_penalty (null or an object)")
+            need(isinstance(hub.get("k"), int) and hub["k"] >= 1, "hub_penalty.k (integer >= 1)")
+            need(isinstance(hub.get("weight"), int | float) and 0.0 <= hub["weight"] < float("inf"), "hub_penalty.weight (number >= 0)")
+            for key in ("image_reference", "caption_reference"):
+                need(isinstance(hub.get(key), str) and hub[key], f"hub_penalty.{key} (file name)")
         need(isinstance(data["tokenizer_file"], str), "tokenizer_file (string)")
         need(isinstance(data["preprocessing"], dict), "preprocessing (object)")
         graphs = {}
@@ -228,6 +240,7 @@ class Manifest:
             need(isinstance(entry.get("size"), int) and entry["size"] >= 0, f"files.{name}.size")
             files[name] = FileEntry(entry["sha256"], entry["size"])
         referenced = [data["tokenizer_file"]] + [f for g in graphs.values() for f in (g.fp32, g.fp16) if f]
+        referenced += [hub[key] for key in ("image_reference", "caption_reference")] if hub else []
         for name in referenced:
             need(name in files, f"files (no checksum recorded for {name!r})")
         return cls(
@@ -245,6 +258,7 @@ class Manifest:
             created=str(data.get("created", "")),
             extra=data.get("extra") or {},
             blend_weight=None if blend is None else float(blend),
+            hub_penalty=dict(hub) if hub else None,
         )
 
 

@@ -26,13 +26,15 @@ from torch import nn
 from tqdm import tqdm
 
 from teran.backbones import TunedImageStage, pretrained_top_text_layers, tokenizer_file
-from teran.checkpoint import load_model, save_checkpoint
+from teran.checkpoint import load_model, payload_extras, save_checkpoint
 from teran.config import TrainConfig, load_train_config, to_dict
 from teran.data.flickr8k import load_split
 from teran.errors import TeranInputError
 from teran.evaluate import evaluate_model
 from teran.features import ImageFeatures, TextFeatures, image_features, text_features
 from teran.grounding import build_phrase_set, dev_phrase_captions, model_pointing, training_phrase_set
+from teran.hubness import CHECKPOINT_KEY as HUB_KEY
+from teran.hubness import build_reference
 from teran.losses import PhraseBatch, TeranLoss
 from teran.model import TeranModel
 from teran.tokenization import CaptionTokenizer
@@ -242,6 +244,12 @@ def train(
             loss_state=loss_fn.state_dict(),
             torch_rng=torch.get_rng_state(),
         )
+    if best_rsum >= 0 and cfg.loss.alignment_mode == "MrSw":
+        # The served ranking's hub penalty (teran.hubness) needs the best model's reference sample.
+        best_model, payload = load_model(best_path)
+        keep = payload_extras(payload)
+        keep[HUB_KEY] = build_reference(best_model, train_images, train_text, train_owners).to_checkpoint()
+        save_checkpoint(best_path, best_model, **keep)
     summary = {
         "command": command,
         "epochs": cfg.epochs,

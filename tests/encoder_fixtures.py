@@ -201,8 +201,10 @@ def build_synthetic_model_dir(
     grid: int = 7,
     name: str = "synthetic",
     blend_weight: float | None = None,
+    hub_reference=None,
 ) -> Path:
-    """A complete model directory (manifest with checksums, tokenizer, fp32 + fp16 graphs, triton/)."""
+    """A complete model directory (manifest with checksums, tokenizer, fp32 + fp16 graphs, triton/);
+    `hub_reference`: a teran.hubness.HubReference written as the manifest's hub penalty."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     out = Path(out)
@@ -249,6 +251,7 @@ def build_synthetic_model_dir(
         graphs=entries,
         extra={"synthetic": True},
         blend_weight=blend_weight,
+        hub_penalty=None if hub_reference is None else hub_reference.save(out),
     )
     try:
         from export import triton as triton_repo

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from bench_modules import load_bench
 
-from search_service.ranking import rerank_scores
+from search_service.ranking import Ranking, rerank_scores
+from teran.hubness import HubReference
+from teran.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -50,28 +52,45 @@ def fp16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-@pytest.mark.parametrize("weight", [None, 0.3, 1.0])
-def test_reference_is_the_service_rerank_score_in_both_directions(bench, weight):
+def reference_of(data: dict, weight: float | None, k: int = 3) -> HubReference:
+    """A hub reference for `data`: random unit vectors of its dimension, the given weight."""
+    rng = np.random.default_rng(9)
+    dim = data["image_global"].shape[1]
+    return HubReference(unit(rng.normal(size=(7, dim))), unit(rng.normal(size=(11, dim))), k=k, weight=weight)
+
+
+@pytest.mark.parametrize(("weight", "hub_weight"), [(None, None), (0.3, None), (1.0, None), (0.3, 0.5)])
+def test_reference_is_the_service_rerank_score_in_both_directions(bench, weight, hub_weight):
     data = synthetic()
-    scores, cosines = bench.reference_scores(data, weight, chunk=5)
+    hub = reference_of(data, hub_weight) if hub_weight is not None else None
+    ranking = Ranking(weight, hub)
+    scores, cosines = bench.reference_scores(data, ranking, chunk=5)
     lengths = data["caption_lengths"]
     images = data["image_concepts"].astype(np.float16)
+    zeros = (np.zeros(len(images), np.float32), np.zeros(len(lengths), np.float32))
+    image_hub, caption_hub = (
+        zeros if hub is None else (hub.statistic(data["image_global"], True), hub.statistic(data["caption_global"], False))
+    )
+    w = 0.0 if hub is None else hub.weight
     np.testing.assert_allclose(cosines, data["image_global"] @ data["caption_global"].T, rtol=1e-6, atol=1e-6)
-    for q in range(len(lengths)):  # caption query: its words against every image's regions
+    for q in range(len(lengths)):  # caption query: its words against every image's regions (its own penalty: a constant)
         words = fp16(data["caption_concepts"][q, : lengths[q]])
-        served = rerank_scores(words, True, images, np.full(len(images), images.shape[1]), cosines[:, q], weight)
-        np.testing.assert_allclose(scores[:, q], served, rtol=1e-5, atol=1e-5)
+        served = rerank_scores(words, True, images, np.full(len(images), images.shape[1]), cosines[:, q], ranking, image_hub)
+        np.testing.assert_allclose(scores[:, q], served - w * caption_hub[q], rtol=1e-5, atol=1e-5)
     block = data["caption_concepts"].astype(np.float16)
     for i in range(len(images)):  # image query: every caption's words against its regions
-        served = rerank_scores(fp16(data["image_concepts"][i]), False, block, lengths, cosines[i], weight)
-        np.testing.assert_allclose(scores[i], served, rtol=1e-5, atol=1e-5)
+        served = rerank_scores(fp16(data["image_concepts"][i]), False, block, lengths, cosines[i], ranking, caption_hub)
+        np.testing.assert_allclose(scores[i], served - w * image_hub[i], rtol=1e-5, atol=1e-5)
 
 
 def test_resolve_ranking(bench):
-    assert bench.resolve_ranking("model", 0.3) == (0.3, "blend:0.3", "blend w=0.3")
-    assert bench.resolve_ranking("model", None) == (None, "mrsw", "MrSw")
-    assert bench.resolve_ranking("mrsw", 0.3) == (None, "mrsw", "MrSw")
-    assert bench.resolve_ranking("blend:0.08", None) == (0.08, "blend:0.08", "blend w=0.08")
+    hub = reference_of(synthetic(), 0.5)
+    assert bench.resolve_ranking("model", 0.3) == (Ranking(0.3), "blend:0.3")
+    assert bench.resolve_ranking("model", 0.3, hub) == (Ranking(0.3, hub), "model")  # the service needs the encoder's reference
+    assert bench.resolve_ranking("model", None) == (Ranking(), "mrsw")
+    assert bench.resolve_ranking("mrsw", 0.3, hub) == (Ranking(), "mrsw")
+    assert bench.resolve_ranking("blend:0.08", None, hub) == (Ranking(0.08), "blend:0.08")
+    assert Ranking(0.3, hub).label == "blend w=0.3, hub 0.5" and Ranking().label == "MrSw"
     for bad in ("blend:-1", "blend:x", "cosine"):
         with pytest.raises(ValueError, match="--ranking"):
             bench.resolve_ranking(bad, 0.3)
@@ -110,7 +129,24 @@ def test_agreement_part_end_to_end(bench, tmp_path):
     assert t2i["strategies"]["dense"]["per_multiplier"]["6"]["agreement_at_10"] == 1.0
 
 
+def test_agreement_with_the_hub_penalty_takes_it_from_an_encoder(bench, tmp_path):
+    """--ranking model with a hub penalty: the bench starts an encoder on the model directory, the service
+    stores each item's statistic from the encoder's reference, and its re-rank equals the exhaustive one."""
+    from encoder_fixtures import build_synthetic_model_dir
+
+    data = synthetic()
+    hub = reference_of(data, 0.5)
+    data["model_dir"] = build_synthetic_model_dir(tmp_path / "model", joint_dim=16, name="bench-test", blend_weight=0.3, hub_reference=hub)
+    stored = HubReference.load(data["model_dir"], load_manifest(data["model_dir"]).hub_penalty)  # fp16, as the encoder sends it
+    ranking = bench.resolve_ranking("model", data["blend_weight"], stored)
+    t2i, i2t = bench.agreement(data, [6], 20, tmp_path, [], ranking)
+    for result in (t2i, i2t):
+        assert result["ranking"] == "blend w=0.3, hub 0.5" and result["hub_penalty"].startswith("hub penalty 0.5")
+        full = result["per_multiplier"]["6"]
+        assert full["agreement_at_10"] == 1.0 and full["recall_reranked"] == result["recall_exhaustive"]
+
+
 def test_agreement_refuses_a_service_ranking_other_than_the_reference(bench, tmp_path):
     data = synthetic(n_images=4, per_image=2)
     with pytest.raises(RuntimeError, match="ranked by 'MrSw'"):
-        bench.agreement(data, [1], 2, tmp_path, [], (0.3, "mrsw", "blend w=0.3"))
+        bench.agreement(data, [1], 2, tmp_path, [], (Ranking(0.3), "mrsw"))

@@ -82,6 +82,9 @@ def test_fit_label_and_describe_ranking():
     long = fit_label(", ".join(["frisbee"] * 20), 320)
     assert long.endswith("…") and text_width(long) + 10 <= 320
     assert "score = global-vector cosine + 0.08 &times; TERAN alignment" in describe_ranking("blend w=0.08")
+    assert "hub" not in describe_ranking("blend w=0.08")
+    assert "&minus; 0.5 &times; the hit's hub statistic" in describe_ranking("blend w=0.08, hub 0.5")
+    assert describe_ranking("blend w=0.08, hub x") == "score: blend w=0.08, hub x"
     assert "MrSw" in describe_ranking("MrSw") and "not re-ranked" in describe_ranking("first stage")
     assert "mystery" in describe_ranking("mystery")
 

@@ -24,6 +24,7 @@ from export.sources import load_source
 from teran.checkpoint import save_checkpoint
 from teran.config import ModelConfig
 from teran.errors import CheckpointError, TeranInputError
+from teran.hubness import HubReference
 from teran.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from teran.model import TeranModel, TextEncoder
 from teran.preprocess import grid_boxes
@@ -79,7 +80,10 @@ def tiny_bert() -> BertModel:
 def make_checkpoint(path: Path, seed: int) -> TeranModel:
     torch.manual_seed(seed)
     model = TeranModel(TINY).eval()
-    save_checkpoint(path, model, train_config={"loss": {"alignment_mode": "MrSw"}})
+    rng = np.random.default_rng(seed)
+    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.standard_normal((n, TINY.joint_dim)))  # noqa: E731
+    hub = HubReference(unit(4).astype(np.float32), unit(9).astype(np.float32), k=2, weight=0.5)
+    save_checkpoint(path, model, train_config={"loss": {"alignment_mode": "MrSw"}}, blend_weight=0.1, hub_reference=hub.to_checkpoint())
     return model
 
 
@@ -182,6 +186,10 @@ def test_manifest_describes_the_directory(exported):
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST_FILE}
     assert set(loaded.files) == on_disk
     assert "tokenizer.json" in loaded.files
+    # the served ranking: the blend weight and the hub penalty's reference, from the checkpoint
+    assert loaded.blend_weight == pytest.approx(0.1) and (loaded.hub_penalty["k"], loaded.hub_penalty["weight"]) == (2, 0.5)
+    reference = HubReference.load(out, loaded.hub_penalty)
+    assert reference.images.shape == (4, TINY.joint_dim) and reference.captions.shape == (9, TINY.joint_dim)
     assert loaded.extra["export_checks"]["text_encoder"]["fp32_max_abs_diff"] <= 1e-4
     assert not list(out.parent.glob(".tiny.*"))  # no temporary folders left beside it
 

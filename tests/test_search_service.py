@@ -29,6 +29,7 @@ from encoder_service.tensors import decode
 from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.server import ServerThread
 from teran.alignment_numpy import alignment_scores
+from teran.hubness import HubReference
 from teran.words import content_words
 
 DIM = 16
@@ -294,6 +295,46 @@ def test_model_ranking_is_the_encoder_models_blend(milvus_uri, tmp_path):
             assert explicit.search(caption="a dog", top_k=2).ranking == "MrSw"
         finally:
             explicit.close(drop=False)
+            search.close()
+
+
+def test_model_ranking_subtracts_the_encoder_models_hub_penalty(milvus_uri, tmp_path):
+    """With a hub penalty in the manifest, the service fetches the reference from the encoder, stores each
+    item's hub statistic when indexing (raw and vector items) and ranks by blend - weight x statistic."""
+    rng = np.random.default_rng(5)
+    hub = HubReference(random_unit(rng, 40, DIM), random_unit(rng, 60, DIM), k=3, weight=0.5)
+    model_dir = build_synthetic_model_dir(tmp_path / "model", joint_dim=DIM, name="hubbed", blend_weight=0.3, hub_reference=hub)
+    with EncoderThread(make_config(model_dir)) as encoder, EncoderClient(encoder.target, timeout=30) as client:
+        assert client.model_info().hub_penalty_weight == pytest.approx(0.5)
+        served, fetched = client.hub_reference()
+        assert (served.name, fetched.k, fetched.weight) == ("hubbed", 3, 0.5)
+        np.testing.assert_allclose(fetched.captions, hub.captions, atol=1e-3)  # sent as fp16
+        search = Search(milvus_uri, encoder.target)
+        try:
+            images = [search_pb2.IndexItem(id=f"img{i}", image=image_bytes(seed=i)) for i in range(5)]
+            assert search.index(images).indexed == 5
+            caption = "a dog runs on the beach"
+            query = client.encode_captions([caption])[0]
+            ids = [f"img{i}" for i in range(5)]
+            stored = stored_vectors(search, search_pb2.IMAGE, ids)
+            globals_ = np.stack([stored[i][0] for i in ids])
+            blend = globals_ @ query.global_vector + 0.3 * np.array([mrsw(stored[i][1], query.concepts) for i in ids])
+            expected = blend - 0.5 * fetched.statistic(globals_, items_are_images=True)
+            response = search.search(caption=caption, top_k=5, rerank_multiplier=1)
+            assert response.ranking == "blend w=0.3, hub 0.5"
+            assert [h.id for h in response.hits] == [ids[i] for i in np.argsort(-expected, kind="stable")]
+            np.testing.assert_allclose([h.score for h in response.hits], np.sort(expected)[::-1], atol=1e-4)
+            # caption items sent as vectors get their statistic against the reference photos
+            cap = client.encode_captions(["two cats sleep on a red sofa"])[0]
+            vectors = vectors_message("captions", cap.global_vector, cap.concepts, word_pieces=cap.word_pieces, model=("hubbed", 1, DIM))
+            item = search_pb2.IndexItem(id="cap0", vectors=vectors)
+            assert search.index([item]).indexed == 1
+            photo = client.encode_images([image_bytes(seed=1)])[0]
+            hit = search.search(image=image_bytes(seed=1), top_k=1).hits[0]
+            want = cap.global_vector @ photo.global_vector + 0.3 * mrsw(photo.concepts, cap.concepts)
+            want -= 0.5 * float(fetched.statistic(cap.global_vector[None], items_are_images=False)[0])
+            assert hit.id == "cap0" and hit.score == pytest.approx(want, abs=1e-3)
+        finally:
             search.close()
 
 

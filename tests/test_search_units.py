@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from search_service.checks import INT64_MAX, INT64_MIN, check_unit_rows, parse_metadata
 from search_service.config import ConfigError, SearchConfig, build_parser, from_args
-from search_service.ranking import explain, mrsw_block, mrsw_scores, pad, ranking_label, rerank_scores, stack_concepts
+from search_service.ranking import Ranking, explain, mrsw_block, mrsw_scores, pad, rerank_scores, stack_concepts
 from search_service.store import (
     CHUNK_CHARS,
     BadFilter,
@@ -29,6 +29,7 @@ from search_service.store import (
     encode_concepts,
 )
 from teran.alignment_numpy import alignment_scores
+from teran.hubness import HubReference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,17 +226,22 @@ def test_explain_shows_whole_content_words_at_their_best_region():
     assert explain(regions, None, words, [])[0].box == []  # no boxes; labels default to "#i"
 
 
-def test_rerank_scores_add_the_weighted_alignment_to_the_global_cosine():
+def test_rerank_scores_add_the_weighted_alignment_to_the_global_cosine_less_the_hub_penalty():
     rng = np.random.default_rng(2)
     query, candidates = unit(rng, 4, 8), [unit(rng, n, 8) for n in (3, 5, 2)]
     block, counts = stack_concepts(candidates, 8)
     cosines = np.array([0.3, -0.1, 0.5], np.float32)
+    hubs = np.array([0.6, 0.2, 0.4], np.float32)
+    hub = HubReference(unit(rng, 3, 8), unit(rng, 3, 8), k=2, weight=0.5)
     for query_is_caption in (True, False):
         mrsw = mrsw_scores(query, query_is_caption, candidates)
-        np.testing.assert_allclose(rerank_scores(query, query_is_caption, block, counts, cosines, None), mrsw, rtol=1e-3)
-        blended = rerank_scores(query, query_is_caption, block, counts, cosines, 0.25)
+        np.testing.assert_allclose(rerank_scores(query, query_is_caption, block, counts, cosines, Ranking(), hubs), mrsw, rtol=1e-3)
+        blended = rerank_scores(query, query_is_caption, block, counts, cosines, Ranking(0.25), hubs)
         np.testing.assert_allclose(blended, cosines + 0.25 * mrsw, rtol=1e-3, atol=1e-6)
-    assert (ranking_label(None), ranking_label(0.08), ranking_label(0.5)) == ("MrSw", "blend w=0.08", "blend w=0.5")
+        served = rerank_scores(query, query_is_caption, block, counts, cosines, Ranking(0.25, hub), hubs)
+        np.testing.assert_allclose(served, cosines + 0.25 * mrsw - 0.5 * hubs, rtol=1e-3, atol=1e-6)
+    labels = (Ranking().label, Ranking(0.08).label, Ranking(0.08, hub).label)
+    assert labels == ("MrSw", "blend w=0.08", "blend w=0.08, hub 0.5")
 
 
 def test_generated_search_code_is_up_to_date(tmp_path):

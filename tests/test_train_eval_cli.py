@@ -9,6 +9,7 @@ from PIL import Image
 
 from teran import evaluate, train
 from teran.checkpoint import read_checkpoint
+from teran.hubness import HubReference
 
 WORDS = ["dog", "cat", "beach", "snow", "bike", "tree", "car", "boat"]
 
@@ -64,6 +65,10 @@ def test_train_resume_and_evaluate(data_dir, config, tmp_path, capsys):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 12 and [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    # The best checkpoint carries the hub penalty's reference: the 8 training photos and their 40 captions.
+    hub = HubReference.from_checkpoint(read_checkpoint(out / "best.pt"))
+    assert (hub.images.shape, hub.captions.shape, hub.k, hub.weight) == ((8, 8), (40, 8), 10, 0.5)
+    np.testing.assert_allclose(np.linalg.norm(hub.captions.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
     # Resuming with other model settings is refused before any work, naming what differs.
     changed = tmp_path / "changed.yaml"
@@ -87,6 +92,9 @@ def test_train_resume_and_evaluate(data_dir, config, tmp_path, capsys):
             assert 0 < values["ndcg_rougeL"] <= 1
         assert report[score]["t2i"]["r5"] == 100.0  # only 4 images to rank
         assert report[score]["rsum"] == pytest.approx(sum(report[score][d][k] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")))
+    # The served ranking: the blend less the hub penalty of the checkpoint's reference.
+    assert report["hub_penalty"].startswith("hub penalty 0.5 x mean of the 10 best cosines (8 photos, 40 captions)")
+    assert set(report) >= {"blend", "served"} and report["served"]["t2i"]["r5"] == 100.0
 
 
 def test_missing_image_is_a_clear_cli_error(data_dir, config, tmp_path, capsys):

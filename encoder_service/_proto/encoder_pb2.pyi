@@ -104,7 +104,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "backend", "backend_detail", "precision", "alignment_mode", "concept_mode", "checkpoint_kind", "checkpoint_sha256", "region_dim", "accepts_encoded_images", "max_items", "max_tokens", "max_caption_chars", "max_regions", "max_image_bytes", "max_image_pixels", "max_image_side", "max_message_bytes", "max_batch", "image_size", "region_count", "blend_weight")
+    __slots__ = ("model", "backend", "backend_detail", "precision", "alignment_mode", "concept_mode", "checkpoint_kind", "checkpoint_sha256", "region_dim", "accepts_encoded_images", "max_items", "max_tokens", "max_caption_chars", "max_regions", "max_image_bytes", "max_image_pixels", "max_image_side", "max_message_bytes", "max_batch", "image_size", "region_count", "blend_weight", "hub_penalty_weight")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     BACKEND_DETAIL_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class ModelInfo(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     REGION_COUNT_FIELD_NUMBER: _ClassVar[int]
     BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HUB_PENALTY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     backend: str
     backend_detail: str
@@ -149,4 +150,23 @@ class ModelInfo(_message.Message):
     image_size: int
     region_count: int
     blend_weight: float
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., backend_detail: _Optional[str] = ..., precision: _Optional[str] = ..., alignment_mode: _Optional[str] = ..., concept_mode: _Optional[str] = ..., checkpoint_kind: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., region_dim: _Optional[int] = ..., accepts_encoded_images: _Optional[bool] = ..., max_items: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_caption_chars: _Optional[int] = ..., max_regions: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., image_size: _Optional[int] = ..., region_count: _Optional[int] = ..., blend_weight: _Optional[float] = ...) -> None: ...
+    hub_penalty_weight: float
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., backend_detail: _Optional[str] = ..., precision: _Optional[str] = ..., alignment_mode: _Optional[str] = ..., concept_mode: _Optional[str] = ..., checkpoint_kind: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., region_dim: _Optional[int] = ..., accepts_encoded_images: _Optional[bool] = ..., max_items: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_caption_chars: _Optional[int] = ..., max_regions: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., image_size: _Optional[int] = ..., region_count: _Optional[int] = ..., blend_weight: _Optional[float] = ..., hub_penalty_weight: _Optional[float] = ...) -> None: ...
+
+class GetHubReferenceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HubReference(_message.Message):
+    __slots__ = ("model", "k", "weight", "image_reference", "caption_reference")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    k: int
+    weight: float
+    image_reference: _common_pb2.Tensor
+    caption_reference: _common_pb2.Tensor
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., k: _Optional[int] = ..., weight: _Optional[float] = ..., image_reference: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., caption_reference: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...

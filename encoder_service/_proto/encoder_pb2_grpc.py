@@ -59,6 +59,11 @@ class EncoderServiceStub:
                 request_serializer=teran_dot_v1_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=teran_dot_v1_dot_encoder__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetHubReference = channel.unary_unary(
+                '/teran.v1.EncoderService/GetHubReference',
+                request_serializer=teran_dot_v1_dot_encoder__pb2.GetHubReferenceRequest.SerializeToString,
+                response_deserializer=teran_dot_v1_dot_encoder__pb2.HubReference.FromString,
+                _registered_method=True)
 
 
 class EncoderServiceServicer:
@@ -100,6 +105,14 @@ class EncoderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHubReference(self, request, context):
+        """The reference sample of the model's hub penalty (FAILED_PRECONDITION when the model has none:
+        ModelInfo.hub_penalty_weight is unset then).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EncoderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_EncoderServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=teran_dot_v1_dot_encoder__pb2.GetModelInfoRequest.FromString,
                     response_serializer=teran_dot_v1_dot_encoder__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetHubReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHubReference,
+                    request_deserializer=teran_dot_v1_dot_encoder__pb2.GetHubReferenceRequest.FromString,
+                    response_serializer=teran_dot_v1_dot_encoder__pb2.HubReference.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class EncoderService:
             '/teran.v1.EncoderService/GetModelInfo',
             teran_dot_v1_dot_encoder__pb2.GetModelInfoRequest.SerializeToString,
             teran_dot_v1_dot_encoder__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHubReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/teran.v1.EncoderService/GetHubReference',
+            teran_dot_v1_dot_encoder__pb2.GetHubReferenceRequest.SerializeToString,
+            teran_dot_v1_dot_encoder__pb2.HubReference.FromString,
             options,
             channel_credentials,
             insecure,
