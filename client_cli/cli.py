@@ -40,6 +40,15 @@ def _common(*, encoder: bool, search: bool) -> argparse.ArgumentParser:
             help="search service address (env TERAN_SEARCH_ADDRESS, default %(default)s)",
         )
     common.add_argument("--token", default=os.environ.get("TERAN_TOKEN") or None, help="bearer token (env TERAN_TOKEN)")
+    common.add_argument(
+        "--tls", action="store_true", default=os.environ.get("TERAN_TLS", "") in ("1", "true"), help="connect over TLS (env TERAN_TLS=1)"
+    )
+    common.add_argument(
+        "--root-cert",
+        type=Path,
+        default=os.environ.get("TERAN_ROOT_CERT") or None,
+        help="PEM CA bundle of the service (implies --tls; env TERAN_ROOT_CERT)",
+    )
     common.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default %(default)s)")
     common.add_argument("--json", action="store_true", help="print one JSON document instead of human-readable text")
     return common
@@ -140,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _search_client(args):
     from search_service.client import SearchClient
 
-    return SearchClient(args.search, token=args.token, timeout=args.timeout)
+    return SearchClient(args.search, token=args.token, timeout=args.timeout, tls=args.tls, root_cert=args.root_cert)
 
 
 def _encoder_client(args):
     from encoder_service.client import EncoderClient
 
-    return EncoderClient(args.encoder, token=args.token, timeout=args.timeout)
+    return EncoderClient(args.encoder, token=args.token, timeout=args.timeout, tls=args.tls, root_cert=args.root_cert)
 
 
 def _read(path: Path) -> bytes:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from encoder_service._proto import encoder_pb2, encoder_pb2_grpc
 from encoder_service.tensors import FLOAT16, FLOAT32, decode, dtype_code, fill_tensor
+from serving.grpc_server import channel_credentials
 from teran.hubness import HubReference
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -196,18 +197,6 @@ def _error(exc: grpc.RpcError) -> EncoderError:
     return EncoderError(code, details or "")
 
 
-def _credentials(tls: bool, root_cert: bytes | str | Path | None, client_cert=None, client_key=None):
-    if not tls and root_cert is None:
-        return None
-
-    def read(value):
-        if value is None or isinstance(value, bytes):
-            return value
-        return Path(value).read_bytes()
-
-    return grpc.ssl_channel_credentials(read(root_cert), read(client_key), read(client_cert))
-
-
 def _options(max_message_bytes: int, server_name: str | None) -> list[tuple[str, object]]:
     options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -239,7 +228,7 @@ class EncoderClient:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        credentials = _credentials(tls, root_cert, client_cert, client_key)
+        credentials = channel_credentials(tls, root_cert, client_cert, client_key)
         options = _options(max_message_bytes, server_name)
         self.channel = grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target, options)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)
@@ -340,7 +329,7 @@ class AsyncEncoderClient:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
-        credentials = _credentials(tls, root_cert, client_cert, client_key)
+        credentials = channel_credentials(tls, root_cert, client_cert, client_key)
         options = _options(max_message_bytes, server_name)
         self.channel = grpc.aio.secure_channel(target, credentials, options) if credentials else grpc.aio.insecure_channel(target, options)
         self.stub = encoder_pb2_grpc.EncoderServiceStub(self.channel)

@@ -33,7 +33,7 @@ class EncoderConfig:
     # network
     host: str = "0.0.0.0"
     port: int = 50051
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth; 0.0.0.0 to let Prometheus scrape it
     metrics_port: int = 9090
     max_message_bytes: int = 64 * MIB
     max_concurrent_rpcs: int = 1024
@@ -124,7 +124,11 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("verify_model", "bool", "check the sha256 of every model file against manifest.json at startup"),
     ("host", "str", "gRPC listen address"),
     ("port", "int", "gRPC port (0: any free port; the chosen one is logged)"),
-    ("metrics_host", "str", "Prometheus metrics HTTP listen address"),
+    (
+        "metrics_host",
+        "str",
+        "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
+    ),
     ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
     ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
     ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import grpc
 
 from search_service._proto import search_pb2, search_pb2_grpc
+from serving.grpc_server import channel_credentials
 
 IMAGE, CAPTION = search_pb2.IMAGE, search_pb2.CAPTION
 
@@ -31,9 +33,26 @@ class SearchError(RuntimeError):
 
 
 class SearchClient:
-    def __init__(self, target: str, *, token: str | None = None, timeout: float | None = 60.0, max_message_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 64 << 20,
+        tls: bool = False,
+        root_cert: bytes | str | Path | None = None,
+        client_cert: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
+    ):
+        """`tls` / `root_cert` (PEM CA bundle, implies TLS): connect over TLS; `client_cert` and
+        `client_key` for a service that requires mutual TLS."""
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options)
+        credentials = channel_credentials(tls, root_cert, client_cert, client_key)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options)
         self.stub = search_pb2_grpc.SearchServiceStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()

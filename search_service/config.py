@@ -59,15 +59,22 @@ class SearchConfig:
     encoder_address: str = ""
     encoder_token: str = ""
     encoder_timeout_s: float = 30.0
+    encoder_tls: bool = False
+    encoder_root_cert: Path | None = None
+    encoder_client_cert: Path | None = None
+    encoder_client_key: Path | None = None
     encoder_batch: int = 32
     # network
     host: str = "0.0.0.0"
     port: int = 50052
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth; 0.0.0.0 to let Prometheus scrape it
     metrics_port: int = 9091
     max_message_bytes: int = 64 * MIB
     max_concurrent_rpcs: int = 256
     auth_tokens: list[str] = field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
     # retrieval
     ranking: str = "model"
     rerank_multiplier: int = 10
@@ -133,6 +140,16 @@ class SearchConfig:
         need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
         for name in ("milvus_timeout_s", "encoder_timeout_s"):
             need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
+        need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key")
+        need(
+            (self.encoder_client_cert is None) == (self.encoder_client_key is None),
+            "encoder_client_cert",
+            "--encoder-client-cert and --encoder-client-key go together",
+        )
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "encoder_root_cert", "encoder_client_cert", "encoder_client_key"):
+            path = getattr(self, name)
+            need(path is None or Path(path).is_file(), name, f"{path}: file does not exist")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
         need(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
         need(all(t and not any(c.isspace() for c in t) for t in self.auth_tokens), "auth_token", "tokens must be non-empty without spaces")
@@ -183,16 +200,27 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("model_version", "int", "model version recorded in that case"),
     ("encoder_address", "str", "teran.v1.EncoderService host:port for raw images and captions (empty: vectors only)"),
     ("encoder_token", "str", "bearer token for the encoder; prefer the variable"),
+    ("encoder_tls", "bool", "connect to the encoder over TLS (system CA bundle unless --encoder-root-cert)"),
+    ("encoder_root_cert", "path", "PEM CA bundle that signed the encoder's certificate (implies TLS)"),
+    ("encoder_client_cert", "path", "PEM client certificate for an encoder that requires mutual TLS (with --encoder-client-key)"),
+    ("encoder_client_key", "path", "PEM private key of --encoder-client-cert"),
     ("encoder_timeout_s", "float", "LIMIT: seconds per encoder call"),
     ("encoder_batch", "int", "items per encoder request"),
     ("host", "str", "gRPC listen address"),
     ("port", "int", "gRPC port (0: any free port; the chosen one is logged)"),
-    ("metrics_host", "str", "Prometheus metrics HTTP listen address"),
+    (
+        "metrics_host",
+        "str",
+        "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
+    ),
     ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
     ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
     ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
     ("auth_token", "csv", "bearer token(s), comma separated: every RPC but grpc.health.v1 needs `authorization: Bearer TOKEN`"),
     ("auth_token_file", "path", "file holding the bearer token(s), one per line"),
+    ("tls_cert", "path", "PEM server certificate chain: serve TLS (with --tls-key)"),
+    ("tls_key", "path", "PEM private key of --tls-cert"),
+    ("tls_client_ca", "path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
     (
         "ranking",
         "str",

@@ -336,11 +336,13 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             )
         return self._server.encoder
 
-    @staticmethod
-    def _encoder_failure(exc: EncoderError, positions: list[str]) -> RpcFailure:
+    def _encoder_failure(self, exc: EncoderError, positions: list[str]) -> RpcFailure:
         details = _ENCODER_FIELD.sub(lambda m: positions[int(m.group(2))] if int(m.group(2)) < len(positions) else m.group(0), exc.details)
         if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
             return invalid(details)
+        if exc.code in ENCODER_AUTH_CODES:  # our configuration, not the client's request: retrying cannot help
+            self._server.encoder_refused(exc)
+            return RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, encoder_refusal(exc))
         if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return RpcFailure(exc.code, f"encoder overloaded: {details}")
         return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"encoder call failed ({exc.code.name}): {details}")
@@ -741,8 +743,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 # --------------------------------------------------------------------------- server
 
 
+ENCODER_AUTH_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+ENCODER_RECHECK_S = 5.0  # how often a service whose encoder refused its credentials asks again
+
+
+def encoder_refusal(exc: EncoderError) -> str:
+    return (
+        f"the encoder refused this search service's credentials ({exc.code.name}: {exc.details}): check --encoder-token "
+        "(TERAN_SEARCH_ENCODER_TOKEN) and the encoder's --auth-token; requests that need the encoder fail until it accepts them"
+    )
+
+
 class SearchServer:
-    """One search server (gRPC + metrics HTTP). Use `await start()`, `await stop()`."""
+    """One search server (gRPC + metrics HTTP). Use `await start()`, `await stop()`.
+
+    Readiness follows the encoder's credentials too: while the encoder refuses `--encoder-token`
+    (UNAUTHENTICATED / PERMISSION_DENIED), health is NOT_SERVING (a misconfigured replica leaves the
+    load balancer) and is checked again every ENCODER_RECHECK_S."""
 
     def __init__(self, config: SearchConfig):
         self.config = config
@@ -764,6 +781,49 @@ class SearchServer:
         self._cache_thread: threading.Thread | None = None
         self._cache_full_logged = False
         self.metrics.cache_limit.set(config.rerank_cache_mb * 2**20)
+        self._encoder_watch: asyncio.Task | None = None  # re-checks refused encoder credentials
+        self._encoder_probe: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ encoder credentials
+
+    def encoder_refused(self, exc: EncoderError) -> None:
+        """The encoder refused our credentials: NOT_SERVING until it accepts them (checked in the background)."""
+        if self.stopping or (self._encoder_watch is not None and not self._encoder_watch.done()):
+            return
+        log.error(
+            "encoder refused credentials", extra={"code": exc.code.name, "details": exc.details, "encoder": self.config.encoder_address}
+        )
+        self._encoder_watch = asyncio.get_running_loop().create_task(self._watch_encoder())
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _watch_encoder(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.ready.set(0)
+        while not self.stopping:
+            await asyncio.sleep(ENCODER_RECHECK_S)
+            if self.stopping or self.encoder is None:
+                return
+            try:
+                await self.encoder.model_info(timeout=self.config.encoder_timeout_s)
+            except EncoderError as exc:
+                if exc.code in ENCODER_AUTH_CODES:
+                    continue  # still refused
+            if not self.stopping:  # accepted (or failing for another reason, which readiness does not follow)
+                log.info("encoder accepts credentials again", extra={"encoder": self.config.encoder_address})
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                self.metrics.ready.set(1)
+            return
+
+    async def _probe_encoder(self) -> None:
+        """At start: find a refused token now rather than at the first request."""
+        try:
+            await self.encoder.model_info(timeout=self.config.encoder_timeout_s)
+        except EncoderError as exc:
+            if exc.code in ENCODER_AUTH_CODES:
+                self.encoder_refused(exc)
 
     # ------------------------------------------------------------------ re-rank cache
 
@@ -930,13 +990,22 @@ class SearchServer:
                 self._cache_thread = threading.Thread(target=self._cache_worker, name="rerank-cache", daemon=True)
                 self._cache_thread.start()
         if cfg.encoder_address:
-            self.encoder = AsyncEncoderClient(cfg.encoder_address, token=cfg.encoder_token or None, timeout=cfg.encoder_timeout_s)
+            self.encoder = AsyncEncoderClient(
+                cfg.encoder_address,
+                token=cfg.encoder_token or None,
+                timeout=cfg.encoder_timeout_s,
+                tls=cfg.encoder_tls,
+                root_cert=cfg.encoder_root_cert,
+                client_cert=cfg.encoder_client_cert,
+                client_key=cfg.encoder_client_key,
+            )
         self.metrics.info.info({"backend": store.backend, "server_version": store.server_version, "index_type": store.index_type})
         if not self.stopping:
             self.ready = True
-            for service in ("", SERVICE_NAME):
-                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self.metrics.ready.set(1)
+            if self.encoder is not None:
+                self._encoder_probe = asyncio.get_running_loop().create_task(self._probe_encoder())
             log.info(
                 "serving",
                 extra={
@@ -960,6 +1029,9 @@ class SearchServer:
         if self._server is not None:
             await self.inflight.drain_and_stop(self._server, grace, log)
         self.ready = False
+        for task in (self._encoder_watch, self._encoder_probe):
+            if task is not None:
+                task.cancel()
         if self.encoder is not None:
             await self.encoder.close()
         self._cache_stop.set()

@@ -41,6 +41,7 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -215,7 +216,7 @@ class MilvusStore:
         if self.requested_codebook is not None and BOC not in self.requested_surrogates:
             self.requested_surrogates.append(BOC)
         self.codebook: np.ndarray | None = None
-        self.client = None
+        self.client: Any = None  # pymilvus.MilvusClient once open()
         self.server_version = ""
         self.model: ModelInfo | None = None
         self.chunks = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -38,21 +39,30 @@ class TextFormatter(logging.Formatter):
 
 
 class ServiceLogging:
-    """The logger tree of one service, named `logger_name` (e.g. "encoder_service")."""
+    """The logger tree of one service, named `logger_name` (e.g. "encoder_service").
 
-    def __init__(self, logger_name: str):
+    `adopted`: loggers of libraries that install their own plain-text handlers (pymilvus does, at
+    import): setup_logging imports `import_first` and then gives those loggers the service's handler,
+    so their records come out in the service's format, one record per line."""
+
+    def __init__(self, logger_name: str, adopted: tuple[str, ...] = (), import_first: str = ""):
         self.logger_name = logger_name
+        self.adopted = adopted
+        self.import_first = import_first
 
     def setup_logging(self, level: str = "INFO", fmt: str = "json", stream=None) -> logging.Logger:
         """Configure the service logger (not the root logger, so embedding apps keep theirs)."""
-        logger = logging.getLogger(self.logger_name)
-        logger.setLevel(level.upper())
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
         handler = logging.StreamHandler(stream or sys.stderr)
         handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-        logger.addHandler(handler)
-        logger.propagate = False
+        logger = logging.getLogger(self.logger_name)
+        logger.setLevel(level.upper())
+        if self.import_first:
+            importlib.import_module(self.import_first)  # it configures its loggers when imported: before we do
+        for target in (logger, *(logging.getLogger(name) for name in self.adopted)):
+            for old in list(target.handlers):
+                target.removeHandler(old)
+            target.addHandler(handler)
+            target.propagate = False
         return logger
 
     def get_logger(self, name: str = "") -> logging.Logger:

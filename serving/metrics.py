@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -12,7 +14,7 @@ class MetricsServer:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._http = None
+        self._http: Any = None  # the prometheus_client HTTP server once serving
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; return the bound port."""

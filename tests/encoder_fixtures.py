@@ -273,7 +273,7 @@ def build_exported_model_dir(out: Path, image_tuned_blocks: int = 0) -> Path:
     EfficientNet-Lite0 below them is the image backbone; otherwise a tiny conv stands in for it.
     """
     import torch
-    from torch import nn
+    from torch_fixtures import TinyGridBackbone
     from transformers import BertConfig, BertModel
 
     from export.exporter import export_model_dir
@@ -281,17 +281,6 @@ def build_exported_model_dir(out: Path, image_tuned_blocks: int = 0) -> Path:
     from teran.checkpoint import save_checkpoint
     from teran.config import ModelConfig
     from teran.model import TeranModel
-
-    class TinyGridBackbone(nn.Module):
-        def __init__(self, size: int = 224, channels: int = 12):
-            super().__init__()
-            self.grid = size // 32
-            self.conv = nn.Conv2d(3, channels, kernel_size=32, stride=32)
-            self.register_buffer("boxes", torch.from_numpy(grid_boxes(self.grid)), persistent=False)
-
-        def forward(self, pixels):
-            regions = torch.relu(self.conv(pixels)).flatten(2).transpose(1, 2)
-            return regions, self.boxes.unsqueeze(0).expand(pixels.shape[0], -1, -1)
 
     out = Path(out)
     torch.manual_seed(0)
@@ -585,3 +574,10 @@ def ort_backend(model_dir: Path, precision: str = "fp32"):
     from teran.manifest import load_manifest
 
     return OnnxRuntimeBackend(load_manifest(model_dir, verify=False), Path(model_dir), precision=precision, intra_op_threads=1)
+
+
+def metrics_text(server) -> str:
+    """The /metrics page of a running service thread (metrics on loopback)."""
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()

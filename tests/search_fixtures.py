@@ -77,6 +77,9 @@ class MilvusStandalone:
         end = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < end:
+            code = self.server.server_proc.poll()
+            if code is not None:  # it died (e.g. a port taken meanwhile): say so now, not after the timeout
+                raise RuntimeError(f"Milvus standalone exited with code {code} while starting (logs under {self.base_dir})")
             try:
                 client = MilvusClient(uri=self.uri, timeout=10)
                 client.list_collections()

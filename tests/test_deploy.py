@@ -265,6 +265,8 @@ def test_env_names_exist_in_service_help(rendered, name):
         env = _env(objs, _get(objs, "Deployment", app))
         unknown = sorted(set(env) - names)
         assert not unknown, f"{app}: variables not read by the service: {unknown}"
+        prefix = "TERAN_ENCODER_" if app == "teran-encoder" else "TERAN_SEARCH_"
+        assert env[prefix + "METRICS_HOST"] == "0.0.0.0"  # the scraper reaches it (the services' default is loopback)
 
 
 def test_encoder_flags_in_args_exist():

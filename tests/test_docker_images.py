@@ -25,6 +25,8 @@ import pytest
 from encoder_fixtures import build_synthetic_model_dir
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+pytestmark = pytest.mark.slow  # installs each image's packages into fresh virtual environments
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 ENTRYPOINT = re.compile(r'^ENTRYPOINT \["python", "-m", "(\w+)"\]', re.M)
@@ -175,7 +177,6 @@ def test_build_context_holds_every_package_the_service_imports(dockerfile, tmp_p
     assert not list(src.rglob("__pycache__"))
 
 
-@pytest.mark.slow
 def test_images_install_without_torch_and_serve_health(tmp_path):
     """pip install ".[serve]" of the assembled context into a fresh venv, then both entrypoints answer health."""
     trees = [assemble(d, tmp_path / d.stem / "src") for d in DOCKERFILES]

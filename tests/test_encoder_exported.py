@@ -17,6 +17,8 @@ from encoder_service.client import EncoderClient, EncoderError, RegionFeatures
 from encoder_service.server import ServerThread
 from teran.manifest import ManifestError, load_manifest
 
+pytestmark = pytest.mark.slow  # exports and serves real backbones
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [
     "export/*.py",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -18,6 +17,7 @@ from encoder_fixtures import (
     build_synthetic_model_dir,
     image_bytes,
     make_config,
+    metrics_text,
     ort_backend,
     regions,
     self_signed_cert,
@@ -61,10 +61,6 @@ def stub(server):
     channel.close()
 
 
-def metrics_text(server) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-
-
 def assert_unit(vectors: np.ndarray) -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=-1), 1.0, atol=2e-3)
 
@@ -83,6 +79,18 @@ def test_captions_equal_the_onnx_graph_run_directly(client, reference):
         np.testing.assert_allclose(result.concepts, concepts, atol=ATOL)
         assert result.num_tokens == len(pieces) + 2 and result.token_positions == list(range(1, len(pieces) + 1))
         assert result.model.name == "synthetic" and result.model.version == 1 and result.model.dimension == 8
+
+
+@pytest.mark.gpu
+def test_cuda_provider_serves_what_the_cpu_graphs_compute(model_dir, reference):
+    """On a GPU machine: the service on the CUDA execution provider answers like the CPU graphs."""
+    config = make_config(model_dir, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with ServerThread(config) as running, EncoderClient(running.target, timeout=60) as gpu:
+        assert "CUDAExecutionProvider" in gpu.model_info().backend_detail
+        for caption, result in zip(CAPTIONS, gpu.encode_captions(CAPTIONS), strict=True):
+            glob, concepts, _ = reference.caption(caption)
+            np.testing.assert_allclose(result.global_vector, glob, atol=1e-3)
+            np.testing.assert_allclose(result.concepts, concepts, atol=1e-3)
 
 
 def test_images_encoded_and_precomputed_equal_the_onnx_graphs(client, reference):

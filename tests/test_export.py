@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf.json_format import MessageToDict
-from torch import nn
+from torch_fixtures import TinyGridBackbone
 from transformers import BertConfig, BertModel
 
 from export import exporter
@@ -27,7 +27,8 @@ from teran.errors import CheckpointError, TeranInputError
 from teran.hubness import HubReference
 from teran.manifest import MANIFEST_FILE, ManifestError, load_manifest
 from teran.model import TeranModel, TextEncoder
-from teran.preprocess import grid_boxes
+
+pytestmark = pytest.mark.slow  # torch.onnx.export of every graph
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(
@@ -49,19 +50,8 @@ TINY = ModelConfig(
 VOCAB = 120
 
 
-class TinyGridBackbone(nn.Module):
-    """Stand-in for GridImageBackbone: pixels [B, 3, 224, 224] -> 7 x 7 regions of TINY.region_dim."""
-
-    grid = 7
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, TINY.region_dim, kernel_size=32, stride=32)
-        self.register_buffer("boxes", torch.from_numpy(grid_boxes(self.grid)), persistent=False)
-
-    def forward(self, pixels):
-        regions = torch.relu(self.conv(pixels)).flatten(2).transpose(1, 2)
-        return regions, self.boxes.unsqueeze(0).expand(pixels.shape[0], -1, -1)
+def tiny_backbone() -> TinyGridBackbone:
+    return TinyGridBackbone(channels=TINY.region_dim)
 
 
 def tiny_bert() -> BertModel:
@@ -89,7 +79,7 @@ def make_checkpoint(path: Path, seed: int) -> TeranModel:
 
 def tiny_source(checkpoint: Path, **kwargs):
     torch.manual_seed(2)
-    return load_source(checkpoint, "project", text_backbone=tiny_bert(), image_backbone=TinyGridBackbone(), **kwargs)
+    return load_source(checkpoint, "project", text_backbone=tiny_bert(), image_backbone=tiny_backbone(), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +222,7 @@ def test_cli_refuses_a_different_model(exported, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         export.sources,
         "load_source",
-        lambda path, kind, **kw: real(path, kind, text_backbone=tiny_bert(), image_backbone=TinyGridBackbone(), **kw),
+        lambda path, kind, **kw: real(path, kind, text_backbone=tiny_bert(), image_backbone=tiny_backbone(), **kw),
     )
     args = ["--checkpoint", str(other), "--output", str(exported["out"]), "--name", "tiny", "--version", "3"]
     assert export_main(args) == 2

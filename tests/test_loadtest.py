@@ -28,6 +28,8 @@ from loadtest.runner import SCENARIO_NAMES, _verify_acked, run_isolated  # noqa:
 from search_service.client import SearchClient  # noqa: E402
 from search_service.server import ServerThread as SearchThread  # noqa: E402
 
+pytestmark = pytest.mark.slow  # locust runs against both services started in subprocesses
+
 RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED"}  # as loadtest.scenarios.RETRYABLE
 
 

@@ -10,6 +10,7 @@ from search_fixtures import MilvusStandalone
 pytest.importorskip("milvus")
 
 
+@pytest.mark.slow  # two Milvus standalone servers
 def test_two_standalone_servers_run_side_by_side(tmp_path):
     servers = [MilvusStandalone(tmp_path / "a")]
     try:
@@ -28,3 +29,14 @@ def test_two_standalone_servers_run_side_by_side(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_a_server_that_dies_while_starting_fails_at_once(tmp_path):
+    """A crashed binary is reported with its exit code, not after the whole start timeout."""
+    from types import SimpleNamespace
+
+    fixture = MilvusStandalone.__new__(MilvusStandalone)
+    fixture.server = SimpleNamespace(server_proc=SimpleNamespace(poll=lambda: 139))
+    fixture.uri, fixture.base_dir = "http://127.0.0.1:1", tmp_path
+    with pytest.raises(RuntimeError, match=r"exited with code 139 while starting \(logs under "):
+        fixture._wait_usable(timeout=3600)

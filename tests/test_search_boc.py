@@ -31,6 +31,8 @@ from search_service.sparse import check_codebook, codebook_digest, item_boc, kme
 from search_service.store import CodebookMismatch
 from teran.errors import TeranInputError
 
+pytestmark = pytest.mark.slow  # Bag-of-Concepts collections: codebooks, restarts, a Milvus server
+
 DIM = 16
 CLUSTERS = 8
 CODE = grpc.StatusCode

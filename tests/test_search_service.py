@@ -73,7 +73,7 @@ def standalone(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="module", params=["lite", "standalone"])
+@pytest.fixture(scope="module", params=["lite", pytest.param("standalone", marks=pytest.mark.slow)])
 def milvus_uri(request, tmp_path_factory):
     if request.param == "lite":
         return str(tmp_path_factory.mktemp("lite") / "search.db")
@@ -908,3 +908,85 @@ def test_rerank_cache_sees_writes_of_another_replica(make_search):
     assert result["images"]["dropped"] == 1 and result["images"]["rows"] == 10
     assert cached_concepts(b, "images", ["x4"])["x4"] is None
     assert_cache_matches_milvus(b, "images", [f"x{i}" for i in range(11)])
+
+
+# --------------------------------------------------------------------------- transport security
+
+
+def test_tls_on_the_search_port_and_mutual_tls_to_the_encoder(tmp_path):
+    """The search service serves TLS (--tls-cert/--tls-key) and reaches an encoder that requires client
+    certificates with --encoder-root-cert and --encoder-client-cert/--encoder-client-key."""
+    from encoder_fixtures import self_signed_cert
+
+    from search_service.client import SearchClient, SearchError
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "client").mkdir()
+    cert, key = self_signed_cert(tmp_path / "server")
+    client_cert, client_key = self_signed_cert(tmp_path / "client")
+    model_dir = build_synthetic_model_dir(tmp_path / "model", joint_dim=DIM)
+    encoder_config = make_config(model_dir, tls_cert=cert, tls_key=key, tls_client_ca=client_cert)
+    with EncoderThread(encoder_config, warmup=False) as encoder:
+        encoder_target = f"localhost:{encoder.port}"
+        tls = {"tls_cert": cert, "tls_key": key, "encoder_root_cert": cert}
+        config = search_config(
+            str(tmp_path / "tls.db"), encoder_target, **tls, encoder_client_cert=client_cert, encoder_client_key=client_key
+        )
+        with ServerThread(config) as search:
+            target = f"localhost:{search.port}"
+            with SearchClient(target, root_cert=cert, timeout=60) as client:
+                assert client.index_images({"img1": image_bytes(seed=1)}).indexed == 1  # encoded over mutual TLS
+                assert [h.id for h in client.search_caption("a dog", top_k=1).hits] == ["img1"]
+            with SearchClient(target, timeout=3) as plaintext, pytest.raises(SearchError) as info:
+                plaintext.stats()
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE  # no plaintext on a TLS port
+        # Without a client certificate the encoder refuses the handshake: the search service says so.
+        config = search_config(str(tmp_path / "no-client-cert.db"), encoder_target, **tls, encoder_timeout_s=5)
+        with ServerThread(config) as search, SearchClient(f"localhost:{search.port}", root_cert=cert, timeout=60) as client:
+            with pytest.raises(SearchError) as info:
+                client.index_images({"img1": image_bytes(seed=1)})
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and "encoder" in info.value.details
+            assert client.stats().images == 0  # nothing stored
+
+
+def test_a_refused_encoder_token_makes_the_service_not_ready_until_it_is_accepted(tmp_path, monkeypatch):
+    """A wrong --encoder-token is a configuration error: health NOT_SERVING (the replica leaves the load
+    balancer), requests that need the encoder get FAILED_PRECONDITION naming the flag (not a retryable
+    UNAVAILABLE), and health returns to SERVING once the encoder accepts the service's credentials."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from encoder_service.client import AsyncEncoderClient
+    from search_service import server as search_server
+
+    monkeypatch.setattr(search_server, "ENCODER_RECHECK_S", 0.2)
+    model_dir = build_synthetic_model_dir(tmp_path / "model", joint_dim=DIM)
+    with EncoderThread(make_config(model_dir, auth_tokens=["right"]), warmup=False) as encoder:
+        search = Search(str(tmp_path / "token.db"), encoder.target, encoder_token="wrong")
+        try:
+            health = health_pb2_grpc.HealthStub(search.channel)
+
+            def wait_for(status) -> None:
+                deadline = time.monotonic() + 30
+                while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != status and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == status
+
+            wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)  # found by the probe at start, before any request
+            with pytest.raises(grpc.RpcError) as info:
+                search.index([search_pb2.IndexItem(id="img1", image=image_bytes(seed=1))])
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--encoder-token" in info.value.details() and "UNAUTHENTICATED" in info.value.details()
+            assert search.stats().images == 0
+
+            async def fix_credentials():  # as a rotated secret would: the service now presents the right token
+                server = search.thread.server
+                old, server.encoder = server.encoder, AsyncEncoderClient(encoder.target, token="right", timeout=30)
+                await old.close()
+
+            asyncio.run_coroutine_threadsafe(fix_credentials(), search.thread.loop).result(10)
+            wait_for(health_pb2.HealthCheckResponse.SERVING)
+            assert search.index([search_pb2.IndexItem(id="img1", image=image_bytes(seed=1))]).indexed == 1
+        finally:
+            search.close()

@@ -59,6 +59,7 @@ def test_config_precedence_and_errors(tmp_path):
     config = from_args(["--port", "50099", "--search-params", '{"ef": 64}'], env)
     assert (config.max_top_k, config.port, config.milvus_uri, config.search_params) == (7, 50099, "http://milvus:19530", {"ef": 64})
     assert not config.is_lite and SearchConfig().is_lite
+    assert SearchConfig().metrics_host == "127.0.0.1"  # no auth on /metrics: loopback unless opened
     tokens = tmp_path / "tokens"
     tokens.write_text("a\nb\n")
     assert from_args(["--auth-token-file", str(tokens)], {}).auth_tokens == ["a", "b"]
@@ -74,6 +75,17 @@ def test_config_precedence_and_errors(tmp_path):
     for bad in ("blend:-0.1", "blend", "cosine", "blend:x", "blend:inf"):
         with pytest.raises(ConfigError, match=r"--ranking \(TERAN_SEARCH_RANKING\): .*give model, mrsw or blend:W with a number W >= 0"):
             from_args(["--ranking", bad], {})
+    pem = tmp_path / "x.pem"
+    pem.write_text("not checked here")
+    with pytest.raises(ConfigError, match="--tls-cert and --tls-key go together"):
+        from_args(["--tls-cert", str(pem)], {})
+    with pytest.raises(ConfigError, match="client certificates need --tls-cert"):
+        from_args(["--tls-client-ca", str(pem)], {})
+    with pytest.raises(ConfigError, match="--encoder-client-cert and --encoder-client-key go together"):
+        from_args(["--encoder-client-key", str(pem)], {})
+    with pytest.raises(ConfigError, match=r"--encoder-root-cert .*missing.pem: file does not exist"):
+        from_args(["--encoder-root-cert", str(tmp_path / "missing.pem")], {})
+    assert from_args([], {"TERAN_SEARCH_ENCODER_TLS": "true"}).encoder_tls
 
 
 def test_cli_bad_config_exit_code():

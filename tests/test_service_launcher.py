@@ -15,6 +15,8 @@ from demo import steps
 from demo.launcher import REPO, LocalService, ServiceStartError
 from encoder_service.client import EncoderClient, EncoderError
 
+pytestmark = pytest.mark.slow  # starts and restarts service processes
+
 ENCODER_HEALTH = "teran.v1.EncoderService"
 ONE_THREAD = ["--intra-op-threads", "1"]
 

@@ -74,6 +74,35 @@ def test_service_logging_json():
     assert entry["msg"] == "hello" and entry["k"] == 1 and entry["logger"] == "serving_test.child"
 
 
+def test_search_logging_takes_over_the_pymilvus_loggers():
+    """pymilvus configures plain-text handlers on import; the search service's logging routes its records
+    through the JSON handler: one JSON line per record, even for a multi-line message with a traceback."""
+    import logging
+
+    from search_service.logs import LOGGING
+
+    names = (LOGGING.logger_name, *LOGGING.adopted)
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names}
+    stream = io.StringIO()
+    LOGGING.setup_logging("info", "json", stream)
+    try:
+        try:
+            raise RuntimeError("<MilvusException: (code=101, message=collection not loaded)>")
+        except RuntimeError:
+            logging.getLogger("pymilvus.decorators").error("RPC error: [search]\nsecond line", exc_info=True)
+        logging.getLogger("pymilvus.milvus_client").warning("from the client")
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 2
+        first, second = (json.loads(line) for line in lines)
+        assert first["logger"] == "pymilvus.decorators" and first["msg"] == "RPC error: [search]\nsecond line"
+        assert "collection not loaded" in first["exc"] and second["logger"] == "pymilvus.milvus_client"
+    finally:  # as they were, for the tests that follow
+        for name, (handlers, propagate, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
+
+
 class _Server:
     def __init__(self, error: BaseException | None):
         self.error = error

@@ -11,6 +11,8 @@ from teran import evaluate, train
 from teran.checkpoint import read_checkpoint
 from teran.hubness import HubReference
 
+pytestmark = pytest.mark.slow  # trains and evaluates tiny models
+
 WORDS = ["dog", "cat", "beach", "snow", "bike", "tree", "car", "boat"]
 
 
