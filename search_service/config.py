@@ -52,6 +52,7 @@ class SearchConfig:
     boc_keep: int = 0
     boc_temperature: float = 0.05
     milvus_timeout_s: float = 30.0
+    milvus_health_interval_s: float = 2.0
     # model used to create the collections when neither the encoder nor the request names one
     model_name: str = "unspecified"
     model_version: int = 0
@@ -140,6 +141,7 @@ class SearchConfig:
         need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
         for name in ("milvus_timeout_s", "encoder_timeout_s"):
             need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        need(self.milvus_health_interval_s >= 0, "milvus_health_interval_s", f"must be >= 0 (0: off), got {self.milvus_health_interval_s}")
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
         need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key")
         need(
@@ -196,6 +198,11 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("boc_keep", "int", "Bag of Concepts: keep only the largest weights per item (0: all)"),
     ("boc_temperature", "float", "Bag of Concepts: softmax temperature of the soft assignment (on cosines)"),
     ("milvus_timeout_s", "float", "LIMIT: seconds per Milvus call"),
+    (
+        "milvus_health_interval_s",
+        "float",
+        "seconds between readiness checks of Milvus: NOT_SERVING while it does not answer, collections loaded again when it does (0: off)",
+    ),
     ("model_name", "str", "model name recorded when collections are created from vectors without a ModelRef and no encoder"),
     ("model_version", "int", "model version recorded in that case"),
     ("encoder_address", "str", "teran.v1.EncoderService host:port for raw images and captions (empty: vectors only)"),

@@ -783,6 +783,10 @@ class SearchServer:
         self.metrics.cache_limit.set(config.rerank_cache_mb * 2**20)
         self._encoder_watch: asyncio.Task | None = None  # re-checks refused encoder credentials
         self._encoder_probe: asyncio.Task | None = None
+        self._milvus_watch: asyncio.Task | None = None
+        self._watch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus-health")  # never queued behind requests
+        self._milvus_ok = True
+        self._encoder_ok = True
 
     # ------------------------------------------------------------------ encoder credentials
 
@@ -799,9 +803,36 @@ class SearchServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
+    async def _refresh_health(self) -> None:
+        """SERVING while Milvus answers and the encoder accepts our credentials (after start, before stop)."""
+        if self.stopping or not self.ready:
+            return
+        serving = self._milvus_ok and self._encoder_ok
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.ready.set(1 if serving else 0)
+
+    async def _watch_milvus(self) -> None:
+        """Readiness follows Milvus: NOT_SERVING while it does not answer; when it answers again the
+        collections are loaded again (a restarted Milvus releases them) before SERVING."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            await asyncio.sleep(self.config.milvus_health_interval_s)
+            try:
+                await loop.run_in_executor(self._watch_pool, self.store.ping)
+                if not self._milvus_ok:
+                    await loop.run_in_executor(self._watch_pool, self.store.reload)
+                    log.info("milvus answers again: collections loaded, health follows", extra={"uri": self.store.safe_uri})
+                    self._milvus_ok = True
+                    await self._refresh_health()
+            except StoreError as exc:
+                if self._milvus_ok:
+                    log.error("milvus does not answer: health NOT_SERVING until it does", extra={"error": str(exc)})
+                    self._milvus_ok = False
+                    await self._refresh_health()
+
     async def _watch_encoder(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.metrics.ready.set(0)
+        self._encoder_ok = False
+        await self._refresh_health()
         while not self.stopping:
             await asyncio.sleep(ENCODER_RECHECK_S)
             if self.stopping or self.encoder is None:
@@ -813,8 +844,8 @@ class SearchServer:
                     continue  # still refused
             if not self.stopping:  # accepted (or failing for another reason, which readiness does not follow)
                 log.info("encoder accepts credentials again", extra={"encoder": self.config.encoder_address})
-                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-                self.metrics.ready.set(1)
+                self._encoder_ok = True
+                await self._refresh_health()
             return
 
     async def _probe_encoder(self) -> None:
@@ -1006,6 +1037,8 @@ class SearchServer:
             self.metrics.ready.set(1)
             if self.encoder is not None:
                 self._encoder_probe = asyncio.get_running_loop().create_task(self._probe_encoder())
+            if self.config.milvus_health_interval_s > 0:
+                self._milvus_watch = asyncio.get_running_loop().create_task(self._watch_milvus())
             log.info(
                 "serving",
                 extra={
@@ -1029,9 +1062,10 @@ class SearchServer:
         if self._server is not None:
             await self.inflight.drain_and_stop(self._server, grace, log)
         self.ready = False
-        for task in (self._encoder_watch, self._encoder_probe):
+        for task in (self._encoder_watch, self._encoder_probe, self._milvus_watch):
             if task is not None:
                 task.cancel()
+        self._watch_pool.shutdown(wait=False)
         if self.encoder is not None:
             await self.encoder.close()
         self._cache_stop.set()

@@ -151,6 +151,11 @@ def concept_chunks(dimension: int, max_concepts: int) -> int:
     return max(1, math.ceil(4 * math.ceil(max_concepts * dimension * 2 / 3) / CHUNK_CHARS))
 
 
+def _not_loaded(exc: Exception) -> bool:
+    """Milvus says the collection is not in memory (error code 101: released, e.g. after a restart)."""
+    return getattr(exc, "code", None) == 101 or "not loaded" in str(exc).lower()
+
+
 def id_filter(ids: list[str]) -> str:
     return "id in [" + ", ".join(f'"{i}"' for i in ids) + "]"
 
@@ -585,6 +590,37 @@ class MilvusStore:
     def _read(self) -> dict:
         return {"consistency_level": self.consistency_level}
 
+    def _reading(self, name: str, what: str, call):
+        """`call()`, a read of collection `name`; after a Milvus restart the collections are released
+        ("collection not loaded"): load it again and retry once, so reads recover by themselves."""
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001
+            if not _not_loaded(exc):
+                raise StoreError(f"Milvus {what} on {name} failed: {exc}") from exc
+        try:
+            self.client.load_collection(name)
+            return call()
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus {what} on {name} failed after loading it again: {exc}") from exc
+
+    def ping(self) -> None:
+        """Raise StoreError unless Milvus answers (readiness)."""
+        try:
+            self.client.get_server_version(timeout=min(self.timeout, 5.0))
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"Milvus at {self.safe_uri} does not answer: {exc}") from exc
+
+    def reload(self) -> None:
+        """Load the collections into memory again (Milvus releases them when it restarts)."""
+        names = [self.name(m) for m in MODALITIES] + [self.meta_name]
+        try:
+            for name in names:
+                if self.client.has_collection(name):
+                    self.client.load_collection(name)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot load the collections in Milvus at {self.safe_uri}: {exc}") from exc
+
     def _fields(self, concepts: bool, global_vector: bool) -> list[str]:
         names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"] + (["stamp"] if self.stamped else [])
         names += ["hub"] if self.hub_field else []
@@ -616,10 +652,8 @@ class MilvusStore:
         if self.model is None or not ids:
             return {}
         name = self.name(modality)
-        try:
-            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(vectors, vectors), **self._read())
-        except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
+        fields = self._fields(vectors, vectors)
+        rows = self._reading(name, "query", lambda: self.client.query(name, filter=id_filter(ids), output_fields=fields, **self._read()))
         return {row["id"]: self._stored(row, vectors) for row in rows}
 
     def concepts(self, modality: str, ids: list[str]) -> dict[str, Stored]:
@@ -627,10 +661,8 @@ class MilvusStore:
         if self.model is None or not ids:
             return {}
         name = self.name(modality)
-        try:
-            rows = self.client.query(name, filter=id_filter(ids), output_fields=self._fields(True, False), **self._read())
-        except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"Milvus query on {name} failed: {exc}") from exc
+        fields = self._fields(True, False)
+        rows = self._reading(name, "query", lambda: self.client.query(name, filter=id_filter(ids), output_fields=fields, **self._read()))
         return {row["id"]: self._stored(row, True) for row in rows}
 
     def _concepts(self, row: dict) -> np.ndarray:
@@ -676,10 +708,7 @@ class MilvusStore:
         if self.model is None:
             return 0
         name = self.name(modality)
-        try:
-            rows = self.client.query(name, filter="", output_fields=["count(*)"], **self._read())
-        except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"Milvus count on {name} failed: {exc}") from exc
+        rows = self._reading(name, "count", lambda: self.client.query(name, filter="", output_fields=["count(*)"], **self._read()))
         return int(rows[0]["count(*)"])
 
     def validate_filter(self, modality: str, expr: str) -> None:
@@ -689,8 +718,19 @@ class MilvusStore:
             return
         from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
+        name = self.name(modality)
+
+        def dry_run() -> None:
+            self.client.query(name, filter=expr, output_fields=["id"], limit=1, consistency_level="Eventually")
+
         try:
-            self.client.query(self.name(modality), filter=expr, output_fields=["id"], limit=1, consistency_level="Eventually")
+            try:
+                dry_run()
+            except MilvusException as exc:
+                if isinstance(exc, MilvusUnavailableException) or not _not_loaded(exc):
+                    raise
+                self._reading(name, "load", lambda: self.client.load_collection(name))  # a restarted Milvus: load, check again
+                dry_run()
         except MilvusUnavailableException as exc:
             raise StoreError(f"Milvus unavailable: {exc}") from exc
         except MilvusException as exc:
@@ -729,19 +769,21 @@ class MilvusStore:
             params = {}
             data, field = [surrogate(first_stage, vector, self.sparse_params)], f"{first_stage}_vector"
         name = self.name(modality)
-        try:
-            result = self.client.search(
+        fields = self._fields(concepts, global_vectors)
+        result = self._reading(
+            name,
+            "search",
+            lambda: self.client.search(
                 name,
                 data=data,
                 anns_field=field,
                 limit=limit,
                 filter=expr,
-                output_fields=self._fields(concepts, global_vectors),
+                output_fields=fields,
                 search_params={"metric_type": "IP", "params": params},
                 **self._read(),
-            )
-        except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"Milvus search on {name} failed: {exc}") from exc
+            ),
+        )
         hits = []
         for hit in result[0]:
             entity = dict(hit["entity"])

@@ -90,6 +90,26 @@ class MilvusStandalone:
                 time.sleep(0.5)
         raise TimeoutError(f"Milvus standalone at {self.uri} not usable after {timeout}s: {last}")
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash); its data stays for restart()."""
+        self.server.server_proc.kill()
+        self.server.server_proc.wait(30)
+        self.server.server_proc = None
+
+    def restart(self, timeout_s: float = 120.0) -> None:
+        """Start the binary again on the same data and ports (after kill())."""
+        # The package re-checks its ports by binding them without SO_REUSEADDR, which fails while the
+        # killed server's connections sit in TIME_WAIT; its config file is already written: keep it.
+        resolve, self.server.config.resolve = self.server.config.resolve, lambda: None
+        try:
+            self.server.start()
+        finally:
+            self.server.config.resolve = resolve
+        self.pid = self.server.server_proc.pid
+        self.server.wait_started(timeout=int(timeout_s * 1000))
+        assert f"http://127.0.0.1:{self.server.listen_port}" == self.uri, "the restarted server took other ports"
+        self._wait_usable(timeout_s)
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.server.stop()

@@ -949,13 +949,50 @@ def test_tls_on_the_search_port_and_mutual_tls_to_the_encoder(tmp_path):
             assert client.stats().images == 0  # nothing stored
 
 
+def wait_for_health(search: Search, status: str, timeout: float = 60.0) -> None:
+    """Poll grpc.health.v1 until the overall status is `status` (SERVING / NOT_SERVING)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(search.channel)
+    wanted = health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+    deadline = time.monotonic() + timeout
+    while stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status != wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == wanted
+
+
+@pytest.mark.slow  # kills and restarts its own Milvus standalone server
+def test_milvus_restart_health_follows_and_reads_recover_by_themselves(tmp_path):
+    """Milvus killed under a running service: health NOT_SERVING while it is down; once it answers
+    again the service loads its collections again and reads work at once (a restarted Milvus
+    releases them: reads failed with "collection not loaded" before); nothing acknowledged is lost."""
+    pytest.importorskip("milvus")
+    milvus = MilvusStandalone(tmp_path / "milvus")
+    search = None
+    try:
+        search = Search(milvus.uri, "", milvus_health_interval_s=0.5, milvus_timeout_s=5)
+        ids = [f"img{i}" for i in range(8)]
+        assert search.index([vector_item(i, "images", DIM, seed=n) for n, i in enumerate(ids)]).indexed == 8
+        milvus.kill()
+        wait_for_health(search, "NOT_SERVING")
+        milvus.restart()
+        wait_for_health(search, "SERVING")
+        found = search.get(search_pb2.IMAGE, ids).items
+        assert [i.found for i in found] == [True] * 8 and search.stats().images == 8
+        query = vector_item("q", "captions", DIM, seed=99).vectors
+        assert {h.id for h in search.search(vectors=query, top_k=3).hits} <= set(ids)
+        assert len(search.search(vectors=query, top_k=3, filter='id != "img0"').hits) == 3  # filters checked again too
+    finally:
+        if search is not None:
+            search.close(drop=False)
+        milvus.stop()
+
+
 def test_a_refused_encoder_token_makes_the_service_not_ready_until_it_is_accepted(tmp_path, monkeypatch):
     """A wrong --encoder-token is a configuration error: health NOT_SERVING (the replica leaves the load
     balancer), requests that need the encoder get FAILED_PRECONDITION naming the flag (not a retryable
     UNAVAILABLE), and health returns to SERVING once the encoder accepts the service's credentials."""
     import asyncio
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from encoder_service.client import AsyncEncoderClient
     from search_service import server as search_server
@@ -965,15 +1002,7 @@ def test_a_refused_encoder_token_makes_the_service_not_ready_until_it_is_accepte
     with EncoderThread(make_config(model_dir, auth_tokens=["right"]), warmup=False) as encoder:
         search = Search(str(tmp_path / "token.db"), encoder.target, encoder_token="wrong")
         try:
-            health = health_pb2_grpc.HealthStub(search.channel)
-
-            def wait_for(status) -> None:
-                deadline = time.monotonic() + 30
-                while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != status and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == status
-
-            wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)  # found by the probe at start, before any request
+            wait_for_health(search, "NOT_SERVING")  # found by the probe at start, before any request
             with pytest.raises(grpc.RpcError) as info:
                 search.index([search_pb2.IndexItem(id="img1", image=image_bytes(seed=1))])
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -986,7 +1015,7 @@ def test_a_refused_encoder_token_makes_the_service_not_ready_until_it_is_accepte
                 await old.close()
 
             asyncio.run_coroutine_threadsafe(fix_credentials(), search.thread.loop).result(10)
-            wait_for(health_pb2.HealthCheckResponse.SERVING)
+            wait_for_health(search, "SERVING")
             assert search.index([search_pb2.IndexItem(id="img1", image=image_bytes(seed=1))]).indexed == 1
         finally:
             search.close()
