@@ -36,6 +36,7 @@ class EncoderConfig:
     metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth; 0.0.0.0 to let Prometheus scrape it
     metrics_port: int = 9090
     max_message_bytes: int = 64 * MIB
+    max_inflight_bytes: int = 256 * MIB
     max_concurrent_rpcs: int = 1024
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -99,6 +100,11 @@ class EncoderConfig:
         for name in ("max_batch", "max_tokens", "max_regions", "intra_op_threads", "inter_op_threads"):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
+        need(
+            self.max_inflight_bytes >= self.max_message_bytes,
+            "max_inflight_bytes",
+            f"must be >= --max-message-bytes ({self.max_message_bytes}), got {self.max_inflight_bytes}",
+        )
         need(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", f"must be >= 0, got {self.max_queue_delay_ms}")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
         need(self.triton_timeout_s > 0, "triton_timeout_s", f"must be > 0, got {self.triton_timeout_s}")
@@ -131,6 +137,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ),
     ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
     ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
+    (
+        "max_inflight_bytes",
+        "int",
+        "LIMIT: request bytes held at once over all calls; past it unary calls get RESOURCE_EXHAUSTED and streams wait "
+        "(flow control). Size it well below the memory limit: decoded images take several times their file size",
+    ),
     ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
     ("tls_cert", "path", "PEM server certificate chain: serve TLS (with --tls-key)"),
     ("tls_key", "path", "PEM private key of --tls-cert"),

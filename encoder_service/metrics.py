@@ -33,6 +33,9 @@ class Metrics(MetricsServer):
         )
         self.items = Counter("teran_encoder_items", "captions / images encoded", ["kind"], registry=r)
         self.inflight = Gauge("teran_encoder_inflight_requests", "RPCs being served", registry=r)
+        self.inflight_bytes = Gauge(
+            "teran_encoder_inflight_bytes", "request bytes held by calls in flight (--max-inflight-bytes)", registry=r
+        )
         self.batch_size = Histogram("teran_encoder_batch_size", "items per model run", ["graph"], buckets=BATCH_BUCKETS, registry=r)
         self.inference = Histogram(
             "teran_encoder_inference_seconds", "model run time per batch", ["graph"], buckets=LATENCY_BUCKETS, registry=r

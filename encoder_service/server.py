@@ -24,6 +24,7 @@ from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
 from encoder_service.tensors import FLOAT16, FLOAT32, dtype_code, fill_tensor, from_tensor, to_tensor
+from serving.budget import ByteBudget
 from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
     HEALTH_EXEMPT,
     BearerTokenInterceptor,
@@ -98,15 +99,21 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable]):
+    async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable], request_bytes: int = 0):
         request_id = request_id[: self._server.config.max_request_id_chars]  # logged; an over-long one is refused by work()
         started = time.perf_counter()
         self.metrics.inflight.inc()
         self._server.inflight.started()
         code, details, items = grpc.StatusCode.OK, "", 0
+        held = 0
         try:
             if self._server.stopping:
                 raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
+            if request_bytes:
+                if not self._server.budget.try_take(request_bytes):
+                    raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_budget(request_bytes))
+                held = request_bytes
+                self.metrics.inflight_bytes.set(self._server.budget.used)
             response = await work()
             items = len(getattr(response, "captions", None) or getattr(response, "images", None) or ())
             return response
@@ -118,11 +125,21 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error in %s", method, extra={"method": method, "request_id": request_id})
         finally:
+            if held:
+                self._server.budget.release(held)
+                self.metrics.inflight_bytes.set(self._server.budget.used)
             elapsed = time.perf_counter() - started
             self.metrics.inflight.dec()
             self._server.inflight.finished()
             self._record(method, code, elapsed, items, request_id, context, details)
         await context.abort(code, details)
+
+    def _over_budget(self, size: int) -> str:
+        budget = self._server.budget
+        return (
+            f"the encoder holds {budget.used} request bytes in flight; this {size}-byte request would pass the limit of "
+            f"{budget.limit} (--max-inflight-bytes): retry with backoff"
+        )
 
     def _record(self, method, code, elapsed, items, request_id, context, details) -> None:
         self.metrics.requests.labels(method, code.name).inc()
@@ -165,7 +182,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         return response
 
     async def EncodeCaptions(self, request, context):
-        return await self._unary("EncodeCaptions", context, request.request_id, lambda: self._captions(request, self._deadline(context)))
+        work = lambda: self._captions(request, self._deadline(context))  # noqa: E731
+        return await self._unary("EncodeCaptions", context, request.request_id, work, request.ByteSize())
 
     # ------------------------------------------------------------------ images
 
@@ -213,7 +231,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         return response
 
     async def EncodeImages(self, request, context):
-        return await self._unary("EncodeImages", context, request.request_id, lambda: self._images(request, self._deadline(context)))
+        work = lambda: self._images(request, self._deadline(context))  # noqa: E731
+        return await self._unary("EncodeImages", context, request.request_id, work, request.ByteSize())
 
     # ------------------------------------------------------------------ streams
 
@@ -233,12 +252,25 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         deadline = self._deadline(context)
         end = object()
 
+        budget = self._server.budget
+
         async def reader() -> None:
             index = 0
             try:
                 async for request in request_iterator:
+                    size = request.ByteSize()
+                    if size > budget.limit:
+                        raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"stream message {index}: " + self._over_budget(size))
+                    await budget.take(size)  # waits while the budget is spent: the stream is not read meanwhile
+                    self.metrics.inflight_bytes.set(budget.used)
                     task = asyncio.ensure_future(work(request, deadline, index))
-                    await queue.put(task)
+                    task.request_bytes = size  # type: ignore[attr-defined]  # released once answered
+                    try:
+                        await queue.put(task)
+                    except asyncio.CancelledError:  # never queued: nobody else will release its bytes
+                        task.cancel()
+                        budget.release(size)
+                        raise
                     index += 1
                 await queue.put(end)
             except asyncio.CancelledError:
@@ -256,7 +288,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if isinstance(entry, BaseException):
                     raise entry
                 message_started = time.perf_counter()
-                response = await entry
+                try:
+                    response = await entry
+                finally:
+                    budget.release(entry.request_bytes)
+                    entry.request_bytes = 0
+                    self.metrics.inflight_bytes.set(budget.used)
                 self.metrics.latency.labels(method).observe(time.perf_counter() - message_started)
                 count += 1
                 yield response
@@ -274,6 +311,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 entry = queue.get_nowait()
                 if isinstance(entry, asyncio.Future):
                     entry.cancel()
+                    budget.release(entry.request_bytes)
+            self.metrics.inflight_bytes.set(budget.used)
             self.metrics.inflight.dec()
             self._server.inflight.finished()
             self._record(method, code, time.perf_counter() - started, count, "", context, details)
@@ -347,6 +386,7 @@ class EncoderServer:
         self.health = health.aio.HealthServicer()
         self.listening = threading.Event()  # set once the port is open (health NOT_SERVING until ready)
         self.inflight = InflightCalls()
+        self.budget = ByteBudget(config.max_inflight_bytes)  # request bytes held at once (--max-inflight-bytes)
         self._server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
 

@@ -485,6 +485,44 @@ def test_overload_is_resource_exhausted(model_dir):
         assert 'teran_encoder_rejected_items_total{graph="text_encoder"}' in metrics_text(running)
 
 
+def noise_png(side: int = 256, seed: int = 0) -> bytes:
+    """An incompressible PNG: about 3 x side^2 bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_request_bytes_in_flight_are_bounded(model_dir):
+    """--max-inflight-bytes: unary calls past the budget get RESOURCE_EXHAUSTED naming the flag (counted), while
+    the messages of a stream wait for it (flow control) and are all answered; the gauge returns to 0."""
+    image = noise_png()
+    assert 150_000 < len(image) < 250_000
+    backend = SlowBackend(ort_backend(model_dir), delay=0.4)
+    config = make_config(model_dir, max_message_bytes=256 * 1024, max_inflight_bytes=300 * 1024, max_batch=1, max_stream_inflight=4)
+    with ServerThread(config, backend=backend, warmup=False) as running, EncoderClient(running.target, timeout=60) as c:
+        with ThreadPoolExecutor(4) as pool:
+
+            def call(_):
+                try:
+                    return len(c.encode_images([image]))
+                except EncoderError as exc:
+                    return exc
+
+            outcomes = list(pool.map(call, range(4)))
+        errors = [o for o in outcomes if isinstance(o, EncoderError)]
+        assert errors and all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+        assert "(--max-inflight-bytes): retry with backoff" in errors[0].details and 1 in outcomes
+        answered = list(c.stream_encode_images([[image]] * 4))  # one message in flight at a time: all answered
+        assert [len(r) for r in answered] == [1, 1, 1, 1]
+        text = metrics_text(running)
+        assert "teran_encoder_inflight_bytes 0.0" in text
+        assert 'teran_encoder_errors_total{code="RESOURCE_EXHAUSTED",method="EncodeImages"}' in text
+
+
 # --------------------------------------------------------------------------- auth and TLS
 
 
