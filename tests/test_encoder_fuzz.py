@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from encoder_fixtures import build_synthetic_model_dir, image_bytes, make_config
+from fuzz_strategies import tensors
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -65,26 +66,6 @@ caption_requests = st.builds(
     st.booleans(),
     st.text(max_size=8),
 )
-
-
-@st.composite
-def tensors(draw, columns: int, rows: int):
-    """A Tensor: usually the right layout ([rows, columns], matching bytes, boxes x1<=x2), sometimes anything."""
-    dtype = draw(st.sampled_from([1] * 6 + [2] * 3 + [0, 9]))
-    shape = draw(st.sampled_from([[rows, columns]] * 5 + [draw(st.lists(st.integers(-2, 70), max_size=3))]))
-    if draw(st.integers(0, 9)) == 0:
-        data = draw(st.binary(max_size=400))
-    else:
-        count = int(np.prod([max(d, 0) for d in shape])) if shape else 1
-        rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-        values = rng.random(count) * draw(st.sampled_from([1.0, 1.0, 0.5, 1000.0]))
-        if columns == 4 and shape == [rows, 4]:
-            pairs = values.reshape(rows, 2, 2)
-            values = np.concatenate([pairs.min(axis=1), pairs.max(axis=1)], axis=1).ravel()
-        if count and draw(st.integers(0, 5)) == 0:
-            values[rng.integers(count)] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        data = values.astype("<f2" if dtype == 2 else "<f4").tobytes()
-    return common_pb2.Tensor(dtype=dtype, shape=shape, data=data)
 
 
 @st.composite
