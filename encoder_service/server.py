@@ -253,15 +253,24 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         end = object()
 
         budget = self._server.budget
+        # The next message may be as large as --max-message-bytes: that much is reserved before it is
+        # read (a message waiting for the budget would already sit in memory), the rest returned once
+        # its size is known. While the budget is spent the stream is not read: flow control holds the client.
+        reserve = min(self._server.config.max_message_bytes, budget.limit)
 
         async def reader() -> None:
             index = 0
+            messages = request_iterator.__aiter__()
             try:
-                async for request in request_iterator:
-                    size = request.ByteSize()
-                    if size > budget.limit:
-                        raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"stream message {index}: " + self._over_budget(size))
-                    await budget.take(size)  # waits while the budget is spent: the stream is not read meanwhile
+                while True:
+                    await budget.take(reserve)
+                    try:
+                        request = await messages.__anext__()
+                    except BaseException:  # end of the stream, or it broke
+                        budget.release(reserve)
+                        raise
+                    size = min(request.ByteSize(), reserve)
+                    budget.release(reserve - size)
                     self.metrics.inflight_bytes.set(budget.used)
                     task = asyncio.ensure_future(work(request, deadline, index))
                     task.request_bytes = size  # type: ignore[attr-defined]  # released once answered
@@ -272,6 +281,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                         budget.release(size)
                         raise
                     index += 1
+            except StopAsyncIteration:
                 await queue.put(end)
             except asyncio.CancelledError:
                 raise

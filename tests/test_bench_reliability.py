@@ -1,0 +1,33 @@
+"""bench/bench_reliability.py: its write parts run end to end against real search service processes
+(milvus-lite) and report what the hardening promises: nothing stored by refused requests, nothing
+acknowledged lost to a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_modules import load_bench
+
+pytestmark = pytest.mark.slow  # starts, kills and restarts search service processes
+
+
+def test_partial_write_and_crash_parts(tmp_path):
+    bench = load_bench("bench_reliability")
+    output = tmp_path / "reliability.json"
+    assert bench.main(["--parts", "partial_write,crash", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["command"].startswith("python bench/bench_reliability.py --parts partial_write,crash")
+    cases = report["partial_write"]["cases"]
+    assert set(cases) == {"huge int", "nan vector", "scaled concepts"}
+    assert all(c == {"status": "INVALID_ARGUMENT", "stored": 0} for c in cases.values())
+    assert report["partial_write"]["stored_after_refusal"] == 0
+    assert report["crash"]["acknowledged"] > 0 and report["crash"]["acknowledged_lost"] == 0
+    assert "load" not in report
+
+
+def test_unknown_part_is_a_usage_error(capsys):
+    bench = load_bench("bench_reliability")
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--parts", "load,chaos"])
+    assert info.value.code == 2 and "unknown parts: ['chaos']" in capsys.readouterr().err
