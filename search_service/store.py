@@ -19,6 +19,9 @@ Two collections, PREFIX_images and PREFIX_captions, same schema:
     {sq,dp}_vector  SPARSE_FLOAT_VECTOR        surrogates of the global vector (--sparse-surrogates, sparse backends)
     boc_vector      SPARSE_FLOAT_VECTOR        Bag of Concepts of the concept vectors (--boc-codebook, sparse backends)
 
+PREFIX_filter_check (id, metadata, a 2-d vector; never written) is where filters are tried while no data
+collection exists yet.
+
 The BoC codebook is stored with the collections in PREFIX_meta: rows `boc_codebook_0..P-1` (JSON
 {"data": base64 of the unit float32 [K, D] bytes, split in parts of BOC_PART_CHARS}) written before the
 `collections` row, which records its shape and sha256 (`boc`); every replica reads it back from there.
@@ -714,11 +717,12 @@ class MilvusStore:
     def validate_filter(self, modality: str, expr: str) -> None:
         """Raise BadFilter unless Milvus accepts `expr` (checked once per expression, then cached)."""
         check_filter_names(expr)
-        if expr in self._valid_filters or self.model is None:
+        if expr in self._valid_filters:
             return
         from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
-        name = self.name(modality)
+        # Before the first item there is no collection to try it on: an empty one with the same filterable fields.
+        name = self.name(modality) if self.model is not None else self._filter_check_collection()
 
         def dry_run() -> None:
             self.client.query(name, filter=expr, output_fields=["id"], limit=1, consistency_level="Eventually")
@@ -738,6 +742,27 @@ class MilvusStore:
         if len(self._valid_filters) > 4096:
             self._valid_filters.clear()
         self._valid_filters[expr] = None
+
+    def _filter_check_collection(self) -> str:
+        """PREFIX_filter_check: id and metadata as in the data collections, never written; filters are tried on it
+        while no data collection exists (so a malformed filter is refused then too)."""
+        from pymilvus import DataType, MilvusClient
+
+        name = f"{self.prefix}_filter_check"
+        with self._lock:
+            try:
+                if not self.client.has_collection(name):
+                    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description="filter checks")
+                    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=self.max_id_length)
+                    schema.add_field("metadata", DataType.JSON)
+                    schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
+                    index = self.client.prepare_index_params()
+                    index.add_index(field_name="v", index_type="FLAT", metric_type="L2")
+                    self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Strong")
+                self.client.load_collection(name)
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(f"cannot prepare {name} to check the filter: {exc}") from exc
+        return name
 
     def search(
         self,

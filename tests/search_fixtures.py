@@ -137,7 +137,7 @@ def drop_collections(uri: str, prefix: str) -> None:
 
     with contextlib.suppress(Exception):
         client = MilvusClient(uri=uri, timeout=30)
-        for name in (f"{prefix}_images", f"{prefix}_captions", f"{prefix}_meta"):
+        for name in (f"{prefix}_images", f"{prefix}_captions", f"{prefix}_meta", f"{prefix}_filter_check"):
             if client.has_collection(name):
                 client.drop_collection(name)
         client.close()

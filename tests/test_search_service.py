@@ -367,6 +367,19 @@ def test_filters(corpus):
     )
 
 
+def test_a_malformed_filter_is_refused_before_the_first_item(milvus_uri, encoder):
+    """With no collection yet, the filter is still checked by Milvus (on an empty collection of the same fields)."""
+    empty = Search(milvus_uri, encoder.target)
+    try:
+        query = vector_item("q", "captions", DIM, seed=1).vectors
+        expect_error(CODE.INVALID_ARGUMENT, empty.search, vectors=query, filter='metadata["n"] >>> 2', match="filter:")
+        expect_error(CODE.INVALID_ARGUMENT, empty.search, vectors=query, filter='metadata["a"] == "x', match="unterminated")
+        assert empty.search(vectors=query, filter='metadata["n"] >= 5').hits == []  # a good filter: no hits, no error
+        assert empty.stats().images == empty.stats().captions == 0  # nothing was created for the data
+    finally:
+        empty.close()
+
+
 def test_search_bad_input(corpus):
     expect_error(CODE.INVALID_ARGUMENT, corpus.search, match="query: empty")
     expect_error(CODE.INVALID_ARGUMENT, corpus.search, caption="   ", match="caption: empty")
