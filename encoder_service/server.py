@@ -113,7 +113,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if not self._server.budget.try_take(request_bytes):
                     raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_budget(request_bytes))
                 held = request_bytes
-                self.metrics.inflight_bytes.set(self._server.budget.used)
             response = await work()
             items = len(getattr(response, "captions", None) or getattr(response, "images", None) or ())
             return response
@@ -127,7 +126,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         finally:
             if held:
                 self._server.budget.release(held)
-                self.metrics.inflight_bytes.set(self._server.budget.used)
             elapsed = time.perf_counter() - started
             self.metrics.inflight.dec()
             self._server.inflight.finished()
@@ -271,7 +269,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                         raise
                     size = min(request.ByteSize(), reserve)
                     budget.release(reserve - size)
-                    self.metrics.inflight_bytes.set(budget.used)
                     task = asyncio.ensure_future(work(request, deadline, index))
                     task.request_bytes = size  # type: ignore[attr-defined]  # released once answered
                     try:
@@ -303,7 +300,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 finally:
                     budget.release(entry.request_bytes)
                     entry.request_bytes = 0
-                    self.metrics.inflight_bytes.set(budget.used)
                 self.metrics.latency.labels(method).observe(time.perf_counter() - message_started)
                 count += 1
                 yield response
@@ -322,7 +318,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 if isinstance(entry, asyncio.Future):
                     entry.cancel()
                     budget.release(entry.request_bytes)
-            self.metrics.inflight_bytes.set(budget.used)
             self.metrics.inflight.dec()
             self._server.inflight.finished()
             self._record(method, code, time.perf_counter() - started, count, "", context, details)
@@ -396,7 +391,8 @@ class EncoderServer:
         self.health = health.aio.HealthServicer()
         self.listening = threading.Event()  # set once the port is open (health NOT_SERVING until ready)
         self.inflight = InflightCalls()
-        self.budget = ByteBudget(config.max_inflight_bytes)  # request bytes held at once (--max-inflight-bytes)
+        # request bytes held at once (--max-inflight-bytes), shown by teran_encoder_inflight_bytes
+        self.budget = ByteBudget(config.max_inflight_bytes, self.metrics.inflight_bytes)
         self._server: grpc.aio.Server | None = None
         self._stopped: asyncio.Event | None = None
 

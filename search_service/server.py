@@ -837,24 +837,29 @@ class SearchServer:
             await asyncio.sleep(ENCODER_RECHECK_S)
             if self.stopping or self.encoder is None:
                 return
-            try:
-                await self.encoder.model_info(timeout=self.config.encoder_timeout_s)
-            except EncoderError as exc:
-                if exc.code in ENCODER_AUTH_CODES:
-                    continue  # still refused
+            if await self._encoder_refusal() is not None:
+                continue  # still refused
             if not self.stopping:  # accepted (or failing for another reason, which readiness does not follow)
                 log.info("encoder accepts credentials again", extra={"encoder": self.config.encoder_address})
                 self._encoder_ok = True
                 await self._refresh_health()
             return
 
-    async def _probe_encoder(self) -> None:
-        """At start: find a refused token now rather than at the first request."""
+    async def _encoder_refusal(self) -> EncoderError | None:
+        """Ask the encoder (GetModelInfo): its error when it refuses our credentials, else None (answers,
+        or fails for another reason, which readiness does not follow)."""
         try:
             await self.encoder.model_info(timeout=self.config.encoder_timeout_s)
         except EncoderError as exc:
             if exc.code in ENCODER_AUTH_CODES:
-                self.encoder_refused(exc)
+                return exc
+        return None
+
+    async def _probe_encoder(self) -> None:
+        """At start: find a refused token now rather than at the first request."""
+        refusal = await self._encoder_refusal()
+        if refusal is not None:
+            self.encoder_refused(refusal)
 
     # ------------------------------------------------------------------ re-rank cache
 

@@ -12,15 +12,23 @@ import asyncio
 
 
 class ByteBudget:
-    def __init__(self, limit: int):
+    """`gauge` (optional, a prometheus Gauge) follows `used`."""
+
+    def __init__(self, limit: int, gauge=None):
         self.limit = limit
         self.used = 0
+        self._gauge = gauge
         self._waiters: list[asyncio.Future] = []
+
+    def _add(self, size: int) -> None:
+        self.used += size
+        if self._gauge is not None:
+            self._gauge.set(self.used)
 
     def try_take(self, size: int) -> bool:
         if self.used + size > self.limit:
             return False
-        self.used += size
+        self._add(size)
         return True
 
     async def take(self, size: int) -> None:
@@ -29,10 +37,10 @@ class ByteBudget:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
-        self.used += size
+        self._add(size)
 
     def release(self, size: int) -> None:
-        self.used -= size
+        self._add(-size)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:  # each re-checks whether it fits now
             if not waiter.done():

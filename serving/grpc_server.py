@@ -34,6 +34,13 @@ def channel_credentials(tls: bool, root_cert: bytes | str | Path | None = None, 
     return grpc.ssl_channel_credentials(read(root_cert), read(client_key), read(client_cert))
 
 
+def count_refusal(metrics, method: str, code: str) -> None:
+    """A call an interceptor refused before the service saw it, in the service's requests / errors counters."""
+    if metrics:
+        metrics.requests.labels(method, code).inc()
+        metrics.errors.labels(method, code).inc()
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Every RPC except grpc.health.v1 needs metadata `authorization: Bearer <token>`.
 
@@ -70,9 +77,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         name = method.rsplit("/", 1)[-1]
 
         async def deny(_request, context):
-            if metrics:
-                metrics.requests.labels(name, "UNAUTHENTICATED").inc()
-                metrics.errors.labels(name, "UNAUTHENTICATED").inc()
+            count_refusal(metrics, name, "UNAUTHENTICATED")
             log.warning("unauthenticated call", extra={"method": name, "peer": context.peer()})
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
@@ -119,9 +124,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 return _Unparseable(exc)
 
         async def refuse(problem: _Unparseable, context) -> None:
-            if metrics:
-                metrics.requests.labels(name, "INVALID_ARGUMENT").inc()
-                metrics.errors.labels(name, "INVALID_ARGUMENT").inc()
+            count_refusal(metrics, name, "INVALID_ARGUMENT")
             log.warning("unparseable request", extra={"method": name, "peer": context.peer(), "error": str(problem.error)})
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
