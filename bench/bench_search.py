@@ -55,7 +55,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from encoder_service.tensors import to_tensor  # noqa: E402
 from search_service._proto import search_pb2, search_pb2_grpc  # noqa: E402
@@ -584,7 +583,7 @@ def measure_phases(data: dict, uri: str, prefix: str, base: dict, queries: int, 
         finally:
             service.close()
     if args.drop:
-        from search_fixtures import drop_collections
+        from demo.milvus_standalone import drop_collections
 
         drop_collections(uri, prefix)
     return entries
@@ -782,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
             report["strategies_ranking"] = ranking[0].label
         if "scale" in parts:
             if args.scale_backend == "server":
-                from search_fixtures import MilvusStandalone
+                from demo.milvus_standalone import MilvusStandalone
 
                 standalone = MilvusStandalone(workdir / "milvus-scale")
                 uri, pid = standalone.uri, standalone.pid
@@ -803,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             latency_entries: list[dict] = []
             for backend in [b for b in args.backends.split(",") if b]:
                 if backend == "server":
-                    from search_fixtures import MilvusStandalone
+                    from demo.milvus_standalone import MilvusStandalone
 
                     standalone = MilvusStandalone(workdir / "milvus")
                     uri, pid = standalone.uri, standalone.pid

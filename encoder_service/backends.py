@@ -23,9 +23,10 @@ log = get_logger("backend")
 class BackendError(Exception):
     """The backend failed to run a batch (maps to UNAVAILABLE for a remote server, else INTERNAL)."""
 
-    def __init__(self, message: str, unavailable: bool = False):
+    def __init__(self, message: str, unavailable: bool = False, backend: str = "inference"):
         super().__init__(message)
         self.unavailable = unavailable
+        self.backend = backend  # named to clients; the message (addresses, the backend's own text) is logged
 
 
 class Backend(ABC):
@@ -117,7 +118,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             outputs = self.sessions[graph].run(names, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"onnxruntime failed on {graph}: {exc}") from exc
+            raise BackendError(f"onnxruntime failed on {graph}: {exc}", backend="ONNX Runtime") from exc
         return dict(zip(names, outputs, strict=True))
 
     def describe(self) -> str:
@@ -177,20 +178,25 @@ class TritonBackend(Backend):
         client = self._client()
         try:
             if not client.is_server_live(client_timeout=self.timeout_s):
-                raise BackendError(f"Triton at {self.url} is not live", unavailable=True)
+                raise BackendError(f"Triton at {self.url} is not live", unavailable=True, backend="Triton")
             for graph in self.graphs:
                 name = self.model_names.get(graph)
                 if name is None:
                     continue
                 if not client.is_model_ready(name, self.version, client_timeout=self.timeout_s):
-                    raise BackendError(f"Triton at {self.url}: model {name!r} version {self.version} is not ready", unavailable=True)
+                    raise BackendError(
+                        f"Triton at {self.url}: model {name!r} version {self.version} is not ready", unavailable=True, backend="Triton"
+                    )
                 meta = client.get_model_metadata(name, self.version, as_json=True, client_timeout=self.timeout_s)
                 served = {i["name"] for i in meta.get("inputs", [])}
                 expected = {s.name for s in self.manifest.graph(graph).inputs}
                 if served != expected:
-                    raise BackendError(f"Triton model {name!r} has inputs {sorted(served)}, the manifest's {graph} has {sorted(expected)}")
+                    raise BackendError(
+                        f"Triton model {name!r} has inputs {sorted(served)}, the manifest's {graph} has {sorted(expected)}",
+                        backend="Triton",
+                    )
         except InferenceServerException as exc:
-            raise BackendError(f"Triton at {self.url}: {exc.message()}", unavailable=True) from exc
+            raise BackendError(f"Triton at {self.url}: {exc.message()}", unavailable=True, backend="Triton") from exc
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tritonclient.grpc as triton
@@ -198,7 +204,7 @@ class TritonBackend(Backend):
 
         name = self.model_names.get(graph)
         if name is None:
-            raise BackendError(f"no Triton model configured for {graph}")
+            raise BackendError(f"no Triton model configured for {graph}", backend="Triton")
         inputs = []
         for key, array in feeds.items():
             item = triton.InferInput(key, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -211,7 +217,7 @@ class TritonBackend(Backend):
         except InferenceServerException as exc:
             status = str(exc.status() or "")
             unavailable = any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"))
-            raise BackendError(f"Triton {name} at {self.url}: {exc.message()}", unavailable=unavailable) from exc
+            raise BackendError(f"Triton {name} at {self.url}: {exc.message()}", unavailable=unavailable, backend="Triton") from exc
         return {n: result.as_numpy(n) for n in names}
 
     def describe(self) -> str:

@@ -37,6 +37,7 @@ class EncoderConfig:
     metrics_port: int = 9090
     max_message_bytes: int = 64 * MIB
     max_inflight_bytes: int = 256 * MIB
+    max_inflight_wait_ms: float = 1000.0
     max_concurrent_rpcs: int = 1024
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -105,6 +106,7 @@ class EncoderConfig:
             "max_inflight_bytes",
             f"must be >= --max-message-bytes ({self.max_message_bytes}), got {self.max_inflight_bytes}",
         )
+        need(self.max_inflight_wait_ms >= 0, "max_inflight_wait_ms", f"must be >= 0, got {self.max_inflight_wait_ms}")
         need(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", f"must be >= 0, got {self.max_queue_delay_ms}")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
         need(self.triton_timeout_s > 0, "triton_timeout_s", f"must be > 0, got {self.triton_timeout_s}")
@@ -140,9 +142,11 @@ _SETTINGS: list[tuple[str, str, str]] = [
     (
         "max_inflight_bytes",
         "int",
-        "LIMIT: request bytes held at once over all calls; past it unary calls get RESOURCE_EXHAUSTED and streams wait "
-        "(flow control). Size it well below the memory limit: decoded images take several times their file size",
+        "LIMIT: memory held by requests at once over all calls, charged at twice each message's wire size (the parsed "
+        "message and the bytes handed to the decoders) and reserved before a message is read; unary calls wait up to "
+        "--max-inflight-wait-ms for room, then get RESOURCE_EXHAUSTED; stream messages wait (flow control)",
     ),
+    ("max_inflight_wait_ms", "float", "how long a unary call waits for room under --max-inflight-bytes before RESOURCE_EXHAUSTED"),
     ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
     ("tls_cert", "path", "PEM server certificate chain: serve TLS (with --tls-key)"),
     ("tls_key", "path", "PEM private key of --tls-cert"),

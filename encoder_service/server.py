@@ -33,6 +33,7 @@ from serving.grpc_server import (  # noqa: F401 - re-exported for existing impor
     bind_port,
     channel_options,
     create_server,
+    hide_cause,
     request_id_problem,
 )
 from teran.errors import TeranInputError
@@ -58,12 +59,40 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, DeadlineExpired):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, BackendError):
-        return (grpc.StatusCode.UNAVAILABLE if exc.unavailable else grpc.StatusCode.INTERNAL), str(exc)
+    if isinstance(exc, BackendError):  # its text names the backend's address: that stays in the log
+        if exc.unavailable:
+            return grpc.StatusCode.UNAVAILABLE, hide_cause(f"the {exc.backend} backend is unavailable; retry", exc, log)
+        return grpc.StatusCode.INTERNAL, hide_cause(f"the {exc.backend} backend failed", exc, log)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 
 # --------------------------------------------------------------------------- servicer
+
+
+async def _first_message(requests: AsyncIterator):
+    """The first message of a request stream, or None when the client sent none."""
+    async for request in requests:
+        return request
+    return None
+
+
+def _budgeted_unary_handlers(servicer: EncoderServicer) -> grpc.GenericRpcHandler:
+    """EncodeCaptions and EncodeImages as client-streaming handlers (same wire format as unary), so
+    that their request is read after the byte budget is reserved. Added before the generated
+    handlers, which therefore never serve these two methods."""
+    handlers = {
+        "EncodeCaptions": (servicer.EncodeCaptions, encoder_pb2.EncodeCaptionsRequest, encoder_pb2.EncodeCaptionsResponse),
+        "EncodeImages": (servicer.EncodeImages, encoder_pb2.EncodeImagesRequest, encoder_pb2.EncodeImagesResponse),
+    }
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            name: grpc.stream_unary_rpc_method_handler(
+                behaviour, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+            for name, (behaviour, request, response) in handlers.items()
+        },
+    )
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
@@ -99,20 +128,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable], request_bytes: int = 0):
+    async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable]):
         request_id = request_id[: self._server.config.max_request_id_chars]  # logged; an over-long one is refused by work()
         started = time.perf_counter()
         self.metrics.inflight.inc()
         self._server.inflight.started()
         code, details, items = grpc.StatusCode.OK, "", 0
-        held = 0
         try:
             if self._server.stopping:
                 raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
-            if request_bytes:
-                if not self._server.budget.try_take(request_bytes):
-                    raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_budget(request_bytes))
-                held = request_bytes
             response = await work()
             items = len(getattr(response, "captions", None) or getattr(response, "images", None) or ())
             return response
@@ -124,19 +148,65 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error in %s", method, extra={"method": method, "request_id": request_id})
         finally:
-            if held:
-                self._server.budget.release(held)
             elapsed = time.perf_counter() - started
             self.metrics.inflight.dec()
             self._server.inflight.finished()
             self._record(method, code, elapsed, items, request_id, context, details)
         await context.abort(code, details)
 
+    async def _budgeted_unary(self, method: str, requests: AsyncIterator, context, work: Callable[[object], Awaitable]):
+        """A unary encode call whose one request message is read only once its bytes fit the budget.
+
+        These methods are registered as client-streaming (the wire format of a unary call is the same),
+        because grpc reads a unary request whole before any handler runs: 64 callers of 22 MB would sit
+        in memory before the first refusal. What the largest allowed message would cost is reserved
+        before the read, waiting up to --max-inflight-wait-ms for room (else RESOURCE_EXHAUSTED); once
+        the size is known the rest is returned."""
+        budget = self._server.budget
+        reserve = self._reservation()
+        held = 0
+        if not self._server.stopping and await budget.take_within(reserve, self._server.config.max_inflight_wait_ms / 1000):
+            held = reserve
+        request = None
+        try:
+            if held:
+                request = await _first_message(requests)
+                if request is None:
+                    raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call carried no request message")
+                size = self._charge(request, reserve)
+                budget.release(held - size)
+                held = size
+
+            async def run():
+                if self._server.stopping:
+                    raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
+                if request is None:
+                    raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_budget(reserve))
+                return await work(request)
+
+            return await self._unary(method, context, getattr(request, "request_id", ""), run)
+        finally:
+            if held:
+                budget.release(held)
+
+    # A request held in flight costs about twice its wire size: the parsed message, and the image bytes
+    # (or caption strings) taken out of it for the decoders and batchers. The budget counts both.
+    HELD_COPIES = 2
+
+    def _reservation(self) -> int:
+        """Bytes reserved before a request message is read: what the largest allowed message would cost."""
+        return min(self.HELD_COPIES * self._server.config.max_message_bytes, self._server.budget.limit)
+
+    def _charge(self, request, reserve: int) -> int:
+        """What a read request holds of its reservation (the rest is returned)."""
+        return min(self.HELD_COPIES * request.ByteSize(), reserve)
+
     def _over_budget(self, size: int) -> str:
         budget = self._server.budget
         return (
             f"the encoder holds {budget.used} request bytes in flight; this {size}-byte request would pass the limit of "
-            f"{budget.limit} (--max-inflight-bytes): retry with backoff"
+            f"{budget.limit} (--max-inflight-bytes; waited {self._server.config.max_inflight_wait_ms:g} ms, --max-inflight-wait-ms): "
+            "retry with backoff"
         )
 
     def _record(self, method, code, elapsed, items, request_id, context, details) -> None:
@@ -179,9 +249,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             item.num_tokens = r.num_tokens
         return response
 
-    async def EncodeCaptions(self, request, context):
-        work = lambda: self._captions(request, self._deadline(context))  # noqa: E731
-        return await self._unary("EncodeCaptions", context, request.request_id, work, request.ByteSize())
+    async def EncodeCaptions(self, requests, context):  # registered client-streaming: see _budgeted_unary
+        work = lambda request: self._captions(request, self._deadline(context))  # noqa: E731
+        return await self._budgeted_unary("EncodeCaptions", requests, context, work)
 
     # ------------------------------------------------------------------ images
 
@@ -228,9 +298,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             item.image_width, item.image_height = r.width, r.height
         return response
 
-    async def EncodeImages(self, request, context):
-        work = lambda: self._images(request, self._deadline(context))  # noqa: E731
-        return await self._unary("EncodeImages", context, request.request_id, work, request.ByteSize())
+    async def EncodeImages(self, requests, context):  # registered client-streaming: see _budgeted_unary
+        work = lambda request: self._images(request, self._deadline(context))  # noqa: E731
+        return await self._budgeted_unary("EncodeImages", requests, context, work)
 
     # ------------------------------------------------------------------ streams
 
@@ -254,7 +324,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         # The next message may be as large as --max-message-bytes: that much is reserved before it is
         # read (a message waiting for the budget would already sit in memory), the rest returned once
         # its size is known. While the budget is spent the stream is not read: flow control holds the client.
-        reserve = min(self._server.config.max_message_bytes, budget.limit)
+        reserve = self._reservation()
 
         async def reader() -> None:
             index = 0
@@ -267,7 +337,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     except BaseException:  # end of the stream, or it broke
                         budget.release(reserve)
                         raise
-                    size = min(request.ByteSize(), reserve)
+                    size = self._charge(request, reserve)
                     budget.release(reserve - size)
                     task = asyncio.ensure_future(work(request, deadline, index))
                     task.request_bytes = size  # type: ignore[attr-defined]  # released once answered
@@ -404,7 +474,9 @@ class EncoderServer:
             cfg, backend=self.backend, metrics=self.metrics, active_calls=lambda: self.inflight.count
         )  # fail fast on the manifest
         self._server = create_server(cfg, self.metrics, log)
-        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(self), self._server)
+        servicer = EncoderServicer(self)
+        self._server.add_generic_rpc_handlers((_budgeted_unary_handlers(servicer),))
+        encoder_pb2_grpc.add_EncoderServiceServicer_to_server(servicer, self._server)
         await add_health_and_reflection(self._server, self.health, SERVICE_NAME)
         self.port = bind_port(self._server, cfg)
         if cfg.metrics_port >= 0:

@@ -8,6 +8,7 @@ NOT_SERVING, new RPCs get UNAVAILABLE, in-flight RPCs get `shutdown_grace_s`, th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
 import threading
@@ -26,6 +27,7 @@ from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.cache import RerankCache
 from search_service.checks import check_unit_rows, parse_metadata
 from search_service.config import SearchConfig, parse_ranking
+from search_service.deadlines import DeadlinePassed, within
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.ranking import Ranking, explain, rerank_scores, stack_concepts
@@ -42,11 +44,20 @@ from search_service.store import (
     StoreError,
     WriteFailed,
 )
-from serving.grpc_server import InflightCalls, add_health_and_reflection, bind_port, create_server, request_id_problem
+from serving.grpc_server import (
+    InflightCalls,
+    add_health_and_reflection,
+    bind_port,
+    create_server,
+    hide_cause,
+    request_id_problem,
+    without_cause,
+)
 from teran.errors import TeranInputError
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 log = get_logger("server")
+REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
 access = get_logger("access")
 MODALITY = {search_pb2.IMAGE: IMAGES, search_pb2.CAPTION: CAPTIONS}
 MODALITY_ENUM = {IMAGES: search_pb2.IMAGE, CAPTIONS: search_pb2.CAPTION}
@@ -81,8 +92,10 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ModelMismatch):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, DeadlinePassed) or isinstance(exc.__cause__, DeadlinePassed):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc.__cause__ if isinstance(exc.__cause__, DeadlinePassed) else exc)
     if isinstance(exc, StoreError):
-        return grpc.StatusCode.UNAVAILABLE, f"{exc} (retry: indexing is idempotent)"
+        return grpc.StatusCode.UNAVAILABLE, hide_cause(f"{without_cause(exc)} (retry: indexing is idempotent)", exc, log)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 
@@ -123,7 +136,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         return store
 
     async def _db(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._server.milvus_pool, fn, *args)
+        """`fn(*args)` on a Milvus worker, its Milvus calls bounded by this request's deadline."""
+        return await asyncio.get_running_loop().run_in_executor(self._server.milvus_pool, within, REQUEST_DEADLINE.get(), fn, *args)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -132,6 +146,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.metrics.inflight.inc()
         self._server.inflight.started()
         code, details = grpc.StatusCode.OK, ""
+        remaining = context.time_remaining()
+        REQUEST_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)  # this call's task only
         try:
             problem = request_id_problem(request_id, self.config.max_request_id_chars)
             if problem:
@@ -345,7 +361,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             return RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, encoder_refusal(exc))
         if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return RpcFailure(exc.code, f"encoder overloaded: {details}")
-        return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"encoder call failed ({exc.code.name}): {details}")
+        return RpcFailure(grpc.StatusCode.UNAVAILABLE, hide_cause(f"encoder call failed ({exc.code.name}); retry", details, log))
 
     async def _encode(self, kind: str, inputs: list, positions: list[str]) -> list[Query]:
         """Encode captions (kind 'captions') or images in chunks; positions name each input for errors."""
@@ -468,7 +484,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
             done = f"{len(stored)} items were stored before it (modality/id): {shown}"
         if exc.permanent:
             return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{prefix}items: {exc}; {done}; fix the data, retrying fails the same way")
-        return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"{exc}; {done} (retry: indexing is idempotent)")
+        details = hide_cause(f"{without_cause(exc)}; {done} (retry: indexing is idempotent)", exc, log)
+        return RpcFailure(grpc.StatusCode.UNAVAILABLE, details)
 
     async def Index(self, request, context):
         async def work():

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from search_service.deadlines import DeadlineBoundClient
 from search_service.sparse import BOC, BOC_DEFAULTS, check_codebook, codebook_digest, item_boc, surrogate
 from search_service.sparse import KINDS as SPARSE_KINDS
 
@@ -243,7 +244,7 @@ class MilvusStore:
         from pymilvus import MilvusClient
 
         try:
-            self.client = MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout)
+            self.client = DeadlineBoundClient(MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout), self.timeout)
             self.server_version = str(self.client.get_server_version())
             self._load_existing()
         except CodebookMismatch:

@@ -1,9 +1,10 @@
 """A bound on the request bytes a service holds in flight (received, not yet answered).
 
-Unary calls `try_take` and are refused past the limit (RESOURCE_EXHAUSTED: the client backs off);
-stream messages `take`, which waits: the stream stops reading until bytes are released, so HTTP/2
-flow control holds the sender back instead of the server buffering its messages. Used from one
-event loop; `release` is synchronous so that cleanup paths (cancellation) can always run it.
+Bytes are taken before a request message is read, so a waiting request costs nothing but its
+HTTP/2 window: flow control holds the sender back instead of the server buffering its messages.
+Unary calls wait a bounded time (`take_within`) and are then refused (RESOURCE_EXHAUSTED: the
+client backs off); stream messages wait (`take`). Used from one event loop; `release` is
+synchronous so that cleanup paths (cancellation) can always run it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ class ByteBudget:
         if self.used + size > self.limit:
             return False
         self._add(size)
+        return True
+
+    async def take_within(self, size: int, seconds: float) -> bool:
+        """Take `size` bytes once they fit, waiting at most `seconds`; False if they did not fit in time."""
+        if self.try_take(size):
+            return True
+        try:
+            await asyncio.wait_for(self.take(size), seconds)
+        except TimeoutError:
+            return False
         return True
 
     async def take(self, size: int) -> None:

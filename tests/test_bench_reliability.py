@@ -26,6 +26,19 @@ def test_partial_write_and_crash_parts(tmp_path):
     assert "load" not in report
 
 
+def test_milvus_restart_part(tmp_path):
+    """Milvus standalone SIGKILLed under indexing and restarted: nothing acknowledged lost, and the report
+    says how long Milvus took to serve the collection again and how long the service's reads took after."""
+    pytest.importorskip("milvus")
+    bench = load_bench("bench_reliability")
+    output = tmp_path / "reliability.json"
+    assert bench.main(["--parts", "milvus_restart", "--restarts", "1", "--output", str(output)]) == 0
+    part = json.loads(output.read_text())["milvus_restart"]
+    assert part["cycles"] == 1 and part["acknowledged"] > 0 and part["acknowledged_lost"] == 0
+    assert len(part["milvus_query_ready_s_each"]) == len(part["read_recovery_s_each"]) == 1
+    assert part["read_recovery_s"] == part["read_recovery_s_each"][0] >= 0
+
+
 def test_unknown_part_is_a_usage_error(capsys):
     bench = load_bench("bench_reliability")
     with pytest.raises(SystemExit) as info:

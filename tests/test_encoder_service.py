@@ -497,30 +497,63 @@ def noise_png(side: int = 256, seed: int = 0) -> bytes:
 
 
 def test_request_bytes_in_flight_are_bounded(model_dir):
-    """--max-inflight-bytes: unary calls past the budget get RESOURCE_EXHAUSTED naming the flag (counted), while
-    the messages of a stream wait for it (flow control) and are all answered; the gauge returns to 0."""
+    """--max-inflight-bytes: unary calls that find no room within --max-inflight-wait-ms get RESOURCE_EXHAUSTED
+    naming both flags (counted); with a longer wait they queue and are all answered; the messages of a stream
+    wait for room (flow control) and are all answered; the gauge returns to 0."""
     image = noise_png()
     assert 150_000 < len(image) < 250_000
     backend = SlowBackend(ort_backend(model_dir), delay=0.4)
-    config = make_config(model_dir, max_message_bytes=256 * 1024, max_inflight_bytes=300 * 1024, max_batch=1, max_stream_inflight=4)
+    config = make_config(
+        model_dir, max_message_bytes=256 * 1024, max_inflight_bytes=300 * 1024, max_inflight_wait_ms=0, max_batch=1, max_stream_inflight=4
+    )
     with ServerThread(config, backend=backend, warmup=False) as running, EncoderClient(running.target, timeout=60) as c:
+
+        def call(_):
+            try:
+                return len(c.encode_images([image]))
+            except EncoderError as exc:
+                return exc
+
         with ThreadPoolExecutor(4) as pool:
-
-            def call(_):
-                try:
-                    return len(c.encode_images([image]))
-                except EncoderError as exc:
-                    return exc
-
             outcomes = list(pool.map(call, range(4)))
         errors = [o for o in outcomes if isinstance(o, EncoderError)]
         assert errors and all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
-        assert "(--max-inflight-bytes): retry with backoff" in errors[0].details and 1 in outcomes
+        assert "(--max-inflight-bytes; waited 0 ms, --max-inflight-wait-ms): retry with backoff" in errors[0].details and 1 in outcomes
+        running.server.config.max_inflight_wait_ms = 30_000  # one at a time (0.4 s each), each waiting its turn
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(call, range(4))) == [1, 1, 1, 1]
         answered = list(c.stream_encode_images([[image]] * 4))  # one message in flight at a time: all answered
         assert [len(r) for r in answered] == [1, 1, 1, 1]
         text = metrics_text(running)
         assert "teran_encoder_inflight_bytes 0.0" in text
         assert 'teran_encoder_errors_total{code="RESOURCE_EXHAUSTED",method="EncodeImages"}' in text
+
+
+def test_unary_request_is_not_read_past_the_budget(model_dir):
+    """A unary encode call is refused before its request is read when the budget is spent: garbage bytes
+    get RESOURCE_EXHAUSTED (budget) rather than INVALID_ARGUMENT (parsed), and are parsed once bytes free up."""
+    config = make_config(model_dir, max_message_bytes=256 * 1024, max_inflight_bytes=300 * 1024, max_inflight_wait_ms=50)
+    with ServerThread(config, warmup=False) as running, grpc.insecure_channel(running.target) as channel:
+        budget = running.server.budget
+        raw = channel.unary_unary("/teran.v1.EncoderService/EncodeImages")  # bytes in, bytes out
+        garbage = b"\xff" * 1000
+
+        async def on_loop(action):  # the budget belongs to the server's event loop
+            action()
+
+        running.call(on_loop(lambda: budget.try_take(budget.limit)))
+        with pytest.raises(grpc.RpcError) as refused:
+            raw(garbage, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-inflight-bytes" in refused.value.details()
+        running.call(on_loop(lambda: budget.release(budget.limit)))
+        with pytest.raises(grpc.RpcError) as parsed:
+            raw(garbage, timeout=10)
+        assert parsed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid teran.v1 protobuf" in parsed.value.details()
+        for _ in range(100):  # the status can reach the client just before the handler unwinds
+            if budget.used == 0:
+                break
+            time.sleep(0.02)
+        assert budget.used == 0
 
 
 # --------------------------------------------------------------------------- auth and TLS

@@ -5,7 +5,8 @@ once on one machine), each on its own ports, the embedded etcd's included (it us
 from __future__ import annotations
 
 import pytest
-from search_fixtures import MilvusStandalone
+
+from demo.milvus_standalone import MilvusStandalone
 
 pytest.importorskip("milvus")
 

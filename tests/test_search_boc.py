@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from search_fixtures import (
     ROOT,
-    MilvusStandalone,
-    drop_collections,
     expect_error,
     random_unit,
     search_config,
@@ -23,6 +21,7 @@ from search_fixtures import (
     vectors_message,
 )
 
+from demo.milvus_standalone import MilvusStandalone, drop_collections
 from search_service import codebook as codebook_cli
 from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.config import ConfigError

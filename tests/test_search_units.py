@@ -371,3 +371,39 @@ def test_unit_rows():
         check_unit_rows(rows, "c", 0.01)
     with pytest.raises(ValueError, match=r"g: L2 norm 0;"):
         check_unit_rows(np.zeros(8), "g", 0.01)
+
+
+def test_milvus_calls_are_bounded_by_the_request_deadline():
+    """Each Milvus call made under within(deadline) gets timeout=min(its own, the time left); a job that
+    starts after the deadline, or a call made after it, is refused without reaching Milvus."""
+    import time
+
+    from search_service.deadlines import DeadlineBoundClient, DeadlinePassed, within
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def query(self, name, timeout=None):
+            self.calls.append(("query", name, timeout))
+            return name
+
+        def close(self):  # not a server call: passed through untouched
+            self.calls.append(("close",))
+
+    inner = Recorder()
+    client = DeadlineBoundClient(inner, timeout=30.0)
+    assert client.query("a") == "a" and inner.calls[-1] == ("query", "a", 30.0)  # no request deadline: its own timeout
+    left = within(time.monotonic() + 2.0, lambda: client.query("b") and inner.calls[-1][2])
+    assert 1.5 < left <= 2.0
+    assert within(time.monotonic() + 100.0, lambda: client.query("c") and inner.calls[-1][2]) == 30.0
+    assert client.query("d", timeout=5) == "d" and inner.calls[-1][2] == 5  # an explicit timeout stands
+    client.close()
+    assert inner.calls[-1] == ("close",)
+    count = len(inner.calls)
+    with pytest.raises(DeadlinePassed):
+        within(time.monotonic() - 0.1, client.query, "late")
+    with pytest.raises(DeadlinePassed):
+        within(time.monotonic() + 0.05, lambda: (time.sleep(0.1), client.query("too late")))
+    assert len(inner.calls) == count  # neither reached Milvus
+    assert client.query("e") == "e" and inner.calls[-1][2] == 30.0  # the bound ends with the job
