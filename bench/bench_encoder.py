@@ -39,10 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from encoder_service.client import AsyncEncoderClient, EncoderClient  # noqa: E402
 from teran.manifest import load_manifest  # noqa: E402
 from teran.preprocess import decode_image, to_pixels  # noqa: E402
 from teran.tokenization import CaptionTokenizer  # noqa: E402
+from teran_api.encoder_client import AsyncEncoderClient, EncoderClient  # noqa: E402
 
 SUBJECTS = [
     "a dog",

@@ -94,7 +94,7 @@ class RssSampler:
 
 
 def load(model_dir: Path, workdir: Path, streams: int, messages: int, budget_mib: int) -> dict:
-    from encoder_service._proto import encoder_pb2, encoder_pb2_grpc
+    from teran_api._proto import encoder_pb2, encoder_pb2_grpc
 
     images = noise_jpegs()
     message = encoder_pb2.EncodeImagesRequest(images=[encoder_pb2.ImageInput(encoded=b) for b in images], global_only=True)
@@ -180,8 +180,7 @@ def load(model_dir: Path, workdir: Path, streams: int, messages: int, budget_mib
 
 def caption_vectors(rng, dim: int, count: int, bad: str | None = None):
     """IndexItems of caption vectors (model unset); the last one corrupted by `bad`."""
-    from encoder_service._proto import common_pb2
-    from search_service._proto import search_pb2
+    from teran_api._proto import common_pb2, search_pb2
 
     def unit(rows: int, scale: float = 1.0) -> np.ndarray:
         matrix = rng.standard_normal((rows, dim))
@@ -210,7 +209,7 @@ def caption_vectors(rng, dim: int, count: int, bad: str | None = None):
 
 def count_found(stub, ids: list[str], chunk: int = 1024) -> int:
     """How many of the caption `ids` Get finds (in requests of at most --max-ids)."""
-    from search_service._proto import search_pb2
+    from teran_api._proto import search_pb2
 
     found = 0
     for start in range(0, len(ids), chunk):
@@ -225,7 +224,7 @@ def search_service(workdir: Path, name: str) -> LocalService:
 
 
 def partial_write(workdir: Path, dim: int = 64) -> dict:
-    from search_service._proto import search_pb2, search_pb2_grpc
+    from teran_api._proto import search_pb2, search_pb2_grpc
 
     service = search_service(workdir, "partial")
     service.start()
@@ -251,7 +250,7 @@ def partial_write(workdir: Path, dim: int = 64) -> dict:
 
 
 def crash(workdir: Path, dim: int = 64, writers: int = 4, seconds: float = 8.0) -> dict:
-    from search_service._proto import search_pb2, search_pb2_grpc
+    from teran_api._proto import search_pb2, search_pb2_grpc
 
     service = search_service(workdir, "crash")
     service.start()
@@ -313,8 +312,7 @@ def milvus_restart(workdir: Path, dim: int = 64, writers: int = 4, cycles: int =
     then restarted on the same data, `cycles` times: acknowledged ids lost, and how long after Milvus
     answers again (restart() returns once it serves list_collections) Get, Stats and Search succeed."""
     from demo.milvus_standalone import MilvusStandalone
-    from encoder_service._proto import common_pb2
-    from search_service._proto import search_pb2, search_pb2_grpc
+    from teran_api._proto import common_pb2, search_pb2, search_pb2_grpc
 
     milvus = MilvusStandalone(workdir / "milvus")
     args = ["--milvus-uri", milvus.uri, "--max-index-items", "512", "--log-format", "json"]

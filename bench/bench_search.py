@@ -56,9 +56,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from encoder_service.tensors import to_tensor  # noqa: E402
-from search_service._proto import search_pb2, search_pb2_grpc  # noqa: E402
 from teran.alignment_numpy import blend_scores  # noqa: E402
+from teran_api._proto import search_pb2, search_pb2_grpc  # noqa: E402
+from teran_api.tensors import to_tensor  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-search"
 
@@ -100,10 +100,10 @@ def encode_dev(model_dir: Path, limit: int) -> dict:
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
         return {**{k: data[k] for k in data.files}, **served}
-    from encoder_service.client import EncoderClient
     from encoder_service.config import EncoderConfig
     from encoder_service.server import ServerThread
     from teran.data.flickr8k import load_split
+    from teran_api.encoder_client import EncoderClient
 
     split = load_split("dev", limit=limit)
     config = EncoderConfig(model_dir=model_dir, host="127.0.0.1", port=0, metrics_port=-1, verify_model=False, max_items=64).validate()

@@ -147,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _search_client(args):
-    from search_service.client import SearchClient
+    from teran_api.search_client import SearchClient
 
     return SearchClient(args.search, token=args.token, timeout=args.timeout, tls=args.tls, root_cert=args.root_cert)
 
 
 def _encoder_client(args):
-    from encoder_service.client import EncoderClient
+    from teran_api.encoder_client import EncoderClient
 
     return EncoderClient(args.encoder, token=args.token, timeout=args.timeout, tls=args.tls, root_cert=args.root_cert)
 
@@ -201,7 +201,7 @@ def cmd_search(args) -> int:
         fields["caption"] = args.caption
     with _search_client(args) as client:
         response = client.search(**fields)
-    from search_service._proto import search_pb2
+    from teran_api._proto import search_pb2
 
     hits = []
     for rank, hit in enumerate(response.hits, 1):
@@ -310,7 +310,7 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
 
 
 def cmd_index(args) -> int:
-    from search_service._proto import search_pb2
+    from teran_api._proto import search_pb2
 
     metadata_json = json.dumps(args.metadata)
     if args.images is not None:
@@ -448,7 +448,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from search_service._proto import search_pb2
+    from teran_api._proto import search_pb2
 
     with _search_client(args) as client:
         s = client.stats()
@@ -480,7 +480,7 @@ def cmd_stats(args) -> int:
 
 
 def _modality(args) -> int:
-    from search_service.client import CAPTION, IMAGE
+    from teran_api.search_client import CAPTION, IMAGE
 
     return IMAGE if args.modality == "image" else CAPTION
 
@@ -528,8 +528,8 @@ def cmd_delete(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
-    from encoder_service.client import EncoderError
-    from search_service.client import SearchError
+    from teran_api.encoder_client import EncoderError
+    from teran_api.search_client import SearchError
 
     try:
         return args.func(args)

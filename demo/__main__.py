@@ -43,7 +43,7 @@ IMAGE_QUERY_INDEX = 7  # a dev photo whose own captions are in the index
 
 def index_split(client, data, batch: int = 32) -> None:
     """Stream the split's photos and captions into the search service, unless already there."""
-    from search_service._proto import search_pb2
+    from teran_api._proto import search_pb2
 
     captions, owners = data.flat_captions()
     stats = client.stats()
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     # One milvus-lite file per exported model: a new model never meets vectors of another.
     database = output / f"search-{load_manifest(model_dir, verify=False).source.sha256[:12]}.db"
 
-    from search_service.client import SearchClient
+    from teran_api.search_client import SearchClient
 
     with (
         service("encoder_service", "teran.v1.EncoderService", ["--model-dir", str(model_dir)]) as encoder,

@@ -16,14 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from encoder_service._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
 from encoder_service.backends import Backend, BackendError
 from encoder_service.batching import DeadlineExpired, Overloaded
 from encoder_service.config import EncoderConfig
 from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
-from encoder_service.tensors import FLOAT16, FLOAT32, dtype_code, fill_tensor, from_tensor, to_tensor
 from serving.budget import ByteBudget
 from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
     HEALTH_EXEMPT,
@@ -37,6 +35,8 @@ from serving.grpc_server import (  # noqa: F401 - re-exported for existing impor
     request_id_problem,
 )
 from teran.errors import TeranInputError
+from teran_api._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
+from teran_api.tensors import FLOAT16, FLOAT32, dtype_code, fill_tensor, from_tensor, to_tensor
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 log = get_logger("server")

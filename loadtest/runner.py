@@ -75,7 +75,7 @@ def machine() -> dict:
 
 def _seed(search: str, timeout: float, samples) -> str | None:
     """Index sample photos (what caption searches find) and captions once (not counted in the stats)."""
-    from search_service.client import SearchClient
+    from teran_api.search_client import SearchClient
 
     try:
         with SearchClient(search, timeout=max(timeout, 120.0)) as client:
@@ -235,7 +235,7 @@ def run_soak(*, seconds: float, window: float, users: int, spawn_rate: float, at
 
 def _verify_acked(address: str, ids: list[str], timeout: float) -> tuple[list[str], int]:
     """Get every id back (captions collection); returns (missing ids, stored captions per Stats)."""
-    from search_service.client import CAPTION, SearchClient, SearchError
+    from teran_api.search_client import CAPTION, SearchClient, SearchError
 
     def retrying(fn, *args):
         for attempt in range(30):

@@ -14,8 +14,8 @@ from locust import User, constant, task
 from locust.user.users import LOCUST_STATE_STOPPING
 from PIL import Image
 
-from encoder_service.client import EncoderClient
-from search_service.client import SearchClient
+from teran_api.encoder_client import EncoderClient
+from teran_api.search_client import SearchClient
 
 CAPTIONS = [
     "a dog runs on the beach",

@@ -71,7 +71,7 @@ def vectors_from_npz(path: Path, keys: list[str]) -> np.ndarray:
 
 
 def vectors_from_images(folder: Path, address: str, token: str, batch: int) -> np.ndarray:
-    from encoder_service.client import EncoderClient
+    from teran_api.encoder_client import EncoderClient
 
     if not address:
         raise TeranInputError("--images needs --encoder-address (a running teran.v1.EncoderService)")

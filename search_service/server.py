@@ -19,11 +19,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2
 
-from encoder_service._proto import common_pb2
-from encoder_service.client import AsyncEncoderClient, EncoderError, RegionFeatures
-from encoder_service.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
 from search_service import cache as rerank_cache
-from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.cache import RerankCache
 from search_service.checks import check_unit_rows, parse_metadata
 from search_service.config import SearchConfig, parse_ranking
@@ -54,6 +50,9 @@ from serving.grpc_server import (
     without_cause,
 )
 from teran.errors import TeranInputError
+from teran_api._proto import common_pb2, search_pb2, search_pb2_grpc
+from teran_api.encoder_client import AsyncEncoderClient, EncoderError, RegionFeatures
+from teran_api.tensors import FLOAT16, FLOAT32, from_tensor, to_tensor
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 log = get_logger("server")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from encoder_service._proto import common_pb2
+from teran_api._proto import common_pb2
 
 
 @st.composite

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from encoder_service.tensors import to_tensor
-from search_service._proto import search_pb2
+from teran_api._proto import search_pb2
+from teran_api.tensors import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 

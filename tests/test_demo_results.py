@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from demo.results import Hit
-from search_service._proto import search_pb2
+from teran_api._proto import search_pb2
 
 
 def test_hit_from_search_hit_reads_whole_words_and_strongest_matches():

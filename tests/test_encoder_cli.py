@@ -15,29 +15,19 @@ import numpy as np
 import pytest
 from encoder_fixtures import build_synthetic_model_dir
 
-from encoder_service._proto import common_pb2
 from encoder_service.config import ConfigError, EncoderConfig, build_parser, from_args
-from encoder_service.tensors import decode, from_tensor, to_tensor
 from teran.errors import FeatureShapeError
+from teran_api._proto import common_pb2
+from teran_api.tensors import decode, from_tensor, to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
-def test_generated_code_is_up_to_date(tmp_path):
-    sys.path.insert(0, str(ROOT / "proto"))
-    try:
-        import generate
-    finally:
-        sys.path.remove(str(ROOT / "proto"))
-    generate.generate(tmp_path / "gen")
-    assert generate.compare(tmp_path / "gen", ROOT / "encoder_service" / "_proto") == [], "run: python proto/generate.py"
-
-
 def test_service_modules_never_import_torch():
     code = (
         "import sys\n"
-        "import encoder_service, encoder_service.server, encoder_service.client, encoder_service.backends\n"
+        "import encoder_service, encoder_service.server, teran_api.encoder_client, encoder_service.backends\n"
         "import encoder_service.model, encoder_service.__main__, tritonclient.grpc, onnxruntime\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"
@@ -112,7 +102,7 @@ def test_flags_and_environment(tmp_path):
 
 def test_cli_serves_until_sigterm(tmp_path):
     """`python -m encoder_service`: JSON logs, env settings, bad model dir exit code, clean SIGTERM."""
-    from encoder_service.client import EncoderClient, EncoderError
+    from teran_api.encoder_client import EncoderClient, EncoderError
 
     bad = subprocess.run(
         [PYTHON, "-m", "encoder_service", "--model-dir", str(tmp_path / "missing"), "--metrics-port", "-1"],

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from encoder_fixtures import Reference, TritonTestServer, build_exported_model_dir, image_bytes, make_config, regions
 
-from encoder_service.client import EncoderClient, EncoderError, RegionFeatures
 from encoder_service.server import ServerThread
 from teran.manifest import ManifestError, load_manifest
+from teran_api.encoder_client import EncoderClient, EncoderError, RegionFeatures
 
 pytestmark = pytest.mark.slow  # exports and serves real backbones
 

@@ -12,9 +12,9 @@ from fuzz_strategies import tensors
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from encoder_service._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
-from encoder_service.client import EncoderClient
 from encoder_service.server import ServerThread
+from teran_api._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
+from teran_api.encoder_client import EncoderClient
 
 FUZZ = settings(
     max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]

@@ -24,9 +24,9 @@ from encoder_fixtures import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
-from encoder_service.client import AsyncEncoderClient, EncoderClient, EncoderError, RegionFeatures
 from encoder_service.server import ServerThread
+from teran_api._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
+from teran_api.encoder_client import AsyncEncoderClient, EncoderClient, EncoderError, RegionFeatures
 
 CAPTIONS = ["a dog runs on the beach", "two cats", "a man in a red shirt is climbing a very tall rock wall near the sea"]
 ATOL = 2e-5

@@ -10,9 +10,9 @@ import pytest
 from encoder_fixtures import TritonTestServer, build_synthetic_model_dir, image_bytes, make_config, regions
 
 from encoder_service.backends import BackendError, TritonBackend
-from encoder_service.client import EncoderClient, EncoderError, RegionFeatures
 from encoder_service.server import ServerThread
 from teran.manifest import load_manifest
+from teran_api.encoder_client import EncoderClient, EncoderError, RegionFeatures
 
 CAPTIONS = ["a dog runs on the beach", "two cats", "a man in a red shirt climbs a rock wall"]
 

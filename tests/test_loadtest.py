@@ -25,8 +25,8 @@ from search_fixtures import search_config, unique_prefix  # noqa: E402
 
 from encoder_service.server import ServerThread as EncoderThread  # noqa: E402
 from loadtest.runner import SCENARIO_NAMES, _verify_acked, run_isolated  # noqa: E402
-from search_service.client import SearchClient  # noqa: E402
 from search_service.server import ServerThread as SearchThread  # noqa: E402
+from teran_api.search_client import SearchClient  # noqa: E402
 
 pytestmark = pytest.mark.slow  # locust runs against both services started in subprocesses
 

@@ -9,11 +9,10 @@ import pytest
 from encoder_fixtures import build_synthetic_model_dir, make_config, metrics_text
 from search_fixtures import search_config
 
-from encoder_service._proto import encoder_pb2
 from encoder_service.server import ServerThread as EncoderThread
-from search_service._proto import search_pb2
-from search_service.client import SearchClient
 from search_service.server import ServerThread as SearchThread
+from teran_api._proto import encoder_pb2, search_pb2
+from teran_api.search_client import SearchClient
 
 GARBAGE = b"\xff\xff\xff\xff"  # field 31 with wire type 7: no protobuf parser accepts it
 PROBLEM = "the request bytes are not a valid teran.v1 protobuf message for this method"

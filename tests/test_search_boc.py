@@ -23,12 +23,12 @@ from search_fixtures import (
 
 from demo.milvus_standalone import MilvusStandalone, drop_collections
 from search_service import codebook as codebook_cli
-from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.config import ConfigError
 from search_service.server import ServerThread
 from search_service.sparse import check_codebook, codebook_digest, item_boc, kmeans_codebook, load_codebook
 from search_service.store import CodebookMismatch
 from teran.errors import TeranInputError
+from teran_api._proto import search_pb2, search_pb2_grpc
 
 pytestmark = pytest.mark.slow  # Bag-of-Concepts collections: codebooks, restarts, a Milvus server
 

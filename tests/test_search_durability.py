@@ -15,7 +15,7 @@ from encoder_fixtures import build_synthetic_model_dir, make_config
 from search_fixtures import SearchProcess, vector_item
 
 from encoder_service.server import ServerThread as EncoderThread
-from search_service._proto import search_pb2, search_pb2_grpc
+from teran_api._proto import search_pb2, search_pb2_grpc
 
 pytestmark = pytest.mark.slow  # kills and restarts a search service process
 

@@ -14,10 +14,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from search_fixtures import search_config
 
-from encoder_service._proto import common_pb2
 from encoder_service.server import ServerThread as EncoderThread
-from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.server import ServerThread as SearchThread
+from teran_api._proto import common_pb2, search_pb2, search_pb2_grpc
 
 FUZZ = settings(
     max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]

@@ -22,14 +22,14 @@ from search_fixtures import (
 )
 
 from demo.milvus_standalone import MilvusStandalone, drop_collections
-from encoder_service.client import EncoderClient
 from encoder_service.server import ServerThread as EncoderThread
-from encoder_service.tensors import decode
-from search_service._proto import search_pb2, search_pb2_grpc
 from search_service.server import ServerThread
 from teran.alignment_numpy import alignment_scores
 from teran.hubness import HubReference
 from teran.words import content_words
+from teran_api._proto import search_pb2, search_pb2_grpc
+from teran_api.encoder_client import EncoderClient
+from teran_api.tensors import decode
 
 DIM = 16
 CAPTIONS = [
@@ -701,7 +701,7 @@ def test_client_auth_health_metrics(milvus_uri, encoder):
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from search_service.client import CAPTION, IMAGE, SearchClient, SearchError
+    from teran_api.search_client import CAPTION, IMAGE, SearchClient, SearchError
 
     search = Search(milvus_uri, encoder.target, auth_tokens=["s3cret"], metrics_port=0, metrics_host="127.0.0.1")
     try:
@@ -931,7 +931,7 @@ def test_tls_on_the_search_port_and_mutual_tls_to_the_encoder(tmp_path):
     certificates with --encoder-root-cert and --encoder-client-cert/--encoder-client-key."""
     from encoder_fixtures import self_signed_cert
 
-    from search_service.client import SearchClient, SearchError
+    from teran_api.search_client import SearchClient, SearchError
 
     (tmp_path / "server").mkdir()
     (tmp_path / "client").mkdir()
@@ -1008,8 +1008,8 @@ def test_a_refused_encoder_token_makes_the_service_not_ready_until_it_is_accepte
     UNAVAILABLE), and health returns to SERVING once the encoder accepts the service's credentials."""
     import asyncio
 
-    from encoder_service.client import AsyncEncoderClient
     from search_service import server as search_server
+    from teran_api.encoder_client import AsyncEncoderClient
 
     monkeypatch.setattr(search_server, "ENCODER_RECHECK_S", 0.2)
     model_dir = build_synthetic_model_dir(tmp_path / "model", joint_dim=DIM)

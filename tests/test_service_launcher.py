@@ -13,7 +13,7 @@ from encoder_fixtures import build_synthetic_model_dir
 
 from demo import steps
 from demo.launcher import REPO, LocalService, ServiceStartError
-from encoder_service.client import EncoderClient, EncoderError
+from teran_api.encoder_client import EncoderClient, EncoderError
 
 pytestmark = pytest.mark.slow  # starts and restarts service processes
 

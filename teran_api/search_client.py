@@ -1,6 +1,6 @@
 """A small typed client for teran.v1.SearchService (blocking).
 
-    from search_service.client import SearchClient
+    from teran_api.search_client import SearchClient
     with SearchClient("localhost:50052") as client:
         client.index_captions({"c1": "a dog runs on the beach"}, metadata={"c1": {"split": "test"}})
         client.index_images({"i1": open("dog.jpg", "rb").read()})
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from search_service._proto import search_pb2, search_pb2_grpc
 from serving.grpc_server import channel_credentials
+from teran_api._proto import search_pb2, search_pb2_grpc
 
 IMAGE, CAPTION = search_pb2.IMAGE, search_pb2.CAPTION
 

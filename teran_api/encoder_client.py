@@ -1,6 +1,6 @@
 """Typed Python clients for teran.v1.EncoderService (sync and asyncio), returning numpy arrays.
 
-    from encoder_service.client import EncoderClient, RegionFeatures
+    from teran_api.encoder_client import EncoderClient, RegionFeatures
     with EncoderClient("localhost:50051", token="...") as client:
         captions = client.encode_captions(["a dog runs on the beach"])
         captions[0].global_vector      # float32 [D]
@@ -20,10 +20,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service._proto import encoder_pb2, encoder_pb2_grpc
-from encoder_service.tensors import FLOAT16, FLOAT32, decode, dtype_code, fill_tensor
 from serving.grpc_server import channel_credentials
 from teran.hubness import HubReference
+from teran_api._proto import encoder_pb2, encoder_pb2_grpc
+from teran_api.tensors import FLOAT16, FLOAT32, decode, dtype_code, fill_tensor
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "teran.v1.EncoderService"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from encoder_service._proto import common_pb2
 from teran.errors import FeatureShapeError
+from teran_api._proto import common_pb2
 
 Tensor = common_pb2.Tensor
 FLOAT32 = Tensor.FLOAT32

@@ -1,5 +1,5 @@
-from encoder_service._proto import common_pb2 as _common_pb2
-from encoder_service._proto import encoder_pb2 as _encoder_pb2
+from . import common_pb2 as _common_pb2
+from . import encoder_pb2 as _encoder_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
