@@ -90,7 +90,7 @@ class DynamicBatcher:
         self._buckets: dict[Hashable, deque[_Item]] = {}
         self._pending = 0
         self._running = 0  # batches of this graph running now (workers and the idle fast path)
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()  # bound to a loop at first use; start() makes a fresh one
         self._tasks: list[asyncio.Task] = []
         self._closed = False
 
@@ -119,7 +119,7 @@ class DynamicBatcher:
 
     async def submit(self, payloads: Sequence[Any], buckets: Sequence[Hashable] | None = None, deadline: float | None = None) -> list[Any]:
         """Queue `payloads` (all or none) and wait for their results, in order."""
-        if self._closed or self._wakeup is None:
+        if self._closed or not self._tasks:
             raise Overloaded(f"{self.name}: the server is shutting down")
         if self._pending + len(payloads) > self.max_queue:
             if self.metrics:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from encoder_service.metrics import Metrics
 from teran.errors import CaptionError, TeranInputError
 from teran.hubness import HubReference
 from teran.manifest import Manifest, load_manifest
-from teran.preprocess import ImageLimits, decode_image, to_pixels
+from teran.preprocess import ImageLimits, PixelSpec, decode_image, to_pixels
 from teran.tokenization import CaptionTokenizer
 
 log = get_logger("model")
@@ -92,6 +93,8 @@ class EncoderModel:
     ):
         self.config = config
         self.active_calls = active_calls
+        if config.model_dir is None:
+            raise ConfigError("--model-dir is required")
         self.model_dir = Path(config.model_dir)
         self.metrics = metrics or Metrics()
         started = time.monotonic()
@@ -169,7 +172,11 @@ class EncoderModel:
         graphs = sorted(self.manifest.graphs)
         self._executor = ThreadPoolExecutor(max_workers=len(graphs) * self.config.batch_workers, thread_name_prefix="encoder-run")
         self._decoder = ThreadPoolExecutor(max_workers=self.config.decode_workers, thread_name_prefix="encoder-decode")
-        runners = {"text_encoder": self._run_text, "image_encoder": self._run_image_encoder, "image_backbone": self._run_backbone}
+        runners: dict[str, Callable[[list], Sequence]] = {
+            "text_encoder": self._run_text,
+            "image_encoder": self._run_image_encoder,
+            "image_backbone": self._run_backbone,
+        }
         for graph in graphs:
             batcher = DynamicBatcher(
                 graph,
@@ -208,6 +215,13 @@ class EncoderModel:
                 pool.shutdown(wait=True)
         self.backend.close()
 
+    @property
+    def _pixels(self) -> PixelSpec:
+        """The pixel spec of the image backbone (callers check has_backbone first)."""
+        if self.pixel_spec is None:
+            raise InvalidInput("this model takes region features, not image files (it has no image_backbone graph)")
+        return self.pixel_spec
+
     def _warmup(self) -> None:
         """Run every graph once per shape bucket (caption lengths, one region count, one image)."""
         word = self.tokenizer._tokenizer.token_to_id("a")
@@ -216,7 +230,7 @@ class EncoderModel:
             ids = np.array([self.cls_id] + [word] * max(1, length - 2) + [self.sep_id], dtype=np.int64)
             self._run_text([ids])
         if self.has_backbone:
-            size = self.pixel_spec.size
+            size = self._pixels.size
             regions = self._run_backbone([np.zeros((3, size, size), np.float32)])
             self._run_image_encoder([(regions[0][0], regions[0][1], None)])
         else:
@@ -362,7 +376,7 @@ class EncoderModel:
                 text += " (--max-image-bytes / --max-image-pixels / --max-image-side)"
             raise InvalidInput(text) from None
         width, height = image.size
-        return to_pixels(image, self.pixel_spec), width, height
+        return to_pixels(image, self._pixels), width, height
 
     async def encode_images(
         self, images: list[bytes | RegionInput], deadline: float | None = None, field: str = "images"
@@ -389,7 +403,10 @@ class EncoderModel:
         sizes: dict[int, tuple[int, int]] = {}
         if encoded:
             decoded = await asyncio.gather(
-                *(loop.run_in_executor(self._decoder, self._decode, bytes(images[i]), f"{field}[{i}].encoded") for i in encoded)
+                *(
+                    loop.run_in_executor(self._decoder, self._decode, bytes(cast(bytes, images[i])), f"{field}[{i}].encoded")
+                    for i in encoded
+                )
             )
             pixels = [d[0] for d in decoded]
             grids = await self.batchers["image_backbone"].submit(pixels, None, deadline)

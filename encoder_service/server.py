@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -80,7 +81,7 @@ def _budgeted_unary_handlers(servicer: EncoderServicer) -> grpc.GenericRpcHandle
     """EncodeCaptions and EncodeImages as client-streaming handlers (same wire format as unary), so
     that their request is read after the byte budget is reserved. Added before the generated
     handlers, which therefore never serve these two methods."""
-    handlers = {
+    handlers: dict[str, tuple[Callable, Any, Any]] = {
         "EncodeCaptions": (servicer.EncodeCaptions, encoder_pb2.EncodeCaptionsRequest, encoder_pb2.EncodeCaptionsResponse),
         "EncodeImages": (servicer.EncodeImages, encoder_pb2.EncodeImagesRequest, encoder_pb2.EncodeImagesResponse),
     }
@@ -116,6 +117,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             m = model.manifest
             self._ref = common_pb2.ModelRef(name=m.model_name, version=m.model_version, dimension=m.joint_dim)
             self._ref_for = model
+        assert self._ref is not None
         return self._ref
 
     def _check_request_id(self, request_id: str) -> None:
@@ -325,6 +327,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         # read (a message waiting for the budget would already sit in memory), the rest returned once
         # its size is known. While the budget is spent the stream is not read: flow control holds the client.
         reserve = self._reservation()
+        held: dict[asyncio.Future, int] = {}  # request bytes of each message in work, until it is answered
 
         async def reader() -> None:
             index = 0
@@ -340,12 +343,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     size = self._charge(request, reserve)
                     budget.release(reserve - size)
                     task = asyncio.ensure_future(work(request, deadline, index))
-                    task.request_bytes = size  # type: ignore[attr-defined]  # released once answered
+                    held[task] = size  # released once answered
                     try:
                         await queue.put(task)
                     except asyncio.CancelledError:  # never queued: nobody else will release its bytes
                         task.cancel()
-                        budget.release(size)
+                        budget.release(held.pop(task, 0))
                         raise
                     index += 1
             except StopAsyncIteration:
@@ -368,8 +371,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 try:
                     response = await entry
                 finally:
-                    budget.release(entry.request_bytes)
-                    entry.request_bytes = 0
+                    budget.release(held.pop(entry, 0))
                 self.metrics.latency.labels(method).observe(time.perf_counter() - message_started)
                 count += 1
                 yield response
@@ -387,7 +389,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 entry = queue.get_nowait()
                 if isinstance(entry, asyncio.Future):
                     entry.cancel()
-                    budget.release(entry.request_bytes)
+                    budget.release(held.pop(entry, 0))
             self.metrics.inflight.dec()
             self._server.inflight.finished()
             self._record(method, code, time.perf_counter() - started, count, "", context, details)
@@ -464,7 +466,7 @@ class EncoderServer:
         # request bytes held at once (--max-inflight-bytes), shown by teran_encoder_inflight_bytes
         self.budget = ByteBudget(config.max_inflight_bytes, self.metrics.inflight_bytes)
         self._server: grpc.aio.Server | None = None
-        self._stopped: asyncio.Event | None = None
+        self._stopped = asyncio.Event()  # start() makes a fresh one on the serving loop
 
     async def start(self, warmup: bool = True) -> None:
         cfg = self.config
@@ -583,6 +585,8 @@ class ServerThread:
 
     @property
     def port(self) -> int:
+        if self.server.port is None:
+            raise RuntimeError("the encoder server is not listening")
         return self.server.port
 
     @property

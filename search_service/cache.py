@@ -48,7 +48,8 @@ class _Modality:
         self.top = 0  # rows in use (live + garbage)
         self.live = 0
 
-    def _allocate(self) -> None:
+    def _allocate(self) -> np.ndarray:
+        """The rows, allocated at the first call."""
         while self.rows is None:
             try:
                 self.rows = np.empty((self.capacity, self.dim), dtype=FP16)  # untouched pages cost no memory
@@ -56,6 +57,7 @@ class _Modality:
                 if self.capacity <= 1024:
                     raise
                 self.capacity //= 2
+        return self.rows
 
     def compact(self) -> None:
         """Move the live entries down over the garbage, in place (ascending starts: each copy goes down)."""
@@ -150,7 +152,8 @@ class RerankCache:
                 self.full = True
                 return False
             start = m.top
-            m.rows[start : start + count] = concepts
+            rows = m._allocate()  # the array allocated above (compaction works in place)
+            rows[start : start + count] = concepts
             m.index[item_id] = (start, count, int(stamp))
             m.top += count
             m.live += count
@@ -222,6 +225,7 @@ class RerankCache:
                     hit_pos.append(i)
                     starts.append(entry[0])
             if hit_pos:
+                assert m is not None and m.rows is not None  # hits come from an allocated modality
                 pos = np.asarray(hit_pos)
                 start = np.asarray(starts, dtype=np.int64)[:, None]
                 offsets = np.arange(width, dtype=np.int64)[None, :]
@@ -239,7 +243,7 @@ class RerankCache:
 def load(cache: RerankCache, store, modalities, log, stop: threading.Event, progress_every: int = 10000, on_progress=None) -> dict:
     """Startup: every stored row's concepts through the query iterator, put unless this service already wrote a
     newer version meanwhile (if_absent). Stops early at the memory limit (the rest are misses) or on `stop`."""
-    counts = {}
+    counts: dict[str, int] = {}
     for modality in modalities:
         loaded = skipped = 0
         for batch in store.scan(modality, concepts=True):
@@ -267,7 +271,7 @@ def load(cache: RerankCache, store, modalities, log, stop: threading.Event, prog
 
 def refresh(cache: RerankCache, store, modalities, stop: threading.Event, fetch_batch: int = 256) -> dict:
     """Reconcile with Milvus: scan ids + stamps, drop entries deleted or rewritten elsewhere, load rows not cached."""
-    out = {}
+    out: dict[str, dict] = {}
     for modality in modalities:
         live: dict[str, int] = {}
         for batch in store.scan(modality, concepts=False):

@@ -13,7 +13,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -58,7 +60,7 @@ SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name
 log = get_logger("server")
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
 access = get_logger("access")
-MODALITY = {search_pb2.IMAGE: IMAGES, search_pb2.CAPTION: CAPTIONS}
+MODALITY: dict[int, str] = {search_pb2.IMAGE: IMAGES, search_pb2.CAPTION: CAPTIONS}
 MODALITY_ENUM = {IMAGES: search_pb2.IMAGE, CAPTIONS: search_pb2.CAPTION}
 FIRST_STAGE = {
     search_pb2.DENSE: "dense",
@@ -297,7 +299,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         encoder, ranks by MrSw."""
         ranking = parse_ranking(self.config.ranking)
         if ranking != "model":
-            return Ranking(ranking)
+            return Ranking(cast(float | None, ranking))  # a weight, or None for MrSw
         return await self._model_ranking(model)
 
     async def _model_ranking(self, model: ModelInfo) -> Ranking:
@@ -333,7 +335,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         store = self.store
         if not items or not store.hub_field:
             return
-        hub = (await self._model_ranking(store.model)).hub
+        hub = (await self._model_ranking(store.known_model)).hub
         if hub is None:
             return
         vectors = np.stack([item.global_vector for item in items])
@@ -370,6 +372,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         timeout = self.config.encoder_timeout_s
         for start in range(0, len(inputs), step):
             chunk, names = inputs[start : start + step], positions[start : start + step]
+            results: Sequence[Any]
+            r: Any  # a CaptionEncoding or an ImageEncoding, by kind
             try:
                 if kind == CAPTIONS:
                     results = await encoder.encode_captions(chunk, timeout=timeout)
@@ -445,6 +449,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         batches: dict[str, list[Item]] = {IMAGES: [], CAPTIONS: []}
         for i, (modality, metadata, query) in enumerate(entries):
             query = encoded.get(i, query)
+            assert query is not None  # raw items were encoded above
             if query.model is None:
                 query.model = await self._default_model(query.global_vector.shape[0])
             if store.model is None:
@@ -791,7 +796,7 @@ class SearchServer:
         self.listening = threading.Event()
         self.inflight = InflightCalls()
         self._server: grpc.aio.Server | None = None
-        self._stopped: asyncio.Event | None = None
+        self._stopped = asyncio.Event()  # start() makes a fresh one on the serving loop
         self.cache: RerankCache | None = RerankCache(int(config.rerank_cache_mb * 2**20)) if config.rerank_cache_mb > 0 else None
         self._cache_stop = threading.Event()
         self._cache_thread: threading.Thread | None = None
@@ -831,13 +836,16 @@ class SearchServer:
         """Readiness follows Milvus: NOT_SERVING while it does not answer; when it answers again the
         collections are loaded again (a restarted Milvus releases them) before SERVING."""
         loop = asyncio.get_running_loop()
+        store = self.store
+        if store is None:
+            return
         while not self.stopping:
             await asyncio.sleep(self.config.milvus_health_interval_s)
             try:
-                await loop.run_in_executor(self._watch_pool, self.store.ping)
+                await loop.run_in_executor(self._watch_pool, store.ping)
                 if not self._milvus_ok:
-                    await loop.run_in_executor(self._watch_pool, self.store.reload)
-                    log.info("milvus answers again: collections loaded, health follows", extra={"uri": self.store.safe_uri})
+                    await loop.run_in_executor(self._watch_pool, store.reload)
+                    log.info("milvus answers again: collections loaded, health follows", extra={"uri": store.safe_uri})
                     self._milvus_ok = True
                     await self._refresh_health()
             except StoreError as exc:
@@ -864,6 +872,8 @@ class SearchServer:
     async def _encoder_refusal(self) -> EncoderError | None:
         """Ask the encoder (GetModelInfo): its error when it refuses our credentials, else None (answers,
         or fails for another reason, which readiness does not follow)."""
+        if self.encoder is None:
+            return None
         try:
             await self.encoder.model_info(timeout=self.config.encoder_timeout_s)
         except EncoderError as exc:
@@ -922,7 +932,9 @@ class SearchServer:
         """(block [C, L, D] fp16, counts [C], candidates): hits from the cache, misses (absent or stale stamp) from Milvus.
         A candidate deleted since the first stage is dropped; one rewritten since takes the new version's fields."""
         store = self.store
-        dim = store.model.dimension
+        if store is None:
+            raise StoreError("the search service is not connected to Milvus")
+        dim = store.known_model.dimension
         gathered = cache.gather(
             modality, [c.id for c in candidates], [c.stamp for c in candidates], [c.num_concepts for c in candidates], dim
         )
@@ -948,6 +960,7 @@ class SearchServer:
                     row.model,
                     row.stamp,
                 )
+            assert row.concepts is not None  # store.concepts() always fetches them
             count = row.concepts.shape[0]
             if count > block.shape[1]:
                 block = np.pad(block, ((0, 0), (0, count - block.shape[1]), (0, 0)))
@@ -963,6 +976,8 @@ class SearchServer:
     def _cache_worker(self) -> None:
         """Startup load, then (if --rerank-cache-refresh-s) periodic reconciliation with Milvus."""
         cache, cfg = self.cache, self.config
+        if cache is None:
+            return
         try:
             if self.usable_cache() is not None:
                 started = time.perf_counter()
@@ -1138,6 +1153,8 @@ class ServerThread:
 
     @property
     def port(self) -> int:
+        if self.server.port is None:
+            raise RuntimeError("the search server is not listening")
         return self.server.port
 
     @property

@@ -272,13 +272,27 @@ class MilvusStore:
         if self.is_lite:
             return True  # milvus-lite 3.x stores SPARSE_FLOAT_VECTOR
         match = re.search(r"(\d+)\.(\d+)", self.server_version)
-        return bool(match) and (int(match.group(1)), int(match.group(2))) >= (2, 4)
+        return match is not None and (int(match.group(1)), int(match.group(2))) >= (2, 4)
 
     def name(self, modality: str) -> str:
         return f"{self.prefix}_{modality}"
 
+    @property
+    def known_model(self) -> ModelInfo:
+        """The collections' model, where they are known to exist (`model` is None before the first Index)."""
+        if self.model is None:
+            raise StoreError("the collections do not exist yet (nothing indexed)")
+        return self.model
+
+    @property
+    def known_codebook(self) -> np.ndarray:
+        """The BoC codebook, where BoC is known to be on (`codebook` is None without it)."""
+        if self.codebook is None:
+            raise StoreError("the collections have no BoC codebook")
+        return self.codebook
+
     def _info(self, model: ModelInfo | None = None) -> dict:
-        m = model or self.model
+        m = model or self.known_model
         return {
             "format": SCHEMA_FORMAT,
             "model": {"name": m.name, "version": m.version, "dimension": m.dimension},
@@ -294,9 +308,10 @@ class MilvusStore:
         }
 
     def _boc_info(self) -> dict:
-        size, dim = self.codebook.shape
+        codebook = self.known_codebook
+        size, dim = codebook.shape
         parts = math.ceil(4 * math.ceil(size * dim * 4 / 3) / BOC_PART_CHARS)
-        return {"codewords": size, "dimension": dim, "sha256": codebook_digest(self.codebook), "parts": parts}
+        return {"codewords": size, "dimension": dim, "sha256": codebook_digest(codebook), "parts": parts}
 
     def _write_codebook(self) -> None:
         text = base64.b64encode(np.ascontiguousarray(self.codebook, dtype="<f4").tobytes()).decode("ascii")
@@ -436,9 +451,10 @@ class MilvusStore:
                 self.surrogates = list(self.requested_surrogates) if self.sparse_supported else []
                 self.codebook = self.requested_codebook if BOC in self.surrogates else None
                 if self.codebook is not None and self.codebook.shape[1] != model.dimension:
+                    given = self.codebook.shape[1]
                     self.surrogates, self.codebook = [], None
                     raise CodebookMismatch(
-                        f"--boc-codebook has dimension {self.requested_codebook.shape[1]}, but the vectors ({model.describe()}) "
+                        f"--boc-codebook has dimension {given}, but the vectors ({model.describe()}) "
                         f"have dimension {model.dimension}: build the codebook from this model's concept vectors "
                         "(python -m search_service.codebook)"
                     )
@@ -471,7 +487,7 @@ class MilvusStore:
     def _create_missing(self, model: ModelInfo | None = None) -> None:
         from pymilvus import DataType, MilvusClient
 
-        m = model or self.model
+        m = model or self.known_model
         if self.codebook is not None and model is not None:  # new collections: the codebook first (recovery reads it)
             self._create_meta()
             self._write_codebook()
@@ -529,7 +545,7 @@ class MilvusStore:
             "labels": {"word_pieces": list(item.labels)},
             "boxes": encode_boxes(item.boxes),
             "metadata": item.metadata,
-            "model": f"{self.model.name}@{self.model.version}",
+            "model": f"{self.known_model.name}@{self.known_model.version}",
             **({"stamp": item.stamp} if self.stamped else {}),
             **({"hub": float(item.hub)} if self.hub_field else {}),
             **{f"{k}_vector": surrogate(k, item.global_vector, self.sparse_params) for k in self.surrogates if k != BOC},
@@ -537,7 +553,7 @@ class MilvusStore:
         }
 
     def _boc(self, concepts: np.ndarray, image: bool) -> dict[int, float]:
-        return item_boc(concepts, image, self.codebook, self.sparse_params)
+        return item_boc(concepts, image, self.known_codebook, self.sparse_params)
 
     def upsert(self, modality: str, items: list[Item], max_batch_bytes: int = 16 * 1024 * 1024) -> int:
         """Upsert; returns once Milvus has acknowledged every row (then a crash loses nothing)."""
@@ -649,7 +665,7 @@ class MilvusStore:
         if "global_vector" in row:
             item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)
         if vectors:
-            item.concepts = decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], count, self.model.dimension)
+            item.concepts = decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], count, self.known_model.dimension)
         return item
 
     def get(self, modality: str, ids: list[str], vectors: bool = False) -> dict[str, Stored]:
@@ -670,7 +686,7 @@ class MilvusStore:
         return {row["id"]: self._stored(row, True) for row in rows}
 
     def _concepts(self, row: dict) -> np.ndarray:
-        return decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], int(row["num_concepts"]), self.model.dimension)
+        return decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], int(row["num_concepts"]), self.known_model.dimension)
 
     def scan(self, modality: str, concepts: bool, batch_size: int = 0, batch_bytes: int = 16 * 2**20):
         """Every stored row, in batches (pymilvus query iterator): lists of (id, stamp, concepts float16 [N, D] or None).
@@ -789,6 +805,8 @@ class MilvusStore:
         elif first_stage == BOC:
             if self.codebook is None:
                 raise ValueError("the collections have no BoC codebook")
+            if query_concepts is None:
+                raise ValueError("a BAG_OF_CONCEPTS search needs the query's concept vectors")
             params = {}
             data, field = [self._boc(query_concepts, modality != IMAGES)], "boc_vector"
         else:

@@ -241,7 +241,7 @@ class InflightCalls:
 
     def __init__(self):
         self.count = 0
-        self._idle: asyncio.Event | None = None
+        self._idle = asyncio.Event()  # bound to a loop at first use; reset() makes a fresh one
 
     def reset(self) -> None:
         self.count = 0

@@ -15,6 +15,7 @@ import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import cast
 
 from teran.errors import TeranInputError
 
@@ -122,10 +123,10 @@ class Settings:
             except (ValueError, json.JSONDecodeError) as exc:
                 raise ConfigError(f"{source}: invalid {kind} value {value!r} ({exc})") from None
             if name == "auth_token":
-                tokens.extend(converted)
+                tokens.extend(cast(list[str], converted))
             elif name == "auth_token_file":
                 try:
-                    lines = Path(converted).read_text(encoding="utf-8").splitlines()
+                    lines = Path(cast(str, converted)).read_text(encoding="utf-8").splitlines()
                 except OSError as exc:
                     raise ConfigError(f"{source}: cannot read {converted} ({exc.strerror})") from None
                 tokens.extend(line.strip() for line in lines if line.strip())

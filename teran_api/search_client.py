@@ -66,7 +66,12 @@ class SearchClient:
     @staticmethod
     def _items(values: Mapping[str, object], field: str, metadata: Mapping[str, dict] | None) -> list:
         metadata = metadata or {}
-        return [search_pb2.IndexItem(id=i, metadata_json=json.dumps(metadata.get(i, {})), **{field: v}) for i, v in values.items()]
+        items = []
+        for item_id, value in values.items():
+            item = search_pb2.IndexItem(id=item_id, metadata_json=json.dumps(metadata.get(item_id, {})))
+            setattr(item, field, value)  # the `caption` or `image` of the item's oneof
+            items.append(item)
+        return items
 
     def index(self, items: Iterable[search_pb2.IndexItem], request_id: str = "") -> search_pb2.IndexResponse:
         return self._call(self.stub.Index, search_pb2.IndexRequest(items=list(items), request_id=request_id))
@@ -90,10 +95,10 @@ class SearchClient:
     def search_image(self, image: bytes, **options) -> search_pb2.SearchResponse:
         return self.search(image=image, **options)
 
-    def get(self, modality: int, ids: list[str], include_vectors: bool = False) -> search_pb2.GetResponse:
+    def get(self, modality: search_pb2.Modality, ids: list[str], include_vectors: bool = False) -> search_pb2.GetResponse:
         return self._call(self.stub.Get, search_pb2.GetRequest(modality=modality, ids=ids, include_vectors=include_vectors))
 
-    def delete(self, modality: int, ids: list[str]) -> search_pb2.DeleteResponse:
+    def delete(self, modality: search_pb2.Modality, ids: list[str]) -> search_pb2.DeleteResponse:
         return self._call(self.stub.Delete, search_pb2.DeleteRequest(modality=modality, ids=ids))
 
     def stats(self) -> search_pb2.StatsResponse:

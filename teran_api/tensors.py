@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from teran.errors import FeatureShapeError
@@ -10,18 +12,18 @@ from teran_api._proto import common_pb2
 Tensor = common_pb2.Tensor
 FLOAT32 = Tensor.FLOAT32
 FLOAT16 = Tensor.FLOAT16
-NUMPY_DTYPES = {FLOAT32: np.dtype("<f4"), FLOAT16: np.dtype("<f2")}
-NAMES = {FLOAT32: "FLOAT32", FLOAT16: "FLOAT16"}
+NUMPY_DTYPES: dict[int, np.dtype] = {FLOAT32: np.dtype("<f4"), FLOAT16: np.dtype("<f2")}
+NAMES: dict[int, str] = {FLOAT32: "FLOAT32", FLOAT16: "FLOAT16"}
 _BY_NAME = {"float32": FLOAT32, "fp32": FLOAT32, "float16": FLOAT16, "fp16": FLOAT16}
 
 
-def dtype_code(dtype) -> int:
+def dtype_code(dtype) -> common_pb2.Tensor.DType:
     """'float32' / 'fp16' / np.float16 / a Tensor.DType value -> Tensor.DType (UNSPECIFIED -> FLOAT32)."""
     if isinstance(dtype, int) and not isinstance(dtype, bool):
         if dtype == Tensor.DTYPE_UNSPECIFIED:
             return FLOAT32
         if dtype in NUMPY_DTYPES:
-            return dtype
+            return cast("common_pb2.Tensor.DType", dtype)
         raise ValueError(f"unsupported tensor dtype code {dtype}")
     if isinstance(dtype, str) and dtype.lower() in _BY_NAME:
         return _BY_NAME[dtype.lower()]
@@ -43,7 +45,7 @@ def to_tensor(array: np.ndarray, dtype=FLOAT32) -> common_pb2.Tensor:
 def fill_tensor(tensor: common_pb2.Tensor, array: np.ndarray, code: int) -> common_pb2.Tensor:
     """Write `array` into `tensor` (e.g. a response's sub-message, in place: no CopyFrom) as dtype `code` (a Tensor.DType)."""
     data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
-    tensor.dtype = code
+    tensor.dtype = cast("common_pb2.Tensor.DType", code)
     tensor.shape[:] = data.shape
     tensor.data = data.tobytes()
     return tensor
