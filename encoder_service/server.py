@@ -24,17 +24,16 @@ from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
 from serving.budget import ByteBudget
-from serving.grpc_server import (  # noqa: F401 - re-exported for existing importers
-    HEALTH_EXEMPT,
-    BearerTokenInterceptor,
+from serving.grpc_server import (
     InflightCalls,
+    RpcFailure,  # noqa: F401 - re-exported for existing importers
     add_health_and_reflection,
     bind_port,
-    channel_options,
     create_server,
     hide_cause,
     request_id_problem,
 )
+from serving.rpc import RpcFrame
 from teran.errors import TeranInputError
 from teran_api._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
 from teran_api.tensors import FLOAT16, FLOAT32, dtype_code, fill_tensor, from_tensor, to_tensor
@@ -44,15 +43,8 @@ log = get_logger("server")
 access = get_logger("access")
 
 
-class _RpcFailure(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, _RpcFailure):
+    if isinstance(exc, RpcFailure):
         return exc.code, exc.details
     if isinstance(exc, InvalidInput | TeranInputError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -100,6 +92,18 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, server: EncoderServer):
         self._server = server
         self.metrics = server.metrics
+        self.frame = RpcFrame(
+            "encoder",
+            metrics=server.metrics,
+            inflight=server.inflight,
+            classify=_classify,
+            is_stopping=lambda: server.stopping,
+            max_request_id_chars=server.config.max_request_id_chars,
+            access_log=server.config.access_log,
+            log=log,
+            access=access,
+            count_items=lambda response: len(getattr(response, "captions", None) or getattr(response, "images", None) or ()),
+        )
         self._ref: common_pb2.ModelRef | None = None
         self._ref_for: EncoderModel | None = None
 
@@ -108,7 +112,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         model = self._server.model
         if model is None or not model.ready:
             state = "shutting down" if self._server.stopping else "loading and warming up the model"
-            raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the encoder is {state}; retry (watch grpc.health.v1)")
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the encoder is {state}; retry (watch grpc.health.v1)")
         return model
 
     def _model_ref(self) -> common_pb2.ModelRef:
@@ -123,38 +127,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def _check_request_id(self, request_id: str) -> None:
         problem = request_id_problem(request_id, self._server.config.max_request_id_chars)
         if problem:
-            raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
     @staticmethod
     def _deadline(context) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
-
-    async def _unary(self, method: str, context, request_id: str, work: Callable[[], Awaitable]):
-        request_id = request_id[: self._server.config.max_request_id_chars]  # logged; an over-long one is refused by work()
-        started = time.perf_counter()
-        self.metrics.inflight.inc()
-        self._server.inflight.started()
-        code, details, items = grpc.StatusCode.OK, "", 0
-        try:
-            if self._server.stopping:
-                raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
-            response = await work()
-            items = len(getattr(response, "captions", None) or getattr(response, "images", None) or ())
-            return response
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            code, details = _classify(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error in %s", method, extra={"method": method, "request_id": request_id})
-        finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.inflight.dec()
-            self._server.inflight.finished()
-            self._record(method, code, elapsed, items, request_id, context, details)
-        await context.abort(code, details)
 
     async def _budgeted_unary(self, method: str, requests: AsyncIterator, context, work: Callable[[object], Awaitable]):
         """A unary encode call whose one request message is read only once its bytes fit the budget.
@@ -170,23 +148,29 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if not self._server.stopping and await budget.take_within(reserve, self._server.config.max_inflight_wait_ms / 1000):
             held = reserve
         request = None
+        reserved = held > 0
         try:
-            if held:
-                request = await _first_message(requests)
-                if request is None:
-                    raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call carried no request message")
-                size = self._charge(request, reserve)
-                budget.release(held - size)
-                held = size
+            failure: RpcFailure | None = None
+            if reserved:
+                try:
+                    request = await _first_message(requests)
+                except RpcFailure as exc:  # an unparseable message (MalformedRequestInterceptor)
+                    failure = exc
+                if request is not None:
+                    size = self._charge(request, reserve)
+                    budget.release(held - size)
+                    held = size
 
             async def run():
-                if self._server.stopping:
-                    raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
+                if failure is not None:
+                    raise failure
+                if not reserved:
+                    raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_budget(reserve))
                 if request is None:
-                    raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, self._over_budget(reserve))
+                    raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call carried no request message")
                 return await work(request)
 
-            return await self._unary(method, context, getattr(request, "request_id", ""), run)
+            return await self.frame.unary(method, context, getattr(request, "request_id", ""), run)
         finally:
             if held:
                 budget.release(held)
@@ -210,28 +194,6 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             f"{budget.limit} (--max-inflight-bytes; waited {self._server.config.max_inflight_wait_ms:g} ms, --max-inflight-wait-ms): "
             "retry with backoff"
         )
-
-    def _record(self, method, code, elapsed, items, request_id, context, details) -> None:
-        self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.latency.labels(method).observe(elapsed)
-        if code != grpc.StatusCode.OK:
-            self.metrics.errors.labels(method, code.name).inc()
-            if code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
-                log.warning(
-                    "%s failed: %s %s", method, code.name, details, extra={"method": method, "code": code.name, "request_id": request_id}
-                )
-        if self._server.config.access_log:
-            access.info(
-                method,
-                extra={
-                    "method": method,
-                    "code": code.name,
-                    "ms": round(elapsed * 1000, 3),
-                    "items": items,
-                    "request_id": request_id,
-                    "peer": context.peer(),
-                },
-            )
 
     # ------------------------------------------------------------------ captions
 
@@ -315,7 +277,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if self._server.stopping:
             self.metrics.inflight.dec()
             self._server.inflight.finished()
-            self._record(method, grpc.StatusCode.UNAVAILABLE, 0.0, 0, "", context, "shutting down")
+            self.frame.record(method, grpc.StatusCode.UNAVAILABLE, 0.0, "", context, "shutting down")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the encoder is shutting down; retry on another replica")
         inflight = max(1, self._server.config.max_stream_inflight)
         queue: asyncio.Queue = asyncio.Queue(maxsize=inflight)
@@ -392,7 +354,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                     budget.release(held.pop(entry, 0))
             self.metrics.inflight.dec()
             self._server.inflight.finished()
-            self._record(method, code, time.perf_counter() - started, count, "", context, details)
+            self.frame.record(method, code, time.perf_counter() - started, "", context, details, count)
         if failure:
             await context.abort(*failure)
 
@@ -424,13 +386,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             ref = common_pb2.ModelRef(name=info.pop("name"), version=info.pop("version"), dimension=info.pop("dimension"))
             return encoder_pb2.ModelInfo(model=ref, **info)
 
-        return await self._unary("GetModelInfo", context, "", work)
+        return await self.frame.unary("GetModelInfo", context, "", work)
 
     async def GetHubReference(self, request, context):
         async def work():
             reference = self.model.hub_reference
             if reference is None:
-                raise _RpcFailure(
+                raise RpcFailure(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"model {self.model.manifest.model_name} has no hub penalty (its manifest.json has no hub_penalty)",
                 )
@@ -443,7 +405,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
                 caption_reference=to_tensor(reference.captions, FLOAT16),
             )
 
-        return await self._unary("GetHubReference", context, "", work)
+        return await self.frame.unary("GetHubReference", context, "", work)
 
 
 # --------------------------------------------------------------------------- server

@@ -44,6 +44,7 @@ from search_service.store import (
 )
 from serving.grpc_server import (
     InflightCalls,
+    RpcFailure,
     add_health_and_reflection,
     bind_port,
     create_server,
@@ -51,6 +52,7 @@ from serving.grpc_server import (
     request_id_problem,
     without_cause,
 )
+from serving.rpc import RpcFrame
 from teran.errors import TeranInputError
 from teran_api._proto import common_pb2, search_pb2, search_pb2_grpc
 from teran_api.encoder_client import AsyncEncoderClient, EncoderError, RegionFeatures
@@ -71,13 +73,6 @@ FIRST_STAGE = {
 FIRST_STAGE_FLAGS = {"sq": "--sparse-surrogates sq", "dp": "--sparse-surrogates dp", "boc": "--boc-codebook PATH"}
 FIRST_STAGE_ENUM = {v: k for k, v in FIRST_STAGE.items()}
 _ENCODER_FIELD = re.compile(r"\b(captions|images)\[(\d+)\]")
-
-
-class RpcFailure(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 def invalid(details: str) -> RpcFailure:
@@ -126,6 +121,17 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._server = server
         self.config: SearchConfig = server.config
         self.metrics = server.metrics
+        self.frame = RpcFrame(
+            "search service",
+            metrics=server.metrics,
+            inflight=server.inflight,
+            classify=classify,
+            is_stopping=lambda: server.stopping,
+            max_request_id_chars=server.config.max_request_id_chars,
+            access_log=server.config.access_log,
+            log=log,
+            access=access,
+        )
         self._model_rankings: dict[tuple[str, int], Ranking] = {}  # (name, version) -> the encoder model's ranking
 
     @property
@@ -143,54 +149,9 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     # ------------------------------------------------------------------ plumbing
 
     async def _unary(self, method: str, context, request_id: str, work):
-        started = time.perf_counter()
-        self.metrics.inflight.inc()
-        self._server.inflight.started()
-        code, details = grpc.StatusCode.OK, ""
         remaining = context.time_remaining()
         REQUEST_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)  # this call's task only
-        try:
-            problem = request_id_problem(request_id, self.config.max_request_id_chars)
-            if problem:
-                request_id = request_id[: self.config.max_request_id_chars]
-                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            if self._server.stopping:
-                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the search service is shutting down; retry on another replica")
-            return await work()
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            code, details = classify(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("internal error in %s", method, extra={"method": method, "request_id": request_id})
-        finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.inflight.dec()
-            self._server.inflight.finished()
-            self._record(method, code, elapsed, request_id, context, details)
-        await context.abort(code, details)
-
-    def _record(self, method, code, elapsed, request_id, context, details) -> None:
-        self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.latency.labels(method).observe(elapsed)
-        if code != grpc.StatusCode.OK:
-            self.metrics.errors.labels(method, code.name).inc()
-            if code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
-                log.warning(
-                    "%s failed: %s %s", method, code.name, details, extra={"method": method, "code": code.name, "request_id": request_id}
-                )
-        if self.config.access_log:
-            access.info(
-                method,
-                extra={
-                    "method": method,
-                    "code": code.name,
-                    "ms": round(elapsed * 1000, 3),
-                    "request_id": request_id,
-                    "peer": context.peer(),
-                },
-            )
+        return await self.frame.unary(method, context, request_id, work)
 
     # ------------------------------------------------------------------ validation
 

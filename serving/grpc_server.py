@@ -99,10 +99,22 @@ class _Unparseable:
         self.error = error
 
 
+class RpcFailure(Exception):
+    """Raised in a handler: answer the call with `code` and `details` (each service's classify maps it)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Bytes that do not parse as the method's request message get INVALID_ARGUMENT saying so (grpc
     itself answers UNKNOWN with an internal exception name for unary calls, INTERNAL for streams).
-    Applies to the methods under `prefix`; counted in `metrics` (requests / errors by method, code)."""
+    Applies to the methods under `prefix`. A unary call is refused here (counted in `metrics`,
+    requests / errors by method and code); in a request stream, reading the bad message raises
+    RpcFailure in the handler, which answers and counts it like its other failures (an abort from
+    the reading side could race the handler's own writes)."""
 
     def __init__(self, prefix: str, metrics=None, log: logging.Logger | None = None):
         self._prefix = prefix
@@ -124,19 +136,21 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and whatever else a parser raises
                 return _Unparseable(exc)
 
+        def problem_text(problem: _Unparseable, context) -> str:
+            log.warning("unparseable request", extra={"method": name, "peer": context.peer(), "error": str(problem.error)})
+            return (
+                f"{name}: the request bytes are not a valid teran.v1 protobuf message for this method "
+                f"({type(problem.error).__name__}: {problem.error})"
+            )
+
         async def refuse(problem: _Unparseable, context) -> None:
             count_refusal(metrics, name, "INVALID_ARGUMENT")
-            log.warning("unparseable request", extra={"method": name, "peer": context.peer(), "error": str(problem.error)})
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{name}: the request bytes are not a valid teran.v1 protobuf message for this method "
-                f"({type(problem.error).__name__}: {problem.error})",
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem_text(problem, context))
 
         async def checked(requests, context):
             async for request in requests:
                 if isinstance(request, _Unparseable):
-                    await refuse(request, context)
+                    raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, problem_text(request, context))
                 yield request
 
         kwargs = {"request_deserializer": parse, "response_serializer": handler.response_serializer}
