@@ -26,7 +26,7 @@ from encoder_service.model import EncoderModel, InvalidInput, RegionInput
 from serving.budget import ByteBudget
 from serving.grpc_server import (
     InflightCalls,
-    RpcFailure,  # noqa: F401 - re-exported for existing importers
+    RpcFailure,
     add_health_and_reflection,
     bind_port,
     create_server,
