@@ -469,10 +469,23 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         totals = [0, 0]
         messages = 0
 
+        def failed(exc: Exception) -> RpcFailure:
+            """The stream's answer when message `messages` fails: its status, and what the earlier ones stored."""
+            code, details = classify(exc)
+            done = f"; messages 0..{messages - 1} ({totals[0] + totals[1]} items) were stored" if messages else ""
+            return RpcFailure(code, details + done)
+
         async def work():
             nonlocal messages
             request_id = ""
-            async for request in request_iterator:
+            incoming = aiter(request_iterator)
+            while True:
+                try:
+                    request = await anext(incoming)
+                except StopAsyncIteration:
+                    break
+                except RpcFailure as exc:  # bytes that do not parse (MalformedRequestInterceptor)
+                    raise failed(invalid(f"stream message {messages}: {exc.details}")) from exc
                 try:
                     problem = request_id_problem(request.request_id, self.config.max_request_id_chars)
                     if problem:
@@ -480,9 +493,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
                     request_id = request.request_id or request_id
                     images, captions = await self._index(request, prefix=f"stream message {messages}: ")
                 except Exception as exc:  # noqa: BLE001
-                    code, details = classify(exc)
-                    done = f"; messages 0..{messages - 1} ({totals[0] + totals[1]} items) were stored" if messages else ""
-                    raise RpcFailure(code, details + done) from exc
+                    raise failed(exc) from exc
                 totals[0] += images
                 totals[1] += captions
                 messages += 1

@@ -63,3 +63,8 @@ def test_search_unary_and_client_stream_store_nothing(services):
     with SearchClient(search.target, timeout=60) as client:
         assert client.stats().captions == 0  # nothing stored by a refused request
         assert client.index_captions({"c1": "a dog runs"}).indexed == 1  # still serving
+    with raw(search.target) as channel:  # a bad message after a good one: the error says what was stored
+        good = search_pb2.IndexRequest(items=[search_pb2.IndexItem(id="c2", caption="a cat sleeps")]).SerializeToString()
+        error = refused(lambda: channel.stream_unary("/teran.v1.SearchService/StreamIndex")(iter([good, GARBAGE]), timeout=30))
+        assert error.details().startswith("stream message 1: StreamIndex: the request bytes are not a valid"), error.details()
+        assert error.details().endswith("; messages 0..0 (1 items) were stored"), error.details()
