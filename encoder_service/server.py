@@ -92,14 +92,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     def __init__(self, server: EncoderServer):
         self._server = server
         self.metrics = server.metrics
-        self.frame = RpcFrame(
+        self.frame = RpcFrame.for_server(
             "encoder",
-            metrics=server.metrics,
-            inflight=server.inflight,
+            server,
             classify=_classify,
-            is_stopping=lambda: server.stopping,
-            max_request_id_chars=server.config.max_request_id_chars,
-            access_log=server.config.access_log,
             log=log,
             access=access,
             count_items=lambda response: len(getattr(response, "captions", None) or getattr(response, "images", None) or ()),

@@ -121,17 +121,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self._server = server
         self.config: SearchConfig = server.config
         self.metrics = server.metrics
-        self.frame = RpcFrame(
-            "search service",
-            metrics=server.metrics,
-            inflight=server.inflight,
-            classify=classify,
-            is_stopping=lambda: server.stopping,
-            max_request_id_chars=server.config.max_request_id_chars,
-            access_log=server.config.access_log,
-            log=log,
-            access=access,
-        )
+        self.frame = RpcFrame.for_server("search service", server, classify=classify, log=log, access=access)
         self._model_rankings: dict[tuple[str, int], Ranking] = {}  # (name, version) -> the encoder model's ranking
 
     @property

@@ -47,6 +47,23 @@ class RpcFrame:
         self.access = access
         self.count_items = count_items
 
+    @classmethod
+    def for_server(cls, service: str, server: Any, *, classify, log, access, count_items=None) -> RpcFrame:
+        """The frame of a server object with `metrics`, `inflight`, `stopping` and `config`
+        (`max_request_id_chars`, `access_log`): both services' servers."""
+        return cls(
+            service,
+            metrics=server.metrics,
+            inflight=server.inflight,
+            classify=classify,
+            is_stopping=lambda: server.stopping,
+            max_request_id_chars=server.config.max_request_id_chars,
+            access_log=server.config.access_log,
+            log=log,
+            access=access,
+            count_items=count_items,
+        )
+
     def refuse_if_stopping(self) -> None:
         if self.is_stopping():
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the {self.service} is shutting down; retry on another replica")
