@@ -1,21 +1,21 @@
 """Encoder service configuration: command-line flags, each with a TERAN_ENCODER_* environment variable.
 
 Precedence: flag > environment variable > default. `python -m encoder_service --help` lists
-every setting with its variable and default.
+every setting with its variable and default. The settings every service has (listeners, TLS,
+bearer tokens, logs) are declared by `serving.settings.ServiceSettings`.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from serving.settings import ConfigError, Settings
+from serving.settings import MIB, ConfigError, ServiceSettings, Settings, setting
 
 __all__ = ["ConfigError", "EncoderConfig", "build_parser", "env_name", "from_args"]
 
 ENV_PREFIX = "TERAN_ENCODER_"
-MIB = 1024 * 1024
 
 
 def image_format_names() -> set[str]:
@@ -27,59 +27,80 @@ def image_format_names() -> set[str]:
 
 
 @dataclass
-class EncoderConfig:
-    model_dir: Path | None = None
-    verify_model: bool = True
-    # network
-    host: str = "0.0.0.0"
+class EncoderConfig(ServiceSettings):
+    model_dir: Path | None = setting(
+        None, "model directory written by `python -m export` (manifest.json, tokenizer, ONNX graphs)", required=True
+    )
+    verify_model: bool = setting(True, "check the sha256 of every model file against manifest.json at startup")
+    # network (the common listener settings, with this service's defaults)
     port: int = 50051
-    metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth; 0.0.0.0 to let Prometheus scrape it
     metrics_port: int = 9090
-    max_message_bytes: int = 64 * MIB
-    max_inflight_bytes: int = 256 * MIB
-    max_inflight_wait_ms: float = 1000.0
     max_concurrent_rpcs: int = 1024
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_tokens: list[str] = field(default_factory=list)
+    max_inflight_bytes: int = setting(
+        256 * MIB,
+        "LIMIT: memory held by requests at once over all calls, charged at twice each message's wire size (the parsed "
+        "message and the bytes handed to the decoders) and reserved before a message is read; unary calls wait up to "
+        "--max-inflight-wait-ms for room, then get RESOURCE_EXHAUSTED; stream messages wait (flow control)",
+    )
+    max_inflight_wait_ms: float = setting(
+        1000.0, "how long a unary call waits for room under --max-inflight-bytes before RESOURCE_EXHAUSTED"
+    )
     # backend
-    backend: str = "onnxruntime"
-    precision: str = "fp32"
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
-    provider_options: dict = field(default_factory=dict)
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
-    ort_spinning: bool = False
-    triton_url: str = "localhost:8001"
-    triton_ssl: bool = False
-    triton_root_cert: Path | None = None
-    triton_models: dict = field(default_factory=dict)
-    triton_timeout_s: float = 30.0
+    backend: str = setting("onnxruntime", "onnxruntime (in-process) or triton (remote Triton Inference Server over gRPC)")
+    precision: str = setting(
+        "fp32", "graph files to run: fp32 or fp16 (fp16 is for GPUs; responses are fp32 or fp16 on request either way)"
+    )
+    providers: list[str] = setting(
+        ["CPUExecutionProvider"],
+        "ONNX Runtime execution providers in priority order, e.g. TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
+    )
+    provider_options: dict = setting(
+        {},
+        'JSON object of per-provider options, e.g. {"CUDAExecutionProvider": {"device_id": 0}, '
+        '"TensorrtExecutionProvider": {"trt_fp16_enable": true, "trt_engine_cache_enable": true}}',
+    )
+    intra_op_threads: int = setting(0, "ONNX Runtime threads per graph run (0: one per core)")
+    inter_op_threads: int = setting(0, "ONNX Runtime inter-op threads (0: default)")
+    ort_spinning: bool = setting(
+        False,
+        "let ONNX Runtime worker threads spin-wait between runs (lower latency on dedicated cores; "
+        "off by default because spinning starves the gRPC threads on small CPUs)",
+    )
+    triton_url: str = setting("localhost:8001", "Triton gRPC endpoint host:port (--backend triton)")
+    triton_ssl: bool = setting(False, "use TLS to Triton")
+    triton_root_cert: Path | None = setting(None, "PEM root certificate for --triton-ssl")
+    triton_models: dict = setting(
+        {},
+        'JSON object mapping graph -> Triton model name, e.g. {"text_encoder": "teran_text"} '
+        "(default: the names in the model directory's Triton repository)",
+    )
+    triton_timeout_s: float = setting(30.0, "LIMIT: seconds per Triton inference call")
     # batching
-    max_batch: int = 0  # 0: the manifest's max_batch
-    max_queue_delay_ms: float = 1.0
-    max_queue: int = 2048
-    batch_workers: int = 1
-    inline_lone_captions: bool = True
-    length_buckets: list[int] = field(default_factory=list)  # empty: 8, 16, 32, ... up to max_tokens
-    max_stream_inflight: int = 4
-    decode_workers: int = 2
+    max_batch: int = setting(0, "LIMIT: items per model run (dynamic batching); 0: the manifest's max_batch")
+    max_queue_delay_ms: float = setting(1.0, "dynamic batching: longest wait for more items before a not-full batch runs")
+    max_queue: int = setting(2048, "LIMIT: items waiting per graph; beyond it requests get RESOURCE_EXHAUSTED (backpressure)")
+    batch_workers: int = setting(1, "batches of one graph run concurrently (1 suits a CPU; more for GPUs / Triton instances)")
+    inline_lone_captions: bool = setting(
+        True,
+        "run a lone caption request (batcher idle) on the event loop thread: ~0.5 ms less latency per request, "
+        "while other RPCs wait for that one run (a few ms); onnxruntime backend only",
+    )
+    length_buckets: list[int] = setting(
+        [], "caption length bucket edges in word pieces (batches never mix buckets); default 8,16,32,... up to max_tokens"
+    )
+    max_stream_inflight: int = setting(4, "LIMIT: messages of one stream processed concurrently")
+    decode_workers: int = setting(2, "threads decoding and resizing images")
     # request limits
-    max_items: int = 256
-    max_caption_chars: int = 1000
-    max_tokens: int = 0  # 0: the manifest's max_tokens
-    max_regions: int = 0  # 0: the manifest's max_regions
-    max_image_bytes: int = 20 * MIB
-    max_image_pixels: int = 40_000_000
-    max_image_side: int = 16384
-    image_formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
-    # lifecycle / logs
-    shutdown_grace_s: float = 20.0
-    log_level: str = "INFO"
-    log_format: str = "json"
-    access_log: bool = False
-    max_request_id_chars: int = 128
+    max_items: int = setting(256, "LIMIT: captions or images per request / stream message (INVALID_ARGUMENT beyond)")
+    max_caption_chars: int = setting(1000, "LIMIT: characters per caption")
+    max_tokens: int = setting(0, "LIMIT: word pieces per caption incl. [CLS]/[SEP]; 0: the manifest's max_tokens (never more)")
+    max_regions: int = setting(0, "LIMIT: regions per precomputed-feature image; 0: the manifest's max_regions (never more)")
+    max_image_bytes: int = setting(20 * MIB, "LIMIT: bytes per encoded image")
+    max_image_pixels: int = setting(40_000_000, "LIMIT: width x height per image, checked before decoding (decompression bombs)")
+    max_image_side: int = setting(16384, "LIMIT: pixels per image side (encoded images and image_width/height of region features)")
+    image_formats: list[str] = setting(
+        ["JPEG", "PNG", "WEBP"], "LIMIT: image formats decoded (Pillow names, e.g. JPEG,PNG,WEBP); other bytes are INVALID_ARGUMENT"
+    )
 
     def validate(self) -> EncoderConfig:
         def need(cond: bool, name: str, what: str) -> None:
@@ -126,104 +147,7 @@ class EncoderConfig:
         return self
 
 
-# (flag name, type, help). Types: int, float, str, path, bool, csv, csv_int, json.
-_SETTINGS: list[tuple[str, str, str]] = [
-    ("model_dir", "path", "model directory written by `python -m export` (manifest.json, tokenizer, ONNX graphs)"),
-    ("verify_model", "bool", "check the sha256 of every model file against manifest.json at startup"),
-    ("host", "str", "gRPC listen address"),
-    ("port", "int", "gRPC port (0: any free port; the chosen one is logged)"),
-    (
-        "metrics_host",
-        "str",
-        "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
-    ),
-    ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
-    ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
-    (
-        "max_inflight_bytes",
-        "int",
-        "LIMIT: memory held by requests at once over all calls, charged at twice each message's wire size (the parsed "
-        "message and the bytes handed to the decoders) and reserved before a message is read; unary calls wait up to "
-        "--max-inflight-wait-ms for room, then get RESOURCE_EXHAUSTED; stream messages wait (flow control)",
-    ),
-    ("max_inflight_wait_ms", "float", "how long a unary call waits for room under --max-inflight-bytes before RESOURCE_EXHAUSTED"),
-    ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
-    ("tls_cert", "path", "PEM server certificate chain: serve TLS (with --tls-key)"),
-    ("tls_key", "path", "PEM private key of --tls-cert"),
-    ("tls_client_ca", "path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
-    (
-        "auth_token",
-        "csv",
-        "bearer token(s), comma separated: every RPC but grpc.health.v1 needs "
-        "`authorization: Bearer TOKEN` (else UNAUTHENTICATED). Prefer the variable or --auth-token-file",
-    ),
-    ("auth_token_file", "path", "file holding the bearer token(s), one per line (e.g. a mounted secret)"),
-    ("backend", "str", "onnxruntime (in-process) or triton (remote Triton Inference Server over gRPC)"),
-    ("precision", "str", "graph files to run: fp32 or fp16 (fp16 is for GPUs; responses are fp32 or fp16 on request either way)"),
-    (
-        "providers",
-        "csv",
-        "ONNX Runtime execution providers in priority order, e.g. TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
-    ),
-    (
-        "provider_options",
-        "json",
-        'JSON object of per-provider options, e.g. {"CUDAExecutionProvider": {"device_id": 0}, '
-        '"TensorrtExecutionProvider": {"trt_fp16_enable": true, "trt_engine_cache_enable": true}}',
-    ),
-    ("intra_op_threads", "int", "ONNX Runtime threads per graph run (0: one per core)"),
-    ("inter_op_threads", "int", "ONNX Runtime inter-op threads (0: default)"),
-    (
-        "ort_spinning",
-        "bool",
-        "let ONNX Runtime worker threads spin-wait between runs (lower latency on dedicated cores; "
-        "off by default because spinning starves the gRPC threads on small CPUs)",
-    ),
-    ("triton_url", "str", "Triton gRPC endpoint host:port (--backend triton)"),
-    ("triton_ssl", "bool", "use TLS to Triton"),
-    ("triton_root_cert", "path", "PEM root certificate for --triton-ssl"),
-    (
-        "triton_models",
-        "json",
-        'JSON object mapping graph -> Triton model name, e.g. {"text_encoder": "teran_text"} '
-        "(default: the names in the model directory's Triton repository)",
-    ),
-    ("triton_timeout_s", "float", "LIMIT: seconds per Triton inference call"),
-    ("max_batch", "int", "LIMIT: items per model run (dynamic batching); 0: the manifest's max_batch"),
-    ("max_queue_delay_ms", "float", "dynamic batching: longest wait for more items before a not-full batch runs"),
-    ("max_queue", "int", "LIMIT: items waiting per graph; beyond it requests get RESOURCE_EXHAUSTED (backpressure)"),
-    ("batch_workers", "int", "batches of one graph run concurrently (1 suits a CPU; more for GPUs / Triton instances)"),
-    (
-        "inline_lone_captions",
-        "bool",
-        "run a lone caption request (batcher idle) on the event loop thread: ~0.5 ms less latency per request, "
-        "while other RPCs wait for that one run (a few ms); onnxruntime backend only",
-    ),
-    (
-        "length_buckets",
-        "csv_int",
-        "caption length bucket edges in word pieces (batches never mix buckets); default 8,16,32,... up to max_tokens",
-    ),
-    ("max_stream_inflight", "int", "LIMIT: messages of one stream processed concurrently"),
-    ("decode_workers", "int", "threads decoding and resizing images"),
-    ("max_items", "int", "LIMIT: captions or images per request / stream message (INVALID_ARGUMENT beyond)"),
-    ("max_caption_chars", "int", "LIMIT: characters per caption"),
-    ("max_tokens", "int", "LIMIT: word pieces per caption incl. [CLS]/[SEP]; 0: the manifest's max_tokens (never more)"),
-    ("max_regions", "int", "LIMIT: regions per precomputed-feature image; 0: the manifest's max_regions (never more)"),
-    ("max_image_bytes", "int", "LIMIT: bytes per encoded image"),
-    ("max_image_pixels", "int", "LIMIT: width x height per image, checked before decoding (decompression bombs)"),
-    ("max_image_side", "int", "LIMIT: pixels per image side (encoded images and image_width/height of region features)"),
-    ("image_formats", "csv", "LIMIT: image formats decoded (Pillow names, e.g. JPEG,PNG,WEBP); other bytes are INVALID_ARGUMENT"),
-    ("shutdown_grace_s", "float", "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)"),
-    ("log_level", "str", "DEBUG, INFO, WARNING or ERROR"),
-    ("log_format", "str", "json (one object per line) or text"),
-    ("access_log", "bool", "log every RPC (method, code, duration, items) at INFO"),
-    ("max_request_id_chars", "int", "LIMIT: characters of a client's request_id (longer: INVALID_ARGUMENT)"),
-]
-
-
 SETTINGS = Settings(
-    _SETTINGS,
     ENV_PREFIX,
     EncoderConfig,
     prog="python -m encoder_service",
@@ -231,7 +155,6 @@ SETTINGS = Settings(
     "Serves grpc.health.v1 health (NOT_SERVING until the model is loaded and warmed up), server reflection, "
     "and Prometheus metrics on a separate HTTP port. Every flag can be set by the environment variable shown; "
     "settings marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
-    required={"model_dir"},
 )
 
 

@@ -1,19 +1,20 @@
 """Search service configuration: command-line flags, each with a TERAN_SEARCH_* environment variable.
 
 Precedence: flag > environment variable > default. `python -m search_service --help` lists every
-setting with its variable and default; settings marked LIMIT bound what a request may ask.
+setting with its variable and default; settings marked LIMIT bound what a request may ask. The
+settings every service has (listeners, TLS, bearer tokens, logs) are declared by
+`serving.settings.ServiceSettings`.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from serving.settings import ConfigError, Settings
+from serving.settings import ConfigError, ServiceSettings, Settings, setting
 
 ENV_PREFIX = "TERAN_SEARCH_"
-MIB = 1024 * 1024
 INDEX_TYPES = ("auto", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
 CONSISTENCY = ("Strong", "Bounded", "Session", "Eventually")
 
@@ -33,72 +34,105 @@ def parse_ranking(text: str) -> str | float | None:
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ServiceSettings):
     # storage
-    milvus_uri: str = "teran-search.db"
-    milvus_token: str = ""
-    collection_prefix: str = "teran"
-    index_type: str = "auto"
-    index_params: dict = field(default_factory=dict)
-    search_params: dict = field(default_factory=dict)
-    consistency_level: str = "Strong"
-    flush_on_index: bool = False
-    milvus_workers: int = 4
-    sparse_surrogates: list[str] = field(default_factory=list)
-    sq_scale: float = 30.0
-    dp_keep: int = 64
-    boc_codebook: Path | None = None
-    boc_top: int = 1
-    boc_keep: int = 0
-    boc_temperature: float = 0.05
-    milvus_timeout_s: float = 30.0
-    milvus_health_interval_s: float = 2.0
+    milvus_uri: str = setting(
+        "teran-search.db",
+        "Milvus: a milvus-lite file (*.db, embedded, the default) or a server / cluster URI, e.g. http://milvus:19530",
+    )
+    milvus_token: str = setting("", "Milvus token (user:password or an API key); prefer the variable", secret=True)
+    collection_prefix: str = setting("teran", "collections are PREFIX_images and PREFIX_captions")
+    index_type: str = setting(
+        "auto",
+        "dense index of the global vectors: auto (HNSW M=16 efConstruction=200, ef raised to the candidate count; on both "
+        "backends), FLAT (exact), HNSW, IVF_FLAT, IVF_SQ8, AUTOINDEX",
+    )
+    index_params: dict = setting({}, 'JSON build parameters of --index-type, e.g. {"M": 16, "efConstruction": 200} or {"nlist": 1024}')
+    search_params: dict = setting(
+        {}, 'JSON search parameters, e.g. {"ef": 128} (HNSW ef is raised to the candidate count) or {"nprobe": 16}'
+    )
+    consistency_level: str = setting(
+        "Strong", "read consistency of Search/Get/Stats: Strong (read your writes), Bounded, Session, Eventually"
+    )
+    flush_on_index: bool = setting(
+        False, "also flush (seal) segments before acknowledging Index (slow; acknowledged writes already survive a crash)"
+    )
+    milvus_workers: int = setting(4, "threads talking to Milvus")
+    sparse_surrogates: list[str] = setting(
+        [],
+        "sparse first stages stored with new collections where the backend has sparse vectors (milvus-lite 3.x, Milvus >= 2.4): "
+        "sq (scalar quantization), dp (deep permutation), boc (Bag of Concepts: needs --boc-codebook), e.g. sq,dp; fixed when "
+        "the collections are created",
+    )
+    sq_scale: float = setting(30.0, "scalar quantization: weight floor(scale x c-relu(v)); larger = denser")
+    dp_keep: int = setting(64, "deep permutation: components kept (the sparsity)")
+    boc_codebook: Path | None = setting(
+        None,
+        "Bag of Concepts first stage: a k-means codebook of concept vectors, .npy [codewords, dimension] (python -m "
+        "search_service.codebook); implies boc in --sparse-surrogates. Stored with new collections in PREFIX_meta; on "
+        "existing collections the stored one is used (omit the flag), and a different one is refused at start",
+    )
+    boc_top: int = setting(1, "Bag of Concepts: codewords each concept vector is soft-assigned to (1: hard); sets the sparsity")
+    boc_keep: int = setting(0, "Bag of Concepts: keep only the largest weights per item (0: all)")
+    boc_temperature: float = setting(0.05, "Bag of Concepts: softmax temperature of the soft assignment (on cosines)")
+    milvus_timeout_s: float = setting(30.0, "LIMIT: seconds per Milvus call")
+    milvus_health_interval_s: float = setting(
+        2.0,
+        "seconds between readiness checks of Milvus: NOT_SERVING while it does not answer, collections loaded again when it does (0: off)",
+    )
     # model used to create the collections when neither the encoder nor the request names one
-    model_name: str = "unspecified"
-    model_version: int = 0
+    model_name: str = setting(
+        "unspecified", "model name recorded when collections are created from vectors without a ModelRef and no encoder"
+    )
+    model_version: int = setting(0, "model version recorded in that case")
     # encoder
-    encoder_address: str = ""
-    encoder_token: str = ""
-    encoder_timeout_s: float = 30.0
-    encoder_tls: bool = False
-    encoder_root_cert: Path | None = None
-    encoder_client_cert: Path | None = None
-    encoder_client_key: Path | None = None
-    encoder_batch: int = 32
-    # network
-    host: str = "0.0.0.0"
+    encoder_address: str = setting("", "teran.v1.EncoderService host:port for raw images and captions (empty: vectors only)")
+    encoder_token: str = setting("", "bearer token for the encoder; prefer the variable", secret=True)
+    encoder_tls: bool = setting(False, "connect to the encoder over TLS (system CA bundle unless --encoder-root-cert)")
+    encoder_root_cert: Path | None = setting(None, "PEM CA bundle that signed the encoder's certificate (implies TLS)")
+    encoder_client_cert: Path | None = setting(
+        None, "PEM client certificate for an encoder that requires mutual TLS (with --encoder-client-key)"
+    )
+    encoder_client_key: Path | None = setting(None, "PEM private key of --encoder-client-cert")
+    encoder_timeout_s: float = setting(30.0, "LIMIT: seconds per encoder call")
+    encoder_batch: int = setting(32, "items per encoder request")
+    # network (the common listener settings, with this service's defaults)
     port: int = 50052
-    metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth; 0.0.0.0 to let Prometheus scrape it
     metrics_port: int = 9091
-    max_message_bytes: int = 64 * MIB
-    max_concurrent_rpcs: int = 256
-    auth_tokens: list[str] = field(default_factory=list)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
     # retrieval
-    ranking: str = "model"
-    rerank_multiplier: int = 10
-    max_rerank_multiplier: int = 100
-    max_candidates: int = 2000
-    rerank_chunk: int = 256
-    rerank_cache_mb: float = 1024.0
-    rerank_cache_refresh_s: float = 0.0
+    ranking: str = setting(
+        "model",
+        "re-rank score: model (the encoder model's: global cosine + w x MrSw, w from its manifest; MrSw when it has "
+        "none or no encoder is set), mrsw (the TERAN alignment alone) or blend:W (global cosine + W x MrSw)",
+    )
+    rerank_multiplier: int = setting(10, "default R_m: the first stage fetches R_m x top_k candidates for the re-rank")
+    max_rerank_multiplier: int = setting(100, "LIMIT: largest R_m a request may ask")
+    max_candidates: int = setting(2000, "LIMIT: first-stage candidates per query (R_m x top_k is capped to it; <= 16384)")
+    rerank_chunk: int = setting(256, "candidates scored per numpy batch in the re-rank")
+    rerank_cache_mb: float = setting(
+        1024.0,
+        "re-rank cache: MiB of decoded fp16 concept vectors kept in memory (loaded from Milvus at start, kept current by "
+        "this service's writes, validated per search by each row's stamp); items beyond it are fetched from Milvus per "
+        "search (logged, teran_search_rerank_cache_full=1). Size: items x concepts x dimension x 2 bytes. 0 disables",
+    )
+    rerank_cache_refresh_s: float = setting(
+        0.0,
+        "re-rank cache: seconds between reconciliations with Milvus (drops rows deleted or rewritten by other replicas, "
+        "loads rows they wrote; stale entries are never served either way). 0: never",
+    )
     # request limits
-    max_top_k: int = 100
-    max_index_items: int = 256
-    max_ids: int = 1024
-    max_id_length: int = 512
-    max_metadata_bytes: int = 16384
-    max_concepts: int = 128
-    vector_norm_tolerance: float = 0.01
-    max_filter_chars: int = 2048
-    # lifecycle / logs
-    shutdown_grace_s: float = 20.0
-    log_level: str = "INFO"
-    log_format: str = "json"
-    access_log: bool = False
-    max_request_id_chars: int = 128
+    max_top_k: int = setting(100, "LIMIT: hits per search")
+    max_index_items: int = setting(256, "LIMIT: items per Index request / StreamIndex message")
+    max_ids: int = setting(1024, "LIMIT: ids per Get / Delete request")
+    max_id_length: int = setting(512, "LIMIT: bytes per item id (fixed when the collections are created)")
+    max_metadata_bytes: int = setting(
+        16384, "LIMIT: bytes of metadata JSON per item (integers within int64, finite numbers, nesting <= 32)"
+    )
+    vector_norm_tolerance: float = setting(
+        0.01, "LIMIT: vectors sent precomputed (global and every concept) must have L2 norm 1 within this; others are refused"
+    )
+    max_concepts: int = setting(128, "LIMIT: concept vectors (regions / word pieces) per item (fixed when the collections are created)")
+    max_filter_chars: int = setting(2048, "LIMIT: characters per search filter expression")
 
     def validate(self) -> SearchConfig:
         def need(cond: bool, name: str, what: str) -> None:
@@ -162,118 +196,7 @@ class SearchConfig:
         return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix:"))
 
 
-# (flag name, type, help). Types: int, float, str, path, bool, csv, json.
-_SETTINGS: list[tuple[str, str, str]] = [
-    ("milvus_uri", "str", "Milvus: a milvus-lite file (*.db, embedded, the default) or a server / cluster URI, e.g. http://milvus:19530"),
-    ("milvus_token", "str", "Milvus token (user:password or an API key); prefer the variable"),
-    ("collection_prefix", "str", "collections are PREFIX_images and PREFIX_captions"),
-    (
-        "index_type",
-        "str",
-        "dense index of the global vectors: auto (HNSW M=16 efConstruction=200, ef raised to the candidate count; on both "
-        "backends), FLAT (exact), HNSW, IVF_FLAT, IVF_SQ8, AUTOINDEX",
-    ),
-    ("index_params", "json", 'JSON build parameters of --index-type, e.g. {"M": 16, "efConstruction": 200} or {"nlist": 1024}'),
-    ("search_params", "json", 'JSON search parameters, e.g. {"ef": 128} (HNSW ef is raised to the candidate count) or {"nprobe": 16}'),
-    ("consistency_level", "str", "read consistency of Search/Get/Stats: Strong (read your writes), Bounded, Session, Eventually"),
-    ("flush_on_index", "bool", "also flush (seal) segments before acknowledging Index (slow; acknowledged writes already survive a crash)"),
-    ("milvus_workers", "int", "threads talking to Milvus"),
-    (
-        "sparse_surrogates",
-        "csv",
-        "sparse first stages stored with new collections where the backend has sparse vectors (milvus-lite 3.x, Milvus >= 2.4): "
-        "sq (scalar quantization), dp (deep permutation), boc (Bag of Concepts: needs --boc-codebook), e.g. sq,dp; fixed when "
-        "the collections are created",
-    ),
-    ("sq_scale", "float", "scalar quantization: weight floor(scale x c-relu(v)); larger = denser"),
-    ("dp_keep", "int", "deep permutation: components kept (the sparsity)"),
-    (
-        "boc_codebook",
-        "path",
-        "Bag of Concepts first stage: a k-means codebook of concept vectors, .npy [codewords, dimension] (python -m "
-        "search_service.codebook); implies boc in --sparse-surrogates. Stored with new collections in PREFIX_meta; on "
-        "existing collections the stored one is used (omit the flag), and a different one is refused at start",
-    ),
-    ("boc_top", "int", "Bag of Concepts: codewords each concept vector is soft-assigned to (1: hard); sets the sparsity"),
-    ("boc_keep", "int", "Bag of Concepts: keep only the largest weights per item (0: all)"),
-    ("boc_temperature", "float", "Bag of Concepts: softmax temperature of the soft assignment (on cosines)"),
-    ("milvus_timeout_s", "float", "LIMIT: seconds per Milvus call"),
-    (
-        "milvus_health_interval_s",
-        "float",
-        "seconds between readiness checks of Milvus: NOT_SERVING while it does not answer, collections loaded again when it does (0: off)",
-    ),
-    ("model_name", "str", "model name recorded when collections are created from vectors without a ModelRef and no encoder"),
-    ("model_version", "int", "model version recorded in that case"),
-    ("encoder_address", "str", "teran.v1.EncoderService host:port for raw images and captions (empty: vectors only)"),
-    ("encoder_token", "str", "bearer token for the encoder; prefer the variable"),
-    ("encoder_tls", "bool", "connect to the encoder over TLS (system CA bundle unless --encoder-root-cert)"),
-    ("encoder_root_cert", "path", "PEM CA bundle that signed the encoder's certificate (implies TLS)"),
-    ("encoder_client_cert", "path", "PEM client certificate for an encoder that requires mutual TLS (with --encoder-client-key)"),
-    ("encoder_client_key", "path", "PEM private key of --encoder-client-cert"),
-    ("encoder_timeout_s", "float", "LIMIT: seconds per encoder call"),
-    ("encoder_batch", "int", "items per encoder request"),
-    ("host", "str", "gRPC listen address"),
-    ("port", "int", "gRPC port (0: any free port; the chosen one is logged)"),
-    (
-        "metrics_host",
-        "str",
-        "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
-    ),
-    ("metrics_port", "int", "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port"),
-    ("max_message_bytes", "int", "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)"),
-    ("max_concurrent_rpcs", "int", "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED"),
-    ("auth_token", "csv", "bearer token(s), comma separated: every RPC but grpc.health.v1 needs `authorization: Bearer TOKEN`"),
-    ("auth_token_file", "path", "file holding the bearer token(s), one per line"),
-    ("tls_cert", "path", "PEM server certificate chain: serve TLS (with --tls-key)"),
-    ("tls_key", "path", "PEM private key of --tls-cert"),
-    ("tls_client_ca", "path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
-    (
-        "ranking",
-        "str",
-        "re-rank score: model (the encoder model's: global cosine + w x MrSw, w from its manifest; MrSw when it has "
-        "none or no encoder is set), mrsw (the TERAN alignment alone) or blend:W (global cosine + W x MrSw)",
-    ),
-    ("rerank_multiplier", "int", "default R_m: the first stage fetches R_m x top_k candidates for the re-rank"),
-    ("max_rerank_multiplier", "int", "LIMIT: largest R_m a request may ask"),
-    ("max_candidates", "int", "LIMIT: first-stage candidates per query (R_m x top_k is capped to it; <= 16384)"),
-    ("rerank_chunk", "int", "candidates scored per numpy batch in the re-rank"),
-    (
-        "rerank_cache_mb",
-        "float",
-        "re-rank cache: MiB of decoded fp16 concept vectors kept in memory (loaded from Milvus at start, kept current by "
-        "this service's writes, validated per search by each row's stamp); items beyond it are fetched from Milvus per "
-        "search (logged, teran_search_rerank_cache_full=1). Size: items x concepts x dimension x 2 bytes. 0 disables",
-    ),
-    (
-        "rerank_cache_refresh_s",
-        "float",
-        "re-rank cache: seconds between reconciliations with Milvus (drops rows deleted or rewritten by other replicas, "
-        "loads rows they wrote; stale entries are never served either way). 0: never",
-    ),
-    ("max_top_k", "int", "LIMIT: hits per search"),
-    ("max_index_items", "int", "LIMIT: items per Index request / StreamIndex message"),
-    ("max_ids", "int", "LIMIT: ids per Get / Delete request"),
-    ("max_id_length", "int", "LIMIT: bytes per item id (fixed when the collections are created)"),
-    ("max_metadata_bytes", "int", "LIMIT: bytes of metadata JSON per item (integers within int64, finite numbers, nesting <= 32)"),
-    (
-        "vector_norm_tolerance",
-        "float",
-        "LIMIT: vectors sent precomputed (global and every concept) must have L2 norm 1 within this; others are refused",
-    ),
-    ("max_concepts", "int", "LIMIT: concept vectors (regions / word pieces) per item (fixed when the collections are created)"),
-    ("max_filter_chars", "int", "LIMIT: characters per search filter expression"),
-    ("shutdown_grace_s", "float", "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)"),
-    ("log_level", "str", "DEBUG, INFO, WARNING or ERROR"),
-    ("log_format", "str", "json (one object per line) or text"),
-    ("access_log", "bool", "log every RPC (method, code, duration) at INFO"),
-    ("max_request_id_chars", "int", "LIMIT: characters of a client's request_id (longer: INVALID_ARGUMENT)"),
-]
-_SECRET = {"milvus_token", "encoder_token", "auth_token"}
-
-
 SETTINGS = Settings(
-    _SETTINGS,
     ENV_PREFIX,
     SearchConfig,
     prog="python -m search_service",
@@ -281,8 +204,6 @@ SETTINGS = Settings(
     "dense first stage on the global vector, exact TERAN MrSw re-rank with explanations. Serves grpc.health.v1, "
     "server reflection and Prometheus metrics. Every flag can be set by the environment variable shown; settings "
     "marked LIMIT bound what a request may ask (violations: INVALID_ARGUMENT naming the field and the limit).",
-    hidden_defaults=_SECRET,
-    hide_empty_defaults=True,
 )
 
 

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from serving.logs import ServiceLogging
 from serving.runner import run
-from serving.settings import ConfigError, Settings
+from serving.settings import ConfigError, ServiceSettings, Settings, setting
 from teran.errors import TeranInputError
 
 
 @dataclass
-class _Config:
-    port: int = 1
-    name: str = ""
-    secret: str = "hidden"
-    flag: bool = False
-    auth_tokens: list[str] = field(default_factory=list)
-    log_level: str = "INFO"
-    log_format: str = "json"
+class _Config(ServiceSettings):
+    name: str = setting("", "a name")
+    secret: str = setting("hidden", "a secret", secret=True)
+    flag: bool = setting(False, "a switch")
+    buckets: list[int] = setting([8, 16], "edges")
+    options: dict = setting({}, "a JSON object")
+    model_dir: Path | None = setting(None, "a directory", required=True)
+    port: int = 1  # the common setting, with this config's default
 
     def validate(self) -> _Config:
         if self.port < 0:
@@ -30,15 +31,7 @@ class _Config:
         return self
 
 
-_TABLE = [
-    ("port", "int", "the port"),
-    ("name", "str", "a name"),
-    ("secret", "str", "a secret"),
-    ("flag", "bool", "a switch"),
-    ("auth_token", "csv", "tokens"),
-    ("auth_token_file", "path", "token file"),
-]
-SETTINGS = Settings(_TABLE, "T_", _Config, prog="t", description="d", hidden_defaults={"secret"}, hide_empty_defaults=True)
+SETTINGS = Settings("T_", _Config, prog="t", description="d")
 
 
 def test_settings_precedence_conversion_and_errors(tmp_path):
@@ -46,23 +39,52 @@ def test_settings_precedence_conversion_and_errors(tmp_path):
     assert SETTINGS.from_args([], {"T_PORT": "5"}).port == 5
     assert SETTINGS.from_args(["--port", "7"], {"T_PORT": "5"}).port == 7
     assert SETTINGS.from_args(["--flag"], {}).flag is True
+    assert SETTINGS.from_args([], {"T_FLAG": "yes"}).flag is True
+    config = SETTINGS.from_args(["--buckets", "4,32", "--options", '{"a": 1}', "--model-dir", "m"], {})
+    assert (config.buckets, config.options, config.model_dir) == ([4, 32], {"a": 1}, Path("m"))
+    assert _Config().buckets is not _Config().buckets  # list defaults are not shared
     with pytest.raises(ConfigError, match=r"T_PORT: invalid int value 'x'"):
         SETTINGS.from_args([], {"T_PORT": "x"})
+    with pytest.raises(ConfigError, match=r"--options: invalid json value '\[\]'"):
+        SETTINGS.from_args(["--options", "[]"], {})
     with pytest.raises(ConfigError, match="must be >= 0"):
         SETTINGS.from_args(["--port", "-1"], {})
     token_file = tmp_path / "tokens"
     token_file.write_text("c\n\n d \n")
     config = SETTINGS.from_args(["--auth-token", "a,b", "--auth-token-file", str(token_file)], {})
     assert config.auth_tokens == ["a", "b", "c", "d"]
-    with pytest.raises(ConfigError, match="cannot read"):
+    assert SETTINGS.from_args([], {"T_AUTH_TOKEN_FILE": str(token_file)}).auth_tokens == ["c", "d"]
+    assert SETTINGS.from_args(["--auth-token-file", ""], {"T_AUTH_TOKEN": "a"}).auth_tokens == ["a"]
+    with pytest.raises(ConfigError, match="T_AUTH_TOKEN_FILE: cannot read"):
         SETTINGS.from_args([], {"T_AUTH_TOKEN_FILE": str(tmp_path / "missing")})
     assert issubclass(ConfigError, TeranInputError)
 
 
 def test_settings_help_lists_env_and_defaults():
-    text = SETTINGS.build_parser().format_help()
-    assert "[env T_PORT] (default: 1)" in text
-    assert "hidden" not in text and "[env T_NAME]\n" in text.replace("  ", "")
+    text = " ".join(SETTINGS.build_parser().format_help().split())
+    assert "gRPC port (0: any free port; the chosen one is logged) [env T_PORT] (default: 1)" in text
+    assert "--buckets N,N edges [env T_BUCKETS] (default: 8,16)" in text
+    assert "a directory [env T_MODEL_DIR] (required)" in text
+    assert "--auth-token-file PATH file holding the bearer token(s)" in text
+    assert "hidden" not in text and "a name [env T_NAME] --secret" in text
+    # the config's own settings come first, then the common ones
+    flags = [action.option_strings[0] for action in SETTINGS.build_parser()._actions[1:]]
+    assert flags[:3] == ["--name", "--secret", "--flag"] and flags.index("--model-dir") < flags.index("--host") < flags.index("--port")
+
+
+def test_settings_need_a_kind_for_other_types():
+    @dataclass
+    class Odd:
+        ratio: complex = setting(1j, "a complex number")
+
+    with pytest.raises(TypeError, match=r"Odd.ratio: no kind for type <class 'complex'>"):
+        Settings("T_", Odd, prog="t", description="d").build_parser()
+
+    @dataclass
+    class Named:
+        ratio: complex = setting(1j, "a complex number", kind="str")
+
+    assert [(o.name, o.kind) for o in Settings("T_", Named, prog="t", description="d").options()] == [("ratio", "str")]
 
 
 def test_service_logging_json():
