@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from export.triton import typical_regions  # noqa: E402
 from teran.manifest import load_manifest  # noqa: E402
 
 GRAPHS = ("text_encoder", "image_encoder", "image_backbone")
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated batch sizes (capped at the manifest max_batch)")
     parser.add_argument("--tokens", type=int, default=16, help="caption length incl. [CLS]/[SEP] (default 16)")
-    parser.add_argument("--regions", type=int, default=49, help="regions per image for image_encoder (default 49, the 7x7 grid)")
+    parser.add_argument(
+        "--regions", type=int, default=None, help="regions per image for image_encoder (default: the model's grid, 49 for 7x7)"
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder (default <model-dir>/../.trt-cache-<name>)")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = sorted({min(int(b), manifest.limits.max_batch) for b in args.batch_sizes.split(",")})
     cache_dir = Path(args.trt_cache) if args.trt_cache else model_dir.parent / f".trt-cache-{manifest.model_name}"
     tokens = min(args.tokens, manifest.limits.max_tokens)
-    regions = min(args.regions, manifest.limits.max_regions)
+    regions = min(args.regions, manifest.limits.max_regions) if args.regions else typical_regions(manifest)
 
     modules = {}
     if status["torch_cuda"] and any(v.startswith("torch") for v in variants):

@@ -122,9 +122,10 @@ class EncoderModel:
         self.image_limits = ImageLimits(config.max_image_bytes, config.max_image_pixels, config.max_image_side, tuple(config.image_formats))
         self.has_backbone = "image_backbone" in m.graphs
         self.pixel_spec = m.pixel_spec() if self.has_backbone else None
-        self.region_dim = self._region_dim()
+        self.preprocessing = m.preprocessing
+        self.region_dim = m.preprocessing.region_dim
         # A model tuning the image trunk's top blocks takes exactly the backbone's grid (manifest region_count).
-        self.region_count: int | None = self.manifest.preprocessing.get("region_count")
+        self.region_count = m.preprocessing.region_count
         if self.region_count is not None and self.region_count > self.max_regions:
             raise ConfigError(f"--max-regions {self.max_regions} is below the {self.region_count} grid regions this model takes")
         self.joint_dim = m.joint_dim
@@ -153,15 +154,6 @@ class EncoderModel:
                 f"{self.model_dir}: the hub reference has dimension {reference.dimension}, the model {self.manifest.joint_dim}"
             )
         return reference
-
-    def _region_dim(self) -> int:
-        value = self.manifest.preprocessing.get("region_dim")
-        if isinstance(value, int):
-            return value
-        for spec in self.manifest.graph("image_encoder").inputs:
-            if spec.name == "regions" and isinstance(spec.shape[-1], int):
-                return spec.shape[-1]
-        raise ConfigError(f"{self.model_dir}: cannot tell the region feature size from manifest.json")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,7 +226,7 @@ class EncoderModel:
             regions = self._run_backbone([np.zeros((3, size, size), np.float32)])
             self._run_image_encoder([(regions[0][0], regions[0][1], None)])
         else:
-            count = self.region_count or min(36, self.max_regions)
+            count = self.preprocessing.warmup_regions(self.max_regions)
             boxes = np.tile(np.array([[0.1, 0.1, 0.6, 0.6]], np.float32), (count, 1))
             self._run_image_encoder([(np.zeros((count, self.region_dim), np.float32), boxes, None)])
 
@@ -338,7 +330,7 @@ class EncoderModel:
         if count > self.max_regions:
             raise InvalidInput(f"{field}.features: {count} regions exceeds the limit of {self.max_regions} (--max-regions)")
         if self.region_count is not None and count != self.region_count:
-            grid = self.manifest.preprocessing.get("grid")
+            grid = self.preprocessing.grid
             raise InvalidInput(
                 f"{field}.features: this model takes exactly {self.region_count} regions (the backbone's {grid}x{grid} grid, "
                 f"row-major), got {count}"

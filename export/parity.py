@@ -146,7 +146,7 @@ def run_parity(
     say(f"{split}: {len(data.names)} images, {len(captions)} captions")
     tokenizer = CaptionTokenizer(model_dir / manifest.tokenizer_file, max_tokens=manifest.limits.max_tokens)
     text_batches = caption_batches(tokenizer, captions, batch_size)
-    feats = image_features(data, tuned_blocks=int(manifest.preprocessing.get("image_tuned_blocks", 0)))
+    feats = image_features(data, tuned_blocks=manifest.preprocessing.image_tuned_blocks)
     image_batches = region_batches(feats.regions, feats.boxes, batch_size)
 
     encoded = {}

@@ -22,9 +22,10 @@ from torch import nn
 
 from teran import backbones
 from teran.checkpoint import FORMAT as PROJECT_FORMAT
+from teran.config import image_grid_cells
 from teran.errors import CheckpointError
 from teran.hubness import HubReference
-from teran.manifest import file_sha256
+from teran.manifest import BOXES_NORMALISED, BOXES_PIXELS, Preprocessing, file_sha256
 from teran.preprocess import PixelSpec
 
 KINDS = ("auto", "project", "original")
@@ -55,7 +56,7 @@ class ExportSource:
     max_tokens: int
     max_regions: int
     tokenizer_file: Path
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     alignment_mode: str
     concept_mode: str
     default_name: str
@@ -317,7 +318,7 @@ def _project_source(
         mask_output="concept_mask",
     )
     spec = PixelSpec()
-    grid = cfg.image_grid if fixed_regions else spec.size // 32
+    grid = cfg.image_grid if fixed_regions else image_grid_cells(spec.size)
     image_name = None
     if with_backbone:
         if image_backbone is None:
@@ -353,19 +354,20 @@ def _project_source(
         max_tokens=max_tokens,
         max_regions=max_regions,
         tokenizer_file=Path(tokenizer_file) if tokenizer_file else backbones.tokenizer_file(),
-        preprocessing={
-            "size": spec.size,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "resample": spec.resample,
-            "grid": grid,
-            "region_dim": cfg.image_input_dim,
+        preprocessing=Preprocessing(
+            size=spec.size,
+            mean=spec.mean,
+            std=spec.std,
+            resample=spec.resample,
+            grid=grid,
+            region_dim=cfg.image_input_dim,
             # Set for a model that tunes the trunk's top blocks: its regions are the grid below them,
             # exactly this many cells (row-major), not the trunk's output.
-            **({"region_count": fixed_regions, "image_tuned_blocks": cfg.image_tuned_blocks} if fixed_regions else {}),
-            "boxes": "normalised x1,y1,x2,y2",
-            "layout": "NCHW float32, (pixel/255 - mean) / std, squashed to size x size (no crop)",
-        },
+            region_count=fixed_regions,
+            image_tuned_blocks=cfg.image_tuned_blocks,
+            boxes=BOXES_NORMALISED,
+            layout="NCHW float32, (pixel/255 - mean) / std, squashed to size x size (no crop)",
+        ),
         alignment_mode=mode,
         concept_mode="words",
         default_name=path.stem,
@@ -419,11 +421,11 @@ def _original_source(path, text_backbone, tokenizer_file, max_tokens, max_region
         max_regions=max_regions,
         # bert-base-uncased WordPiece: all-MiniLM-L6-v2 ships the same uncased 30522-token vocabulary.
         tokenizer_file=Path(tokenizer_file) if tokenizer_file else backbones.tokenizer_file(),
-        preprocessing={
-            "region_dim": cfg.feature_dim,
-            "boxes": "pixels x1,y1,x2,y2 (divided by image_sizes inside the graph)",
-            "features": "bottom-up Faster R-CNN (Visual Genome) region features, computed outside this model",
-        },
+        preprocessing=Preprocessing(
+            region_dim=cfg.feature_dim,
+            boxes=BOXES_PIXELS,
+            features="bottom-up Faster R-CNN (Visual Genome) region features, computed outside this model",
+        ),
         alignment_mode=alignment_mode or "MrSw",
         concept_mode="compat",
         default_name=path.name.split(".")[0],

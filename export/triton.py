@@ -34,6 +34,7 @@ WORKSPACE_BYTES = 2 << 30
 QUEUE_DELAY_US = 2000
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32", "bool": "TYPE_BOOL"}
 NUMPY_DTYPES = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "bool": "|b1"}
+OPT_REGIONS = 49  # TensorRT's optimum region count for a model without a backbone grid: as for the usual 7 x 7 one
 
 
 def _preferred_batches(max_batch: int) -> list[int]:
@@ -81,13 +82,20 @@ def _profile(specs: list[TensorSpec], batch: int, sizes: dict[str, int]) -> str:
     return ",".join(f"{s.name}:" + "x".join(str(d) for d in [batch, *_concrete(s, sizes)]) for s in specs)
 
 
+def typical_regions(manifest: Manifest) -> int:
+    """Regions per image to optimise for: the exact count the model takes or its backbone grid's cells,
+    else OPT_REGIONS; at most limits.max_regions."""
+    pre = manifest.preprocessing
+    return min(pre.region_count or pre.grid_regions or OPT_REGIONS, manifest.limits.max_regions)
+
+
 def trt_profiles(graph: str, manifest: Manifest) -> dict[str, str]:
     """TensorRT optimisation profile (min / opt / max shapes) for the graph's inputs."""
     inputs = manifest.graph(graph).inputs
     limits = manifest.limits
     opt_batch = min(32, limits.max_batch)
     low = {"tokens": 3, "regions": 1, "default": 1}
-    opt = {"tokens": min(32, limits.max_tokens), "regions": min(49, limits.max_regions), "default": 1}
+    opt = {"tokens": min(32, limits.max_tokens), "regions": typical_regions(manifest), "default": 1}
     high = {"tokens": limits.max_tokens, "regions": limits.max_regions, "default": 1}
     return {
         "trt_profile_min_shapes": _profile(inputs, 1, low),
@@ -99,7 +107,8 @@ def trt_profiles(graph: str, manifest: Manifest) -> dict[str, str]:
 def _warmup(graph: str, specs: list[TensorSpec], manifest: Manifest, model_dir: Path) -> str:
     """One warm-up request at a typical shape. Masks are ones (a fully padded row is NaN in the
     transformer), token ids zeros ([PAD], always in the vocabulary), floats random."""
-    sizes = {"tokens": min(16, manifest.limits.max_tokens), "regions": min(36, manifest.limits.max_regions), "default": 1}
+    regions = manifest.preprocessing.warmup_regions(manifest.limits.max_regions)
+    sizes = {"tokens": min(16, manifest.limits.max_tokens), "regions": regions, "default": 1}
     batch = min(8, manifest.limits.max_batch)
     blocks = []
     for spec in specs:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from teran.config import IMAGE_TUNABLE_BLOCKS, TEXT_LAYERS
+from teran.config import IMAGE_TUNABLE_BLOCKS, TEXT_LAYERS, image_grid_cells
 from teran.preprocess import grid_boxes
 
 IMAGE_BACKBONE = "efficientnet-lite0"
@@ -69,7 +69,7 @@ class GridImageBackbone(nn.Module):
         _check_image_blocks(drop_top_blocks)
         self.trunk = _efficientnet(pretrained=True)
         self.stop = len(self.trunk._blocks) - drop_top_blocks
-        self.grid = input_size // 32
+        self.grid = image_grid_cells(input_size)
         self.register_buffer("boxes", torch.from_numpy(grid_boxes(self.grid)), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from teran.errors import TeranInputError
+from teran.preprocess import PixelSpec
 
 SHORTCUT_MODES = ("none", "global", "all")
 TEXT_LAYERS = 6  # transformer layers of all-MiniLM-L6-v2
@@ -16,6 +17,12 @@ TEXT_LAYERS = 6  # transformer layers of all-MiniLM-L6-v2
 IMAGE_TUNABLE_BLOCKS = 4
 IMAGE_GRID_CHANNELS = 192
 IMAGE_HEAD_CHANNELS = 1280  # EfficientNet-Lite0's head conv output: the region size of the full trunk
+IMAGE_STRIDE = 32  # the trunk's total downsampling: one grid cell per 32 x 32 input pixels
+
+
+def image_grid_cells(input_size: int) -> int:
+    """Cells per side of the image trunk's output grid for a square input of `input_size` pixels."""
+    return input_size // IMAGE_STRIDE
 
 
 @dataclass
@@ -47,7 +54,7 @@ class ModelConfig:
     # block index / 16). The model then takes the backbone's grid below them (`image_input_dim` channels,
     # exactly image_grid x image_grid regions, row-major) and computes the region features itself.
     image_tuned_blocks: int = 0
-    image_grid: int = 7  # cells per side of that grid (input size / 32)
+    image_grid: int = image_grid_cells(PixelSpec().size)  # cells per side of that grid
 
     def __post_init__(self):
         if self.pooled_shortcut not in SHORTCUT_MODES:

@@ -89,7 +89,7 @@ class ExportedModel:
 
     @property
     def image_tuned_blocks(self) -> int:
-        return int(self.manifest.preprocessing.get("image_tuned_blocks", 0))
+        return self.manifest.preprocessing.image_tuned_blocks
 
     def encode_token_batches(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> Encoded3:
         return run_batches(batches, ort_runner(self._text, self._text_inputs))

@@ -11,9 +11,10 @@ the tokenizer, an optional Triton model repository under `triton/`, and `manifes
     source_checkpoint            path, sha256, size and kind ("project" | "original")
     joint_dim, limits            vector size; max_tokens, max_regions, max_batch
     tokenizer_file               the tokenizer.json to use (relative to the directory)
-    preprocessing                PixelSpec fields, grid and region_dim of the image backbone;
-                                 region_count when the image encoder takes exactly that many
-                                 regions (a model tuning the trunk's top blocks takes its grid)
+    preprocessing                how to feed the image encoder (`Preprocessing`): PixelSpec fields
+                                 and grid of the image backbone, region_dim; region_count and
+                                 image_tuned_blocks when the image encoder takes exactly the grid
+                                 (a model tuning the trunk's top blocks); the boxes convention
     alignment_mode, concept_mode how to score ("MrSw", ...) and which concepts are words
     blend_weight                 the served ranking: global cosine + w x MrSw
                                  (teran.alignment.blend_scores), w selected on dev in training;
@@ -34,13 +35,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from teran.errors import TeranInputError
+
+if TYPE_CHECKING:
+    from teran.preprocess import PixelSpec
 
 FORMAT = "teran-model-dir"
 FORMAT_VERSION = 1
@@ -52,6 +57,10 @@ CONCEPT_MODES = ("words", "compat")  # words: word pieces minus [CLS]/[SEP]; com
 ALIGNMENT_MODES = ("MrSw", "MwSr", "symm", "MrAVGw")
 ORT_LEVELS = ("none", "basic", "extended")
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
+RESAMPLE_MODES = ("bilinear",)  # what teran.preprocess.to_pixels does
+BOXES_NORMALISED = "normalised x1,y1,x2,y2"
+BOXES_PIXELS = "pixels x1,y1,x2,y2 (divided by image_sizes inside the graph)"
+WARMUP_REGIONS = 36  # a warm-up image's regions where the model takes any count (a bottom-up detector gives 36)
 
 
 class ManifestError(TeranInputError):
@@ -119,6 +128,101 @@ class Limits:
     max_batch: int
 
 
+def _is_int(value: Any) -> bool:
+    """An integer >= 1 (JSON true / false are not integers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_triple(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocessing:
+    """The manifest's `preprocessing`: how to feed the image encoder.
+
+    The pixel spec (size, mean, std, resample) and grid describe the image backbone graph; a model
+    fed external region features (an original checkpoint) has neither. Fields that are None (and
+    image_tuned_blocks 0) are absent from the JSON, in field order, so a manifest is written back
+    as it was read.
+    """
+
+    size: int | None = None  # the square input side in pixels
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    resample: str | None = None  # None: bilinear
+    grid: int | None = None  # cells per side of the backbone's output grid; None: regions come from outside
+    region_dim: int  # channels per region the image encoder takes
+    region_count: int | None = None  # exactly the grid's cells for a model tuning the trunk's top blocks; None: any count
+    image_tuned_blocks: int = 0  # the trunk's top blocks the model tunes (it then takes the grid below them)
+    boxes: str | None = None  # box convention: BOXES_NORMALISED or BOXES_PIXELS
+    layout: str | None = None  # free text: the pixel tensor's layout and normalisation
+    features: str | None = None  # free text: where external region features come from
+
+    @property
+    def grid_regions(self) -> int | None:
+        """The backbone's regions per image (grid x grid), or None without a backbone grid."""
+        return self.grid * self.grid if self.grid else None
+
+    def warmup_regions(self, max_regions: int) -> int:
+        """Regions of a warm-up image: the exact count the model takes, else WARMUP_REGIONS (at most `max_regions`)."""
+        return self.region_count or min(WARMUP_REGIONS, max_regions)
+
+    def pixel_spec(self) -> PixelSpec:
+        """The image preprocessing as a teran.preprocess.PixelSpec (imports numpy / Pillow)."""
+        from teran.preprocess import PixelSpec
+
+        if self.size is None or self.mean is None or self.std is None:
+            raise ManifestError("the model takes region features: its manifest has no pixel spec (preprocessing.size / mean / std)")
+        return PixelSpec(size=self.size, mean=self.mean, std=self.std, resample=self.resample or "bilinear")
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not (f.name == "image_tuned_blocks" and value == 0):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> Preprocessing:
+        """Parse and validate the `preprocessing` object; errors name `where` and the field."""
+
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise ManifestError(f"{where}: bad field preprocessing{what}")
+
+        need(isinstance(data, dict), " (object)")
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            need(key in known, f".{key} (unknown; known: {known})")
+        need(_is_int(data.get("region_dim")), ".region_dim (integer >= 1)")
+        for key in ("size", "grid", "region_count", "image_tuned_blocks"):
+            need(key not in data or _is_int(data[key]), f".{key} (integer >= 1, or absent)")
+        for key in ("mean", "std"):
+            need(key not in data or _is_triple(data[key]), f".{key} (3 finite numbers, or absent)")
+        need(all(v > 0 for v in data.get("std", [])), ".std (positive numbers)")
+        pixels = [key for key in ("size", "mean", "std") if key in data]
+        for key in ("size", "mean", "std"):
+            need(not pixels or key in data, f".{key} (size, mean and std come together)")
+        need(
+            "resample" not in data or (bool(pixels) and data["resample"] in RESAMPLE_MODES),
+            f".resample (one of {RESAMPLE_MODES}, with size)",
+        )
+        for key in ("boxes", "layout", "features"):
+            need(key not in data or isinstance(data[key], str), f".{key} (string, or absent)")
+        if "region_count" in data:
+            need("grid" in data and data["region_count"] == data["grid"] ** 2, ".region_count (the grid's cells, grid x grid)")
+        need(
+            "image_tuned_blocks" not in data or "region_count" in data, ".image_tuned_blocks (needs region_count: the model takes the grid)"
+        )
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
+
 @dataclass
 class Manifest:
     model_name: str
@@ -127,7 +231,7 @@ class Manifest:
     joint_dim: int
     limits: Limits
     tokenizer_file: str
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     alignment_mode: str
     concept_mode: str
     graphs: dict[str, GraphEntry]
@@ -145,12 +249,9 @@ class Manifest:
     def graph_path(self, directory: str | Path, name: str, precision: str = "fp32") -> Path:
         return Path(directory) / self.graph(name).file(precision)
 
-    def pixel_spec(self):
+    def pixel_spec(self) -> PixelSpec:
         """The image preprocessing as a teran.preprocess.PixelSpec (imports numpy / Pillow)."""
-        from teran.preprocess import PixelSpec
-
-        p = self.preprocessing
-        return PixelSpec(size=int(p["size"]), mean=tuple(p["mean"]), std=tuple(p["std"]), resample=p.get("resample", "bilinear"))
+        return self.preprocessing.pixel_spec()
 
     def to_dict(self) -> dict:
         return {
@@ -162,7 +263,7 @@ class Manifest:
             "joint_dim": self.joint_dim,
             "limits": asdict(self.limits),
             "tokenizer_file": self.tokenizer_file,
-            "preprocessing": dict(self.preprocessing),
+            "preprocessing": self.preprocessing.to_dict(),
             "alignment_mode": self.alignment_mode,
             "concept_mode": self.concept_mode,
             "blend_weight": self.blend_weight,
@@ -219,7 +320,11 @@ class Manifest:
             for key in ("image_reference", "caption_reference"):
                 need(isinstance(hub.get(key), str) and hub[key], f"hub_penalty.{key} (file name)")
         need(isinstance(data["tokenizer_file"], str), "tokenizer_file (string)")
-        need(isinstance(data["preprocessing"], dict), "preprocessing (object)")
+        preprocessing = Preprocessing.from_dict(data["preprocessing"], where)
+        region_count = preprocessing.region_count
+        need(
+            region_count is None or region_count <= limits.max_regions, f"preprocessing.region_count ({region_count} > limits.max_regions)"
+        )
         graphs = {}
         for name, entry in data["graphs"].items():
             need(name in GRAPHS, f"graphs.{name} (unknown graph; known: {GRAPHS})")
@@ -233,6 +338,19 @@ class Manifest:
                     specs[side].append(TensorSpec(spec["name"], spec["dtype"], tuple(spec["shape"])))
             graphs[name] = GraphEntry(
                 entry["fp32"], entry.get("fp16"), specs["inputs"], specs["outputs"], entry["ort_optimization"], entry.get("opset")
+            )
+        # The preprocessing must describe the graphs it feeds.
+        if "image_backbone" in graphs:
+            need(
+                preprocessing.grid is not None and preprocessing.size is not None,
+                "preprocessing (the image_backbone graph needs its grid and size)",
+            )
+        regions = [s for s in graphs["image_encoder"].inputs if s.name == "regions"] if "image_encoder" in graphs else []
+        for spec in regions:
+            channels = spec.shape[-1]
+            need(
+                not isinstance(channels, int) or channels == preprocessing.region_dim,
+                f"preprocessing.region_dim ({preprocessing.region_dim}; the image_encoder's regions have {channels} channels)",
             )
         files = {}
         for name, entry in data["files"].items():
@@ -250,7 +368,7 @@ class Manifest:
             joint_dim=data["joint_dim"],
             limits=limits,
             tokenizer_file=data["tokenizer_file"],
-            preprocessing=data["preprocessing"],
+            preprocessing=preprocessing,
             alignment_mode=data["alignment_mode"],
             concept_mode=data["concept_mode"],
             graphs=graphs,

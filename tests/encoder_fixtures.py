@@ -22,7 +22,18 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from teran.manifest import GraphEntry, Limits, Manifest, SourceCheckpoint, TensorSpec, write_manifest
+from teran.config import image_grid_cells
+from teran.manifest import (
+    BOXES_NORMALISED,
+    BOXES_PIXELS,
+    GraphEntry,
+    Limits,
+    Manifest,
+    Preprocessing,
+    SourceCheckpoint,
+    TensorSpec,
+    write_manifest,
+)
 from teran.preprocess import ImageLimits, PixelSpec, decode_image, grid_boxes, to_pixels
 from teran.tokenization import CaptionTokenizer
 
@@ -198,7 +209,6 @@ def build_synthetic_model_dir(
     max_regions: int = 64,
     max_batch: int = 16,
     image_size: int = 224,
-    grid: int = 7,
     name: str = "synthetic",
     blend_weight: float | None = None,
     hub_reference=None,
@@ -215,6 +225,7 @@ def build_synthetic_model_dir(
         "text_encoder": text_graph(vocab, joint_dim),
         "image_encoder": image_graph(region_dim, joint_dim, with_sizes=kind == "original"),
     }
+    grid = image_grid_cells(image_size)
     if kind == "project":
         graphs["image_backbone"] = backbone_graph(image_size, grid, region_dim)
     entries = {}
@@ -227,17 +238,11 @@ def build_synthetic_model_dir(
         )
     spec = PixelSpec(size=image_size)
     if kind == "project":
-        preprocessing = {
-            "size": spec.size,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "resample": spec.resample,
-            "grid": grid,
-            "region_dim": region_dim,
-            "boxes": "normalised x1,y1,x2,y2",
-        }
+        preprocessing = Preprocessing(
+            size=spec.size, mean=spec.mean, std=spec.std, resample=spec.resample, grid=grid, region_dim=region_dim, boxes=BOXES_NORMALISED
+        )
     else:
-        preprocessing = {"region_dim": region_dim, "boxes": "pixels x1,y1,x2,y2 (divided by image_sizes inside the graph)"}
+        preprocessing = Preprocessing(region_dim=region_dim, boxes=BOXES_PIXELS)
     manifest = Manifest(
         model_name=name,
         model_version=1,

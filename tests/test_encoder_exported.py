@@ -120,7 +120,7 @@ def test_model_tuning_the_image_trunk_serves_jpegs_like_torch_and_takes_only_who
     from teran.preprocess import PixelSpec, decode_image, to_pixels
 
     manifest = load_manifest(exported_tuned_image)
-    assert manifest.preprocessing["region_dim"] == 192 and manifest.preprocessing["region_count"] == 49
+    assert manifest.preprocessing.region_dim == 192 and manifest.preprocessing.region_count == 49
     model, _ = load_model(exported_tuned_image.parent / f"{exported_tuned_image.name}-tiny.pt")
     jpeg = image_bytes(120, 80, seed=5)
     with torch.no_grad():

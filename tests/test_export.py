@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import shutil
 import subprocess
 import sys
@@ -160,8 +161,10 @@ def test_manifest_describes_the_directory(exported):
     assert loaded.joint_dim == TINY.joint_dim
     assert (loaded.limits.max_tokens, loaded.limits.max_regions, loaded.limits.max_batch) == (16, 20, 8)
     assert loaded.concept_mode == "words" and loaded.alignment_mode == "MrSw"
-    assert loaded.preprocessing["size"] == 224 and loaded.preprocessing["grid"] == 7
+    assert loaded.preprocessing.size == 224 and loaded.preprocessing.grid == 7 and loaded.preprocessing.region_count is None
     assert loaded.pixel_spec().size == 224
+    written = json.loads((out / MANIFEST_FILE).read_text())["preprocessing"]
+    assert list(written) == ["size", "mean", "std", "resample", "grid", "region_dim", "boxes", "layout"]  # the on-disk keys
     text = loaded.graph("text_encoder")
     assert [(t.name, t.dtype) for t in text.inputs] == [("input_ids", "int64"), ("attention_mask", "int64")]
     assert [t.shape for t in text.inputs] == [("batch", "tokens")] * 2
@@ -347,6 +350,7 @@ def test_original_teran_checkpoint_exports(tmp_path):
     assert manifest.source.kind == "original" and manifest.concept_mode == "compat" and manifest.joint_dim == 8
     assert set(manifest.graphs) == {"text_encoder", "image_encoder"}
     assert [t.name for t in manifest.graph("image_encoder").inputs] == ["regions", "boxes", "image_sizes", "region_mask"]
+    assert manifest.preprocessing.grid is None and list(manifest.preprocessing.to_dict()) == ["region_dim", "boxes", "features"]
     assert sorted(p.name for p in (tmp_path / "orig" / "triton").iterdir()) == ["image_encoder", "text_encoder"]
     model = source.graphs["text_encoder"].module.model
     ids = torch.tensor([[2, 11, 12, 13, 14, 15, 16, 17, 3], [2, 21, 22, 23, 3, 0, 0, 0, 0], [2, 31, 32, 3, 0, 0, 0, 0, 0]])

@@ -18,6 +18,7 @@ from teran.manifest import (
     Limits,
     Manifest,
     ManifestError,
+    Preprocessing,
     SourceCheckpoint,
     TensorSpec,
     load_manifest,
@@ -58,7 +59,7 @@ def make_dir(root: Path) -> Manifest:
         joint_dim=8,
         limits=Limits(max_tokens=16, max_regions=20, max_batch=4),
         tokenizer_file="tokenizer.json",
-        preprocessing={"size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resample": "bilinear", "grid": 7},
+        preprocessing=Preprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resample="bilinear", grid=7, region_dim=16),
         alignment_mode="MrSw",
         concept_mode="words",
         graphs=graphs,
@@ -143,6 +144,98 @@ def test_bad_manifests_are_refused(tmp_path, change, message):
     with pytest.raises(ManifestError, match=message) as info:
         load_manifest(root, verify=False)
     assert MANIFEST_FILE in str(info.value)
+
+
+# The preprocessing of the three kinds of exported model, as `python -m export` writes them.
+TUNED_TRUNK = {
+    "size": 224,
+    "mean": [0.4980392156862745, 0.4980392156862745, 0.4980392156862745],
+    "std": [0.5019607843137255, 0.5019607843137255, 0.5019607843137255],
+    "resample": "bilinear",
+    "grid": 7,
+    "region_dim": 192,
+    "region_count": 49,
+    "image_tuned_blocks": 2,
+    "boxes": "normalised x1,y1,x2,y2",
+    "layout": "NCHW float32, (pixel/255 - mean) / std, squashed to size x size (no crop)",
+}
+FROZEN_TRUNK = {key: value for key, value in TUNED_TRUNK.items() if key not in ("region_count", "image_tuned_blocks")} | {
+    "region_dim": 1280
+}
+REGION_FEATURES = {
+    "region_dim": 2048,
+    "boxes": "pixels x1,y1,x2,y2 (divided by image_sizes inside the graph)",
+    "features": "bottom-up Faster R-CNN (Visual Genome) region features, computed outside this model",
+}
+
+
+@pytest.mark.parametrize("data", [TUNED_TRUNK, FROZEN_TRUNK, REGION_FEATURES], ids=["tuned", "frozen", "region-features"])
+def test_preprocessing_is_typed_and_written_back_as_read(data):
+    parsed = Preprocessing.from_dict(json.loads(json.dumps(data)))
+    assert json.dumps(parsed.to_dict()) == json.dumps(data)  # same keys, values and order
+    assert parsed.region_dim == data["region_dim"] and parsed.region_count == data.get("region_count")
+    assert parsed.image_tuned_blocks == data.get("image_tuned_blocks", 0)
+    if "grid" in data:
+        assert parsed.grid_regions == 49 and parsed.pixel_spec().mean == tuple(data["mean"])
+    else:
+        assert parsed.grid is None and parsed.grid_regions is None and parsed.warmup_regions(100) == 36
+        with pytest.raises(ManifestError, match="takes region features"):
+            parsed.pixel_spec()
+
+
+def test_manifest_file_is_written_back_byte_for_byte(tmp_path):
+    make_dir(tmp_path / "m")
+    text = (tmp_path / "m" / MANIFEST_FILE).read_text()
+    data = json.loads(text)
+    data["preprocessing"] = dict(FROZEN_TRUNK, region_dim=16)
+    text = json.dumps(data, indent=2) + "\n"
+    assert json.dumps(Manifest.from_dict(json.loads(text)).to_dict(), indent=2) + "\n" == text
+
+
+def _preprocessing(change):
+    def apply(data):
+        change(data["preprocessing"])
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.update(preprocessing=[224]), r"bad field preprocessing \(object\)"),
+        (_preprocessing(lambda p: p.pop("region_dim")), r"bad field preprocessing\.region_dim \(integer >= 1\)"),
+        (_preprocessing(lambda p: p.update(grid="7")), r"bad field preprocessing\.grid \(integer >= 1, or absent\)"),
+        (_preprocessing(lambda p: p.update(size=True)), r"bad field preprocessing\.size \(integer >= 1"),
+        (_preprocessing(lambda p: p.update(mean=[0.5, 0.5])), r"bad field preprocessing\.mean \(3 finite numbers"),
+        (_preprocessing(lambda p: p.update(std=[0.5, 0.0, 0.5])), r"bad field preprocessing\.std \(positive numbers\)"),
+        (_preprocessing(lambda p: p.pop("std")), r"bad field preprocessing\.std \(size, mean and std come together\)"),
+        (_preprocessing(lambda p: p.update(resample="bicubic")), r"bad field preprocessing\.resample \(one of \('bilinear',\)"),
+        (_preprocessing(lambda p: p.update(crop="centre")), r"bad field preprocessing\.crop \(unknown; known: \['size'"),
+        (_preprocessing(lambda p: p.update(boxes=4)), r"bad field preprocessing\.boxes \(string, or absent\)"),
+        (_preprocessing(lambda p: p.update(region_count=36)), r"bad field preprocessing\.region_count \(the grid's cells"),
+        (_preprocessing(lambda p: p.update(region_count=49)), r"bad field preprocessing\.region_count \(49 > limits\.max_regions\)"),
+        (_preprocessing(lambda p: p.update(image_tuned_blocks=2)), r"bad field preprocessing\.image_tuned_blocks \(needs region_count"),
+        (_preprocessing(lambda p: p.update(image_tuned_blocks=0)), r"bad field preprocessing\.image_tuned_blocks \(integer >= 1"),
+        (
+            _preprocessing(lambda p: p.update(region_dim=12)),
+            r"bad field preprocessing\.region_dim \(12; the image_encoder's regions have 16",
+        ),
+        (
+            lambda d: (
+                d["graphs"].update(image_backbone=d["graphs"]["image_encoder"]),
+                d.update(preprocessing=dict(REGION_FEATURES, region_dim=16)),
+            ),
+            r"bad field preprocessing \(the image_backbone graph needs its grid and size\)",
+        ),
+    ],
+)
+def test_bad_preprocessing_is_refused_naming_the_field(tmp_path, change, message):
+    root = tmp_path / "m"
+    make_dir(root)
+    _rewrite(root, change)
+    with pytest.raises(ManifestError, match=message) as info:
+        load_manifest(root, verify=False)
+    assert str(info.value).startswith(str(root / MANIFEST_FILE))
 
 
 def test_missing_or_corrupt_manifest(tmp_path):
