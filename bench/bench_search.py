@@ -50,15 +50,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from teran.alignment_numpy import blend_scores  # noqa: E402
-from teran_api._proto import search_pb2, search_pb2_grpc  # noqa: E402
-from teran_api.tensors import to_tensor  # noqa: E402
+from teran_api.types import IndexItem, Modality, ModelRef, SearchQuery, Vectors  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-search"
 
@@ -166,14 +164,10 @@ def resolve_ranking(option: str, manifest_weight: float | None, hub=None):
 # --------------------------------------------------------------------------- service
 
 
-def vectors(modality: int, g: np.ndarray, c: np.ndarray, model, boxes=None) -> search_pb2.Vectors:
-    v = search_pb2.Vectors(modality=modality)
-    v.global_vector.CopyFrom(to_tensor(g, np.float32))
-    v.concepts.CopyFrom(to_tensor(c, np.float16))
-    if boxes is not None:
-        v.boxes.CopyFrom(to_tensor(boxes, np.float32))
-    v.model.name, v.model.version, v.model.dimension = model[0], int(model[1]), int(model[2])
-    return v
+def vectors(modality: Modality, g: np.ndarray, c: np.ndarray, model, boxes=None) -> Vectors:
+    """Concepts travel as fp16 (as stored); the exhaustive reference rounds them the same way."""
+    ref = ModelRef(model[0], int(model[1]), int(model[2]))
+    return Vectors(modality, np.asarray(g, np.float32), np.asarray(c).astype(np.float16), boxes=boxes, model=ref)
 
 
 def start_encoder(model_dir: Path):
@@ -185,24 +179,26 @@ def start_encoder(model_dir: Path):
 
 
 class Service:
+    """A search service (ServerThread) and its typed client, with the bench's items and queries."""
+
     def __init__(self, uri: str, **overrides):
         from search_service.config import SearchConfig
         from search_service.server import ServerThread
+        from teran_api.search_client import SearchClient
 
         values = dict(milvus_uri=uri, host="127.0.0.1", port=0, metrics_port=-1, collection_prefix=f"bench_{os.getpid()}", max_top_k=100)
         values.update(overrides)
         self.thread = ServerThread(SearchConfig(**values).validate())
-        self.channel = grpc.insecure_channel(self.thread.target, options=[("grpc.max_receive_message_length", 256 << 20)])
-        self.stub = search_pb2_grpc.SearchServiceStub(self.channel)
+        self.client = SearchClient(self.thread.target, timeout=7200, max_message_bytes=256 << 20)
 
     def index(self, data: dict, n_items: int, noise: float = 0.0, batch: int = 128) -> float:
         rng = np.random.default_rng(0)
         model = [str(x) for x in data["model"]]
         n_images = len(data["image_global"])
 
-        def messages():
+        def batches():
             for start in range(0, n_items, batch):
-                request = search_pb2.IndexRequest()
+                items = []
                 for j in range(start, min(n_items, start + batch)):
                     src = j % n_images
                     g, c = data["image_global"][src], data["image_concepts"][src]
@@ -211,15 +207,15 @@ class Service:
                         c = c + rng.normal(0, noise, c.shape).astype(np.float32)
                         g /= np.linalg.norm(g)
                         c /= np.linalg.norm(c, axis=1, keepdims=True)
-                    item = request.items.add(id=f"i{j}", metadata_json=json.dumps({"src": int(src)}))
-                    item.vectors.CopyFrom(vectors(search_pb2.IMAGE, g, c, model, data["image_boxes"][src]))
-                yield request
+                    content = vectors(Modality.IMAGE, g, c, model, data["image_boxes"][src])
+                    items.append(IndexItem(f"i{j}", content, json.dumps({"src": int(src)})))
+                yield items
                 if start and start % (batch * 100) == 0:
                     log(f"  indexed {start}/{n_items}")
 
         started = time.perf_counter()
-        response = self.stub.StreamIndex(messages(), timeout=7200)
-        assert response.indexed == n_items, response
+        result = self.client.stream_index(batches())
+        assert result.indexed == n_items, result
         return time.perf_counter() - started
 
     def index_captions(self, data: dict, batch: int = 256) -> float:
@@ -227,40 +223,39 @@ class Service:
         model = [str(x) for x in data["model"]]
         lengths, n_captions = data["caption_lengths"], len(data["caption_global"])
 
-        def messages():
+        def batches():
             for start in range(0, n_captions, batch):
-                request = search_pb2.IndexRequest()
+                items = []
                 for j in range(start, min(n_captions, start + batch)):
-                    item = request.items.add(id=f"c{j}", metadata_json=json.dumps({"owner": int(data["caption_owner"][j])}))
                     concepts = data["caption_concepts"][j, : int(lengths[j])]
-                    item.vectors.CopyFrom(vectors(search_pb2.CAPTION, data["caption_global"][j], concepts, model))
-                yield request
+                    content = vectors(Modality.CAPTION, data["caption_global"][j], concepts, model)
+                    items.append(IndexItem(f"c{j}", content, json.dumps({"owner": int(data["caption_owner"][j])})))
+                yield items
 
         started = time.perf_counter()
-        response = self.stub.StreamIndex(messages(), timeout=7200)
-        assert response.indexed == n_captions, response
+        result = self.client.stream_index(batches())
+        assert result.indexed == n_captions, result
         return time.perf_counter() - started
+
+    def _search(self, content: Vectors, top_k: int, multiplier: int, rerank: bool):
+        query = SearchQuery(content, top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=True)
+        return self.client.search(query)
 
     def search(self, data: dict, q: int, top_k: int, multiplier: int, rerank: bool = True):
         """Caption `q`'s vectors against the images."""
         n = int(data["caption_lengths"][q])
-        v = vectors(search_pb2.CAPTION, data["caption_global"][q], data["caption_concepts"][q, :n], [str(x) for x in data["model"]])
-        request = search_pb2.SearchRequest(
-            vectors=v, top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=True
-        )
-        return self.stub.Search(request, timeout=120)
+        model = [str(x) for x in data["model"]]
+        content = vectors(Modality.CAPTION, data["caption_global"][q], data["caption_concepts"][q, :n], model)
+        return self._search(content, top_k, multiplier, rerank)
 
     def search_image(self, data: dict, i: int, top_k: int, multiplier: int, rerank: bool = True):
         """Image `i`'s vectors (regions as concepts, with boxes) against the captions."""
         model = [str(x) for x in data["model"]]
-        v = vectors(search_pb2.IMAGE, data["image_global"][i], data["image_concepts"][i], model, data["image_boxes"][i])
-        request = search_pb2.SearchRequest(
-            vectors=v, top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=True
-        )
-        return self.stub.Search(request, timeout=120)
+        content = vectors(Modality.IMAGE, data["image_global"][i], data["image_concepts"][i], model, data["image_boxes"][i])
+        return self._search(content, top_k, multiplier, rerank)
 
     def close(self) -> None:
-        self.channel.close()
+        self.client.close()
         self.thread.stop()
 
 
@@ -638,9 +633,10 @@ def seal(store, base: dict) -> float:
 def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
     """Large N where full-size items do not fit this machine: items with `--scale-concepts` concept vectors each
     (global vector: a dev image's + noise; concepts: its first regions + noise), written in-process through the
-    service's store and cache code (MilvusStore.upsert + cache_written, no gRPC: much faster to fill), then the
+    service's store and cache code (MilvusStore.upsert + ConceptSource.written, no gRPC: much faster to fill), then the
     same measurements as `latency` (cache rebuild on restart, queries with and without the cache)."""
-    from search_service.store import Item, ModelInfo
+    from search_service.layout import ModelRef
+    from search_service.store import Item
 
     prefix = f"scale_{n_items}_{os.getpid()}"
     common = service_settings(prefix, args)
@@ -652,7 +648,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
         server = service.thread.server
         store = server.store
         model = [str(x) for x in data["model"]]
-        store.ensure(ModelInfo(model[0], int(model[1]), int(model[2])))
+        store.ensure(ModelRef(model[0], int(model[1]), int(model[2])))
         rng = np.random.default_rng(0)
         n_images = len(data["image_global"])
         started = time.perf_counter()
@@ -668,7 +664,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
             boxes = data["image_boxes"][src, :concepts_per_item]
             items = [Item(f"i{start + j}", g[j], c[j], {"src": int(src[j])}, boxes=boxes[j]) for j in range(len(src))]
             store.upsert("images", items)
-            server.cache_written("images", items)
+            server.concepts.written("images", items)
             if start % 100000 == 0:
                 log(f"  scale {backend}: wrote {start + len(src)}/{n_items} ({time.perf_counter() - started:.0f}s)")
         index_s = time.perf_counter() - started

@@ -165,14 +165,9 @@ def _read(path: Path) -> bytes:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _loads(text: str):
-    try:
-        return json.loads(text) if text else {}
-    except json.JSONDecodeError:
-        return text
-
-
 def _model(ref) -> dict:
+    if ref is None:  # the service has no collections yet
+        return {"name": "", "version": 0, "dimension": 0}
     return {"name": ref.name, "version": int(ref.version), "dimension": int(ref.dimension)}
 
 
@@ -195,14 +190,12 @@ def cmd_search(args) -> int:
         disable_rerank=args.no_rerank,
         skip_explanation=not args.explain,
     )
-    if args.image is not None:
-        fields["image"] = _read(args.image)
-    else:
-        fields["caption"] = args.caption
-    with _search_client(args) as client:
-        response = client.search(**fields)
-    from teran_api._proto import search_pb2
+    from teran_api.search_messages import modality_name
+    from teran_api.types import SearchQuery
 
+    query = SearchQuery(_read(args.image) if args.image is not None else args.caption, **fields)
+    with _search_client(args) as client:
+        response = client.search(query)
     hits = []
     for rank, hit in enumerate(response.hits, 1):
         entry = {
@@ -211,7 +204,7 @@ def cmd_search(args) -> int:
             "score": float(hit.score),
             "first_stage_score": float(hit.first_stage_score),
             "first_stage_rank": int(hit.first_stage_rank),
-            "metadata": _loads(hit.metadata_json),
+            "metadata": hit.metadata,
         }
         if args.explain:
             entry["alignment"] = [
@@ -227,7 +220,7 @@ def cmd_search(args) -> int:
             ]
         hits.append(entry)
     document = {
-        "target": search_pb2.Modality.Name(response.target),
+        "target": modality_name(response.target),
         "candidates": int(response.candidates),
         "reranked": bool(response.reranked),
         "ranking": response.ranking,
@@ -310,7 +303,7 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
 
 
 def cmd_index(args) -> int:
-    from teran_api._proto import search_pb2
+    from teran_api.types import IndexItem
 
     metadata_json = json.dumps(args.metadata)
     if args.images is not None:
@@ -321,22 +314,22 @@ def cmd_index(args) -> int:
             raise UsageError(f"duplicate file names (ids): {', '.join(duplicates[:5])}")
         total = len(files)
 
-        def items() -> Iterator[search_pb2.IndexItem]:
+        def items() -> Iterator[IndexItem]:
             for f in files:
-                yield search_pb2.IndexItem(id=f.name, metadata_json=metadata_json, image=_read(f))
+                yield IndexItem(f.name, _read(f), metadata_json)
     else:
         pairs = read_captions(args.captions)
         total = len(pairs)
 
-        def items() -> Iterator[search_pb2.IndexItem]:
+        def items() -> Iterator[IndexItem]:
             for item_id, caption in pairs:
-                yield search_pb2.IndexItem(id=item_id, metadata_json=metadata_json, caption=caption)
+                yield IndexItem(item_id, caption, metadata_json)
 
     sent = 0
     interactive = sys.stderr.isatty()
     failure: list[BaseException] = []
 
-    def safe_items() -> Iterator[search_pb2.IndexItem]:
+    def safe_items() -> Iterator[IndexItem]:
         try:
             yield from items()
         except UsageError as exc:  # grpc would swallow it into a CANCELLED / UNKNOWN call
@@ -448,7 +441,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from teran_api._proto import search_pb2
+    from teran_api.search_messages import first_stage_name
 
     with _search_client(args) as client:
         s = client.stats()
@@ -463,7 +456,7 @@ def cmd_stats(args) -> int:
         "concept_encoding": s.concept_encoding,
         "sparse_vectors_supported": bool(s.sparse_vectors_supported),
         "encoder_configured": bool(s.encoder_configured),
-        "first_stages": [search_pb2.FirstStage.Name(f) for f in s.first_stages],
+        "first_stages": [first_stage_name(f) for f in s.first_stages],
         "limits": dict(sorted((k, int(v)) for k, v in s.limits.items())),
     }
     if args.json:
@@ -479,10 +472,10 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def _modality(args) -> int:
-    from teran_api.search_client import CAPTION, IMAGE
+def _modality(args):
+    from teran_api.types import Modality
 
-    return IMAGE if args.modality == "image" else CAPTION
+    return Modality(args.modality)
 
 
 def cmd_get(args) -> int:
@@ -492,11 +485,11 @@ def cmd_get(args) -> int:
         {
             "id": item.id,
             "found": bool(item.found),
-            "metadata": _loads(item.metadata_json) if item.found else None,
+            "metadata": item.metadata,
             "num_concepts": int(item.num_concepts),
             **({"word_pieces": list(item.word_pieces)} if item.word_pieces else {}),
         }
-        for item in response.items
+        for item in response
     ]
     if args.json:
         _emit({"items": items})

@@ -43,7 +43,7 @@ IMAGE_QUERY_INDEX = 7  # a dev photo whose own captions are in the index
 
 def index_split(client, data, batch: int = 32) -> None:
     """Stream the split's photos and captions into the search service, unless already there."""
-    from teran_api._proto import search_pb2
+    from teran_api.types import IndexItem
 
     captions, owners = data.flat_captions()
     stats = client.stats()
@@ -55,11 +55,7 @@ def index_split(client, data, batch: int = 32) -> None:
     def photo_batches(bar):
         for start in range(0, len(data.names), batch):
             items = [
-                search_pb2.IndexItem(
-                    id=data.names[i],
-                    image=data.image_path(i).read_bytes(),
-                    metadata_json=json.dumps({"caption": data.captions[i][0]}),
-                )
+                IndexItem(data.names[i], data.image_path(i).read_bytes(), json.dumps({"caption": data.captions[i][0]}))
                 for i in range(start, min(start + batch, len(data.names)))
             ]
             yield items
@@ -68,9 +64,7 @@ def index_split(client, data, batch: int = 32) -> None:
     def caption_batches(bar):
         for start in range(0, len(captions), 4 * batch):
             items = [
-                search_pb2.IndexItem(
-                    id=f"{data.names[owners[k]]}#{k % 5}", caption=captions[k], metadata_json=json.dumps({"image": data.names[owners[k]]})
-                )
+                IndexItem(f"{data.names[owners[k]]}#{k % 5}", captions[k], json.dumps({"image": data.names[owners[k]]}))
                 for k in range(start, min(start + 4 * batch, len(captions)))
             ]
             yield items

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +25,9 @@ class Hit:
 
     @classmethod
     def from_search_hit(cls, hit) -> Hit:
-        """From a teran.v1.SearchHit (its `alignment`: one entry per content word of the caption side)."""
+        """From a teran_api.types.SearchHit (its `alignment`: one entry per content word of the caption side)."""
         matches = [Match(a.word, a.region_index, a.similarity, np.asarray(a.box, np.float32)) for a in hit.alignment]
-        return cls(hit.id, hit.score, hit.first_stage_score, json.loads(hit.metadata_json or "{}"), matches)
+        return cls(hit.id, hit.score, hit.first_stage_score, hit.metadata, matches)
 
     def strongest_matches(self, count: int) -> list[Match]:
         """The `count` words most similar to their region, most similar first."""

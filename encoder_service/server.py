@@ -24,16 +24,17 @@ from encoder_service.logs import get_logger
 from encoder_service.metrics import Metrics
 from encoder_service.model import EncoderModel, InvalidInput, RegionInput
 from serving.budget import ByteBudget
+from serving.failures import hide_cause
 from serving.grpc_server import (
     InflightCalls,
     RpcFailure,
     add_health_and_reflection,
     bind_port,
     create_server,
-    hide_cause,
     request_id_problem,
 )
 from serving.rpc import RpcFrame
+from serving.server_thread import ServerThread as BackgroundServer
 from teran.errors import TeranInputError
 from teran_api._proto import common_pb2, encoder_pb2, encoder_pb2_grpc
 from teran_api.tensors import FLOAT16, FLOAT32, dtype_code, fill_tensor, from_tensor, to_tensor
@@ -488,8 +489,8 @@ class EncoderServer:
         await self._stopped.wait()
 
 
-class ServerThread:
-    """Run an EncoderServer on its own event loop in a background thread (tests, benchmarks, embedding).
+class ServerThread(BackgroundServer):
+    """An EncoderServer on its own event loop in a background thread (tests, benchmarks, embedding).
 
     The constructor returns once the model is warm (`wait="ready"`) or once the port is open
     (`wait="listening"`; then call `wait_ready()`)."""
@@ -497,75 +498,6 @@ class ServerThread:
     def __init__(
         self, config: EncoderConfig, *, backend: Backend | None = None, warmup: bool = True, wait: str = "ready", timeout: float = 120.0
     ):
-        self.server = EncoderServer(config, backend=backend)
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(warmup,), name="encoder-server", daemon=True)
-        self._thread.start()
-        if wait == "listening":
-            end = time.monotonic() + timeout
-            while not self.server.listening.wait(0.01) and not self._ready.is_set():
-                if time.monotonic() > end:
-                    raise TimeoutError("encoder server did not open its port in time")
-            self._raise_error()
-        else:
-            self.wait_ready(timeout)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        if not self._ready.wait(timeout):
-            raise TimeoutError("encoder server did not start in time")
-        self._raise_error()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            self._thread.join(5)
-            raise self._error
-
-    def _run(self, warmup: bool) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main():
-            try:
-                await self.server.start(warmup=warmup)
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-                self._error = exc
-                self._ready.set()
-                if self.server._server is not None:
-                    await self.server._server.stop(0)
-                self.server.metrics.close()
-                return
-            self._ready.set()
-            await self.server.wait()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    @property
-    def port(self) -> int:
-        if self.server.port is None:
-            raise RuntimeError("the encoder server is not listening")
-        return self.server.port
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.server.metrics_port
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def call(self, coro, timeout: float | None = 60.0):
-        """Run a coroutine on the server's loop from another thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, grace: float | None = 5.0) -> None:
-        if self._thread.is_alive():
-            self.call(self.server.stop(grace), timeout=None if grace is None else grace + 30)
-            self._thread.join(30)
-
-    def __enter__(self) -> ServerThread:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        server = EncoderServer(config, backend=backend)
+        super().__init__(server, start_kwargs={"warmup": warmup}, wait=wait, timeout=timeout, name="encoder server")
+        self.server: EncoderServer = server

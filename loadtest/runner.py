@@ -250,7 +250,7 @@ def _verify_acked(address: str, ids: list[str], timeout: float) -> tuple[list[st
     with SearchClient(address, timeout=max(timeout, 60.0)) as client:
         for start in range(0, len(ids), 500):
             response = retrying(client.get, CAPTION, ids[start : start + 500])
-            missing.extend(item.id for item in response.items if not item.found)
+            missing.extend(item.id for item in response if not item.found)
         return missing, retrying(client.stats).captions
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from teran.alignment_numpy import blend_scores, word_regions
 from teran.hubness import HubReference, penalised
 from teran.words import content_words
+from teran_api.types import WordAlignment
 
 
 def pad(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,19 +104,7 @@ def mrsw_scores(query: np.ndarray, query_is_caption: bool, candidates: list[np.n
     return mrsw_block(query, query_is_caption, block, mask.sum(axis=1), chunk)
 
 
-@dataclass
-class Alignment:
-    """One word of the caption side and the image region that best explains it."""
-
-    word_index: int  # position of the word's first word piece among the caption's concept vectors
-    word: str  # the whole word (word pieces joined)
-    piece_indices: list[int]  # positions of all of its word pieces
-    region_index: int
-    box: list[float]
-    similarity: float  # mean cosine of the word's pieces and the region, -1..1
-
-
-def explain(regions: np.ndarray, boxes: np.ndarray | None, words: np.ndarray, word_pieces: list[str]) -> list[Alignment]:
+def explain(regions: np.ndarray, boxes: np.ndarray | None, words: np.ndarray, word_pieces: list[str]) -> list[WordAlignment]:
     """For each content word of the caption (teran.words: pieces joined, no stop words or
     punctuation), the region where its pieces' mean cosine is highest, with its box."""
     labels = [word_pieces[i] if i < len(word_pieces) else f"#{i}" for i in range(words.shape[0])]
@@ -124,5 +113,7 @@ def explain(regions: np.ndarray, boxes: np.ndarray | None, words: np.ndarray, wo
     out = []
     for word, r, s in zip(shown, region_idx.tolist(), sims.tolist(), strict=True):
         box = [float(v) for v in boxes[r]] if boxes is not None and r < len(boxes) else []
-        out.append(Alignment(word.pieces[0], word.text, list(word.pieces), int(r), box, float(s)))
+        first = word.pieces[0]
+        piece = word_pieces[first] if first < len(word_pieces) else ""
+        out.append(WordAlignment(first, piece, word.text, list(word.pieces), int(r), box, float(s)))
     return out

@@ -18,7 +18,7 @@ caption's and an image's BoC approximates MrSw (sum over words of the max over r
 size and `top` set the sparsity (`keep` optionally truncates to the largest weights). Served as the
 BAG_OF_CONCEPTS first stage (`boc_vector` field) when the collections are created with a codebook
 (`python -m search_service.codebook` builds one; `--boc-codebook` passes it; the codebook is then stored
-in PREFIX_meta with the collections, see store.py). The benchmark's strategies table measures it too.
+in PREFIX_meta with the collections, see layout.py). The benchmark's strategies table measures it too.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from serving.grpc_server import channel_credentials
 from teran.hubness import HubReference
 from teran_api._proto import encoder_pb2, encoder_pb2_grpc
 from teran_api.tensors import FLOAT16, FLOAT32, decode, dtype_code, fill_tensor
+from teran_api.types import ModelRef, RegionFeatures
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE_NAME = "teran.v1.EncoderService"
@@ -34,23 +35,6 @@ class EncoderError(RuntimeError):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
-
-
-@dataclass
-class RegionFeatures:
-    """Precomputed regions of one image: features [R, C]; boxes [R, 4] in pixels when width/height are given, else 0..1."""
-
-    features: np.ndarray
-    boxes: np.ndarray
-    width: int = 0
-    height: int = 0
-
-
-@dataclass
-class ModelRef:
-    name: str
-    version: int
-    dimension: int
 
 
 @dataclass

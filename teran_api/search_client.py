@@ -7,8 +7,8 @@
         for hit in client.search_caption("a dog", top_k=5, filter='metadata["split"] == "test"').hits:
             print(hit.id, hit.score, [(a.word, a.region_index, a.similarity) for a in hit.alignment])
 
-Every call raises SearchError (with `.code`, a grpc.StatusCode, and `.details`) on failure; the
-responses are the generated protobuf messages (see proto/teran/v1/search.proto).
+Every call raises SearchError (with `.code`, a grpc.StatusCode, and `.details`) on failure and
+returns the dataclasses of `teran_api.types` (see proto/teran/v1/search.proto for each field).
 """
 
 from __future__ import annotations
@@ -20,9 +20,21 @@ from pathlib import Path
 import grpc
 
 from serving.grpc_server import channel_credentials
+from teran_api import search_messages as messages
 from teran_api._proto import search_pb2, search_pb2_grpc
+from teran_api.types import (
+    Content,
+    DeleteResult,
+    IndexItem,
+    IndexResult,
+    Modality,
+    SearchQuery,
+    SearchResult,
+    Stats,
+    StoredItem,
+)
 
-IMAGE, CAPTION = search_pb2.IMAGE, search_pb2.CAPTION
+IMAGE, CAPTION = Modality.IMAGE, Modality.CAPTION
 
 
 class SearchError(RuntimeError):
@@ -64,45 +76,48 @@ class SearchClient:
             raise SearchError(exc.code(), exc.details() or "") from exc
 
     @staticmethod
-    def _items(values: Mapping[str, object], field: str, metadata: Mapping[str, dict] | None) -> list:
+    def _items(values: Mapping[str, Content], metadata: Mapping[str, dict] | None) -> list[IndexItem]:
         metadata = metadata or {}
-        items = []
-        for item_id, value in values.items():
-            item = search_pb2.IndexItem(id=item_id, metadata_json=json.dumps(metadata.get(item_id, {})))
-            setattr(item, field, value)  # the `caption` or `image` of the item's oneof
-            items.append(item)
-        return items
+        return [IndexItem(item_id, value, json.dumps(metadata.get(item_id, {}))) for item_id, value in values.items()]
 
-    def index(self, items: Iterable[search_pb2.IndexItem], request_id: str = "") -> search_pb2.IndexResponse:
-        return self._call(self.stub.Index, search_pb2.IndexRequest(items=list(items), request_id=request_id))
+    def index(self, items: Iterable[IndexItem], request_id: str = "") -> IndexResult:
+        request = search_pb2.IndexRequest(items=[messages.index_item_to_proto(item) for item in items], request_id=request_id)
+        return messages.index_result_from_proto(self._call(self.stub.Index, request))
 
-    def index_captions(self, captions: Mapping[str, str], metadata: Mapping[str, dict] | None = None) -> search_pb2.IndexResponse:
-        return self.index(self._items(captions, "caption", metadata))
+    def index_captions(self, captions: Mapping[str, str], metadata: Mapping[str, dict] | None = None) -> IndexResult:
+        return self.index(self._items(captions, metadata))
 
-    def index_images(self, images: Mapping[str, bytes], metadata: Mapping[str, dict] | None = None) -> search_pb2.IndexResponse:
-        return self.index(self._items(images, "image", metadata))
+    def index_images(self, images: Mapping[str, bytes], metadata: Mapping[str, dict] | None = None) -> IndexResult:
+        return self.index(self._items(images, metadata))
 
-    def stream_index(self, batches: Iterable[Iterable[search_pb2.IndexItem]], timeout: float | None = None) -> search_pb2.IndexResponse:
-        requests = (search_pb2.IndexRequest(items=list(batch)) for batch in batches)
-        return self._call(self.stub.StreamIndex, requests, timeout)
+    def stream_index(self, batches: Iterable[Iterable[IndexItem]], timeout: float | None = None) -> IndexResult:
+        """One IndexRequest per batch on one stream: each batch is stored before the next is read."""
+        requests = (search_pb2.IndexRequest(items=[messages.index_item_to_proto(item) for item in batch]) for batch in batches)
+        return messages.index_result_from_proto(self._call(self.stub.StreamIndex, requests, timeout))
 
-    def search(self, **fields) -> search_pb2.SearchResponse:
-        return self._call(self.stub.Search, search_pb2.SearchRequest(**fields))
+    def search(self, query: SearchQuery) -> SearchResult:
+        response = self._call(self.stub.Search, messages.search_query_to_proto(query))
+        return messages.search_result_from_proto(response)
 
-    def search_caption(self, caption: str, **options) -> search_pb2.SearchResponse:
-        return self.search(caption=caption, **options)
+    def search_caption(self, caption: str, **options) -> SearchResult:
+        """Images for a caption; `options`: the other fields of SearchQuery (top_k, filter, ...)."""
+        return self.search(SearchQuery(caption, **options))
 
-    def search_image(self, image: bytes, **options) -> search_pb2.SearchResponse:
-        return self.search(image=image, **options)
+    def search_image(self, image: bytes, **options) -> SearchResult:
+        """Captions for an image file (JPEG, PNG or WebP bytes)."""
+        return self.search(SearchQuery(image, **options))
 
-    def get(self, modality: search_pb2.Modality, ids: list[str], include_vectors: bool = False) -> search_pb2.GetResponse:
-        return self._call(self.stub.Get, search_pb2.GetRequest(modality=modality, ids=ids, include_vectors=include_vectors))
+    def get(self, modality: Modality, ids: list[str], include_vectors: bool = False) -> list[StoredItem]:
+        """One entry per id, in order; `found` False for an id not stored."""
+        request = search_pb2.GetRequest(modality=messages.MODALITY_TO_PROTO[modality], ids=ids, include_vectors=include_vectors)
+        return messages.stored_items_from_proto(self._call(self.stub.Get, request))
 
-    def delete(self, modality: search_pb2.Modality, ids: list[str]) -> search_pb2.DeleteResponse:
-        return self._call(self.stub.Delete, search_pb2.DeleteRequest(modality=modality, ids=ids))
+    def delete(self, modality: Modality, ids: list[str]) -> DeleteResult:
+        request = search_pb2.DeleteRequest(modality=messages.MODALITY_TO_PROTO[modality], ids=ids)
+        return messages.delete_result_from_proto(self._call(self.stub.Delete, request))
 
-    def stats(self) -> search_pb2.StatsResponse:
-        return self._call(self.stub.Stats, search_pb2.StatsRequest())
+    def stats(self) -> Stats:
+        return messages.stats_from_proto(self._call(self.stub.Stats, search_pb2.StatsRequest()))
 
     def close(self) -> None:
         self.channel.close()

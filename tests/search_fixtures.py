@@ -1,15 +1,10 @@
-"""Helpers for the search service tests: configs, a search-service subprocess, and request builders
-(the Milvus standalone server is `demo.milvus_standalone`)."""
+"""Helpers for the search service tests: configs, a Searcher without gRPC, a search-service subprocess,
+and request builders (the Milvus standalone server is `demo.milvus_standalone`)."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +14,7 @@ import pytest
 
 from teran_api._proto import search_pb2
 from teran_api.tensors import to_tensor
+from teran_api.types import Modality, ModelRef, SearchQuery, Vectors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +40,50 @@ def search_config(uri: str, encoder_target: str = "", **overrides):
     )  # fmt: skip
     values.update(overrides)
     return SearchConfig(**values).validate()
+
+
+class DirectSearch:
+    """A Searcher over its own collections, without gRPC (for tests of what it does, not of the wire):
+    each call runs to completion on a private event loop."""
+
+    def __init__(self, uri: str, prefix: str | None = None, **overrides):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from search_service.searcher import Searcher, open_store
+
+        self.prefix = prefix or unique_prefix("direct")
+        self.config = search_config(uri, collection_prefix=self.prefix, rerank_cache_mb=0, **overrides)
+        self.store = open_store(self.config)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="milvus")
+        self.searcher = Searcher(self.config, self.store, self.pool)
+        self.loop = asyncio.new_event_loop()
+
+    def index(self, items):
+        return self.loop.run_until_complete(self.searcher.index(items))
+
+    def search(self, query: Vectors, **options):
+        """`options`: the other fields of teran_api.types.SearchQuery."""
+        return self.loop.run_until_complete(self.searcher.search(SearchQuery(query, **options)))
+
+    def stats(self):
+        return self.loop.run_until_complete(self.searcher.stats())
+
+    def close(self) -> None:
+        self.loop.close()
+        self.pool.shutdown()
+        self.store.close()
+
+
+def vectors_value(modality: str, global_vector, concepts, *, boxes=None, word_pieces=(), model=None) -> Vectors:
+    """teran_api.types.Vectors of `modality` ("images" or "captions"); `model`: (name, version, dimension)."""
+    return Vectors(
+        Modality.IMAGE if modality == "images" else Modality.CAPTION,
+        np.asarray(global_vector, np.float32),
+        np.asarray(concepts, np.float32),
+        boxes=None if boxes is None else np.asarray(boxes, np.float32),
+        word_pieces=list(word_pieces),
+        model=None if model is None else ModelRef(*model),
+    )
 
 
 # --------------------------------------------------------------------------- requests
@@ -77,52 +117,11 @@ def vector_item(item_id: str, modality: str, dim: int, seed: int, n: int = 5, me
 # --------------------------------------------------------------------------- a subprocess
 
 
-class SearchProcess:
-    """`python -m search_service` in a subprocess; stderr (JSON logs) goes to a file that is polled for the port."""
+def search_process(args: list[str], log_path: Path):
+    """`python -m search_service ARGS` (demo.launcher.LocalService), started and SERVING; restart with
+    `.start()`, SIGKILL with `.stop(signal.SIGKILL)`."""
+    from demo.launcher import LocalService
 
-    def __init__(self, log_path: Path, args: list[str], timeout: float = 60.0):
-        self.log_path = log_path
-        self._log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "search_service", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log, env=env
-        )
-        self.port = self._wait_serving(timeout)
-
-    def _wait_serving(self, timeout: float) -> int:
-        end = time.monotonic() + timeout
-        port = None
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"search service exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
-            for line in self.log_path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError):
-                    entry = json.loads(line)
-                    if entry.get("msg") == "listening":
-                        port = entry["port"]
-                    if entry.get("msg") == "serving" and port:
-                        return int(port)
-            time.sleep(0.05)
-        self.kill()
-        raise TimeoutError(f"search service not serving after {timeout}s: {self.log_path.read_text()[-2000:]}")
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._log.close()
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+    process = LocalService("search_service", "teran.v1.SearchService", args, log_path, start_timeout_s=60)
+    process.start()
+    return process

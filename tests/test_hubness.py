@@ -106,10 +106,11 @@ def test_manifest_refuses_a_malformed_hub_penalty(tmp_path):
 def test_store_keeps_each_items_statistic_and_reads_old_collections_without_one(tmp_path):
     """Schema format 3 stores `hub` per row and returns it with the first stage; collections created
     before it (no `hub` field) still take writes and searches, with statistic 0."""
-    from search_service.store import IMAGES, Item, MilvusStore, ModelInfo
+    from search_service.layout import IMAGES, ModelRef
+    from search_service.store import Item, MilvusStore
 
     rng = np.random.default_rng(7)
-    model = ModelInfo("m", 1, 8)
+    model = ModelRef("m", 1, 8)
     items = [Item(f"i{n}", unit(rng, 8), unit(rng, 3, 8), {}, hub=0.25 * n) for n in range(3)]
 
     def opened(prefix: str) -> MilvusStore:
@@ -128,9 +129,9 @@ def test_store_keeps_each_items_statistic_and_reads_old_collections_without_one(
     reopened.close()
 
     old = opened("old")
-    old.hub_field = False  # as collections of schema format 2 were created
-    old.chunks, old.stamped = 1, True
-    old._create_missing(model)
+    old.layout.hub_field = False  # as collections of schema format 2 were created
+    old.layout.chunks, old.layout.stamped = 1, True
+    old.layout._create_missing(old.client, model)
     old.close()
     old = opened("old")
     assert not old.hub_field

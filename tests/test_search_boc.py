@@ -1,6 +1,7 @@
-"""The Bag-of-Concepts (BoC) first stage on real milvus-lite, through real gRPC: the codebook CLI, boc_vector
-fields written at index time, BAG_OF_CONCEPTS searches (then the MrSw re-rank), the codebook stored with the
-collections (restart, mismatch refused), and bad codebooks."""
+"""The Bag-of-Concepts (BoC) first stage on real milvus-lite, through the Searcher (no gRPC: the wire is
+tested in test_search_service): the codebook CLI, boc_vector fields written at index time, BAG_OF_CONCEPTS
+searches (then the MrSw re-rank), the codebook stored with the collections (restart, mismatch refused), and
+bad codebooks."""
 
 from __future__ import annotations
 
@@ -9,32 +10,24 @@ import re
 import subprocess
 import sys
 
-import grpc
 import numpy as np
 import pytest
-from search_fixtures import (
-    ROOT,
-    expect_error,
-    random_unit,
-    search_config,
-    unique_prefix,
-    vectors_message,
-)
+from search_fixtures import ROOT, DirectSearch, random_unit, search_config, unique_prefix, vectors_value
 
 from demo.milvus_standalone import MilvusStandalone, drop_collections
 from search_service import codebook as codebook_cli
 from search_service.config import ConfigError
+from search_service.errors import PreconditionFailed
+from search_service.layout import CodebookMismatch
 from search_service.server import ServerThread
 from search_service.sparse import check_codebook, codebook_digest, item_boc, kmeans_codebook, load_codebook
-from search_service.store import CodebookMismatch
 from teran.errors import TeranInputError
-from teran_api._proto import search_pb2, search_pb2_grpc
+from teran_api.types import FirstStage, IndexItem
 
 pytestmark = pytest.mark.slow  # Bag-of-Concepts collections: codebooks, restarts, a Milvus server
 
 DIM = 16
 CLUSTERS = 8
-CODE = grpc.StatusCode
 # image i has regions near the cluster centres i, i+1, i+3 (mod 8): two images share at most one centre
 IMAGE_CENTRES = [[i, (i + 1) % CLUSTERS, (i + 3) % CLUSTERS] for i in range(CLUSTERS)]
 
@@ -74,45 +67,22 @@ def lite_uri(tmp_path_factory):
 def image_item(data, item_id):
     concepts = data["images"][item_id]
     boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (len(concepts), 1))
-    vectors = vectors_message("images", data["globals"][item_id], concepts, boxes=boxes)
-    return search_pb2.IndexItem(id=item_id, metadata_json=json.dumps({"id": item_id}), vectors=vectors)
+    vectors = vectors_value("images", data["globals"][item_id], concepts, boxes=boxes)
+    return IndexItem(item_id, vectors, json.dumps({"id": item_id}))
 
 
 def caption_item(data, item_id):
     concepts = data["captions"][item_id]
     pieces = [f"w{i}" for i in range(len(concepts))]
-    return search_pb2.IndexItem(id=item_id, vectors=vectors_message("captions", data["globals"][item_id], concepts, word_pieces=pieces))
+    return IndexItem(item_id, vectors_value("captions", data["globals"][item_id], concepts, word_pieces=pieces))
 
 
 def caption_query(global_vector, concepts):
-    return vectors_message("captions", global_vector, concepts, word_pieces=[f"q{i}" for i in range(len(concepts))])
+    return vectors_value("captions", global_vector, concepts, word_pieces=[f"q{i}" for i in range(len(concepts))])
 
 
-class Service:
-    """A ServerThread on the shared milvus-lite file with its own collections, and a stub."""
-
-    def __init__(self, uri: str, prefix: str | None = None, **overrides):
-        self.prefix = prefix or unique_prefix("boc")
-        self.thread = ServerThread(search_config(uri, collection_prefix=self.prefix, rerank_cache_mb=0, **overrides))
-        self.channel = grpc.insecure_channel(self.thread.target)
-        self.stub = search_pb2_grpc.SearchServiceStub(self.channel)
-
-    @property
-    def store(self):
-        return self.thread.server.store
-
-    def index(self, items):
-        return self.stub.Index(search_pb2.IndexRequest(items=items), timeout=60)
-
-    def search(self, **kwargs):
-        return self.stub.Search(search_pb2.SearchRequest(**kwargs), timeout=60)
-
-    def stats(self):
-        return self.stub.Stats(search_pb2.StatsRequest(), timeout=60)
-
-    def close(self):
-        self.channel.close()
-        self.thread.stop()
+def Service(uri: str, prefix: str | None = None, **overrides) -> DirectSearch:
+    return DirectSearch(uri, prefix or unique_prefix("boc"), **overrides)
 
 
 @pytest.fixture
@@ -147,7 +117,7 @@ def stored_boc(service, modality):
 def test_index_stores_boc_vectors(services, codebook_file, data):
     service = indexed(services(boc_codebook=codebook_file), data)
     stats = service.stats()
-    assert list(stats.first_stages) == [search_pb2.DENSE, search_pb2.BAG_OF_CONCEPTS]
+    assert list(stats.first_stages) == [FirstStage.DENSE, FirstStage.BAG_OF_CONCEPTS]
     codebook = load_codebook(codebook_file)
     params = {"boc_top": 1, "boc_keep": 0, "boc_temperature": 0.05}
     for modality, image in (("images", True), ("captions", False)):
@@ -167,15 +137,15 @@ def test_boc_first_stage_finds_the_item_of_its_concepts(services, codebook_file,
     rng = np.random.default_rng(3)
     for item_id, regions in data["images"].items():
         query = caption_query(random_unit(rng, DIM), regions)  # a caption query made of the image's region vectors
-        plain = service.search(vectors=query, top_k=3, first_stage=search_pb2.BAG_OF_CONCEPTS, disable_rerank=True)
+        plain = service.search(query, top_k=3, first_stage=FirstStage.BAG_OF_CONCEPTS, disable_rerank=True)
         assert plain.hits[0].id == item_id
         assert plain.hits[0].first_stage_score == pytest.approx(3.0, rel=1e-5)  # 3 words x weight 1 on its 3 codewords
         assert plain.hits[1].first_stage_score <= 1.0 + 1e-5  # other images share at most one codeword
-        reranked = service.search(vectors=query, top_k=3, first_stage=search_pb2.BAG_OF_CONCEPTS, rerank_multiplier=3)
+        reranked = service.search(query, top_k=3, first_stage=FirstStage.BAG_OF_CONCEPTS, rerank_multiplier=3)
         assert reranked.reranked and reranked.hits[0].id == item_id
     # image query -> captions: cap_i sits near centres i and i+5
-    image = vectors_message("images", random_unit(rng, DIM), data["captions"]["cap2"])
-    hits = service.search(vectors=image, top_k=2, first_stage=search_pb2.BAG_OF_CONCEPTS, disable_rerank=True).hits
+    image = vectors_value("images", random_unit(rng, DIM), data["captions"]["cap2"])
+    hits = service.search(image, top_k=2, first_stage=FirstStage.BAG_OF_CONCEPTS, disable_rerank=True).hits
     assert hits[0].id == "cap2"
 
 
@@ -187,15 +157,15 @@ def test_boc_rerank_equals_dense_rerank_over_whole_collection(services, codebook
     queries = [caption_query(random_unit(rng, DIM), random_unit(rng, 4, DIM)) for _ in range(3)]
     queries += [caption_query(random_unit(rng, DIM), data["captions"][f"cap{i}"]) for i in range(3)]
     for query in queries:
-        boc = service.search(vectors=query, top_k=5, rerank_multiplier=4, first_stage=search_pb2.BAG_OF_CONCEPTS)
-        dense = service.search(vectors=query, top_k=5, rerank_multiplier=4, first_stage=search_pb2.DENSE)
+        boc = service.search(query, top_k=5, rerank_multiplier=4, first_stage=FirstStage.BAG_OF_CONCEPTS)
+        dense = service.search(query, top_k=5, rerank_multiplier=4, first_stage=FirstStage.DENSE)
         assert boc.candidates == dense.candidates == CLUSTERS
         assert [h.id for h in boc.hits] == [h.id for h in dense.hits]
         assert [h.score for h in boc.hits] == pytest.approx([h.score for h in dense.hits], abs=1e-6)
         assert all(len(h.alignment) == query.concepts.shape[0] for h in boc.hits)  # one term per query word
-    image = vectors_message("images", random_unit(rng, DIM), random_unit(rng, 3, DIM))
-    boc = service.search(vectors=image, top_k=4, rerank_multiplier=2, first_stage=search_pb2.BAG_OF_CONCEPTS)
-    dense = service.search(vectors=image, top_k=4, rerank_multiplier=2)
+    image = vectors_value("images", random_unit(rng, DIM), random_unit(rng, 3, DIM))
+    boc = service.search(image, top_k=4, rerank_multiplier=2, first_stage=FirstStage.BAG_OF_CONCEPTS)
+    dense = service.search(image, top_k=4, rerank_multiplier=2)
     assert [h.id for h in boc.hits] == [h.id for h in dense.hits]
     assert [h.score for h in boc.hits] == pytest.approx([h.score for h in dense.hits], abs=1e-6)
 
@@ -209,7 +179,7 @@ def test_codebook_survives_restart_and_mismatch_is_refused(lite_uri, codebook_fi
     try:
         indexed(first, data)
         query = caption_query(data["globals"]["img5"], data["images"]["img5"])
-        before = first.search(vectors=query, top_k=4, first_stage=search_pb2.BAG_OF_CONCEPTS, disable_rerank=True)
+        before = first.search(query, top_k=4, first_stage=FirstStage.BAG_OF_CONCEPTS, disable_rerank=True)
         rows = first.store.client.query(f"{prefix}_meta", filter='id == "collections"', output_fields=["info"])
         info = rows[0]["info"]
         assert info["sparse"] == ["boc"] and info["sparse_params"]["boc_top"] == 2
@@ -219,9 +189,9 @@ def test_codebook_survives_restart_and_mismatch_is_refused(lite_uri, codebook_fi
         first.close()
 
     def same_results(service):
-        again = service.search(vectors=query, top_k=4, first_stage=search_pb2.BAG_OF_CONCEPTS, disable_rerank=True)
+        again = service.search(query, top_k=4, first_stage=FirstStage.BAG_OF_CONCEPTS, disable_rerank=True)
         assert [(h.id, h.first_stage_score) for h in again.hits] == [(h.id, h.first_stage_score) for h in before.hits]
-        assert list(service.stats().first_stages) == [search_pb2.DENSE, search_pb2.BAG_OF_CONCEPTS]
+        assert list(service.stats().first_stages) == [FirstStage.DENSE, FirstStage.BAG_OF_CONCEPTS]
 
     # reopened without the flag (and with other BoC settings): the stored codebook and parameters are used
     reopened = Service(lite_uri, prefix=prefix, boc_top=1)
@@ -275,7 +245,7 @@ def test_codebook_recovered_when_the_layout_row_is_lost(lite_uri, codebook_file,
     try:
         np.testing.assert_array_equal(reopened.store.codebook, check_codebook(data["codebook"]))
         query = caption_query(data["globals"]["img4"], data["images"]["img4"])
-        hits = reopened.search(vectors=query, top_k=2, first_stage=search_pb2.BAG_OF_CONCEPTS, disable_rerank=True).hits
+        hits = reopened.search(query, top_k=2, first_stage=FirstStage.BAG_OF_CONCEPTS, disable_rerank=True).hits
         assert hits[0].id == "img4"
     finally:
         reopened.close()
@@ -285,11 +255,11 @@ def test_boc_search_without_codebook_names_backend_and_allowed(services, data):
     service = services(sparse_surrogates=["sq"])
     service.index([image_item(data, "img0")])
     query = caption_query(data["globals"]["img0"], data["images"]["img0"])
-    details = expect_error(
-        CODE.FAILED_PRECONDITION, service.search, vectors=query, first_stage=search_pb2.BAG_OF_CONCEPTS, match="no boc_vector field"
-    )
+    with pytest.raises(PreconditionFailed, match="no boc_vector field") as info:
+        service.search(query, first_stage=FirstStage.BAG_OF_CONCEPTS)
+    details = str(info.value)
     assert "milvus-lite" in details and "allowed here: DENSE, SCALAR_QUANTIZATION" in details and "--boc-codebook" in details
-    assert service.search(vectors=query, top_k=1, first_stage=search_pb2.SCALAR_QUANTIZATION).hits[0].id == "img0"
+    assert service.search(query, top_k=1, first_stage=FirstStage.SCALAR_QUANTIZATION).hits[0].id == "img0"
 
 
 def test_milvus_23_server_has_no_boc_and_says_so(tmp_path_factory, codebook_file, data):
@@ -302,12 +272,14 @@ def test_milvus_23_server_has_no_boc_and_says_so(tmp_path_factory, codebook_file
         try:
             indexed(service, data)
             stats = service.stats()
-            assert not stats.sparse_vectors_supported and list(stats.first_stages) == [search_pb2.DENSE]
+            assert not stats.sparse_vectors_supported and list(stats.first_stages) == [FirstStage.DENSE]
             assert service.store.codebook is None
             query = caption_query(data["globals"]["img1"], data["images"]["img1"])
-            details = expect_error(CODE.FAILED_PRECONDITION, service.search, vectors=query, first_stage=search_pb2.BAG_OF_CONCEPTS)
+            with pytest.raises(PreconditionFailed) as info:
+                service.search(query, first_stage=FirstStage.BAG_OF_CONCEPTS)
+            details = str(info.value)
             assert "this backend, milvus " in details and "has no sparse vectors" in details and "allowed here: DENSE." in details
-            assert service.search(vectors=query, top_k=1, rerank_multiplier=8).hits[0].id == "img1"
+            assert service.search(query, top_k=1, rerank_multiplier=8).hits[0].id == "img1"
         finally:
             service.close()
         again = Service(server.uri, prefix=prefix, boc_codebook=codebook_file)  # the unused codebook is no error here
@@ -324,10 +296,12 @@ def test_codebook_with_wrong_dimension_is_refused_before_storing(services, tmp_p
     path = tmp_path / "dim8.npy"
     np.save(path, random_unit(np.random.default_rng(0), 4, 8))
     service = services(boc_codebook=path)
-    details = expect_error(CODE.FAILED_PRECONDITION, service.index, [image_item(data, "img0")], match="--boc-codebook has dimension 8")
+    with pytest.raises(CodebookMismatch, match="--boc-codebook has dimension 8") as info:
+        service.index([image_item(data, "img0")])
+    details = str(info.value)
     assert "dimension 16" in details
     stats = service.stats()
-    assert (stats.images, stats.captions, stats.model.dimension) == (0, 0, 0)  # nothing created or stored
+    assert (stats.images, stats.captions, stats.model) == (0, 0, None)  # nothing created or stored
 
 
 def test_bad_codebook_files_and_settings(lite_uri, tmp_path):

@@ -7,12 +7,13 @@ losing acknowledged items. The store serialises lite writes; this test holds it 
 
 from __future__ import annotations
 
+import signal
 import threading
 
 import grpc
 import pytest
 from encoder_fixtures import build_synthetic_model_dir, make_config
-from search_fixtures import SearchProcess, vector_item
+from search_fixtures import search_process, vector_item
 
 from encoder_service.server import ServerThread as EncoderThread
 from teran_api._proto import search_pb2, search_pb2_grpc
@@ -27,14 +28,14 @@ ITEMS_PER_CALL = 8
 
 def test_sigkill_after_concurrent_index_calls_loses_nothing_acknowledged(tmp_path):
     model_dir = build_synthetic_model_dir(tmp_path / "model", joint_dim=DIM)
-    args = ["--milvus-uri", str(tmp_path / "search.db"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
+    args = ["--milvus-uri", str(tmp_path / "search.db")]
     with EncoderThread(make_config(model_dir, max_items=64)) as encoder:
         args += ["--encoder-address", encoder.target, "--log-format", "json"]
-        process = SearchProcess(tmp_path / "first.log", args)
+        process = search_process(args, tmp_path / "search.log")
         acked: list[str] = []
         acked_lock = threading.Lock()
         try:
-            channel = grpc.insecure_channel(process.target)
+            channel = grpc.insecure_channel(process.address)
             stub = search_pb2_grpc.SearchServiceStub(channel)
 
             def writer(w: int) -> None:
@@ -52,12 +53,12 @@ def test_sigkill_after_concurrent_index_calls_loses_nothing_acknowledged(tmp_pat
                 thread.join(120)
             channel.close()
         finally:
-            process.kill()  # SIGKILL: no graceful close of milvus-lite
+            process.stop(signal.SIGKILL)  # no graceful close of milvus-lite
         assert len(acked) == WRITERS * CALLS_PER_WRITER * ITEMS_PER_CALL
 
-        process = SearchProcess(tmp_path / "second.log", args)
+        process.start()  # the same service again, on the same port
         try:
-            with grpc.insecure_channel(process.target) as channel:
+            with grpc.insecure_channel(process.address) as channel:
                 stub = search_pb2_grpc.SearchServiceStub(channel)
                 missing = []
                 for start in range(0, len(acked), 200):
@@ -65,6 +66,6 @@ def test_sigkill_after_concurrent_index_calls_loses_nothing_acknowledged(tmp_pat
                     missing += [item.id for item in reply.items if not item.found]
                 assert missing == []
                 assert stub.Stats(search_pb2.StatsRequest(), timeout=60).captions == len(acked)
-            assert "WAL recovery stopped" not in (tmp_path / "second.log").read_text()
+            assert "WAL recovery stopped" not in (tmp_path / "search.log").read_text()
         finally:
-            process.kill()
+            process.stop(signal.SIGKILL)

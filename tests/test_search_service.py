@@ -4,6 +4,7 @@ server (PyPI `milvus`) on loopback, with a real encoder server on a synthetic mo
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 from encoder_fixtures import build_synthetic_model_dir, image_bytes, make_config
 from search_fixtures import (
-    SearchProcess,
     expect_error,
     random_unit,
     search_config,
+    search_process,
     unique_prefix,
     vector_item,
     vectors_message,
@@ -616,14 +617,13 @@ def test_vectors_only_service_and_restart(milvus_uri):
 def test_crash_mid_stream_loses_nothing_acknowledged(milvus_uri, encoder, tmp_path):
     """SIGKILL the service process while a client streams and indexes; everything acknowledged survives."""
     prefix = unique_prefix("crash")
-    args = ["--milvus-uri", milvus_uri, "--collection-prefix", prefix, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
-    args += ["--encoder-address", encoder.target, "--log-format", "json"]
+    args = ["--milvus-uri", milvus_uri, "--collection-prefix", prefix, "--encoder-address", encoder.target, "--log-format", "json"]
     if not milvus_uri.startswith("http"):
         args[1] = str(tmp_path / "crash.db")  # the process owns its milvus-lite file (one process per file)
     acked: dict[str, int] = {}
-    process = SearchProcess(tmp_path / "first.log", args)
+    process = search_process(args, tmp_path / "search.log")
     try:
-        channel = grpc.insecure_channel(process.target)
+        channel = grpc.insecure_channel(process.address)
         stub = search_pb2_grpc.SearchServiceStub(channel)
         # one completed stream (acknowledged as a whole), then unary batches while a stream is open
         first = [
@@ -656,13 +656,13 @@ def test_crash_mid_stream_loses_nothing_acknowledged(milvus_uri, encoder, tmp_pa
             acked[item.id] = 1
             if n == 5:
                 break
-        process.kill()  # SIGKILL mid-stream
+        process.stop(signal.SIGKILL)  # mid-stream
         stop.set()
         streamer.join(30)
         assert stream_error and stream_error[0].code() in (CODE.UNAVAILABLE, CODE.CANCELLED, CODE.UNKNOWN, CODE.INTERNAL)
         channel.close()
-        process = SearchProcess(tmp_path / "second.log", args)
-        channel = grpc.insecure_channel(process.target)
+        process.start()  # the same service again, on the same port
+        channel = grpc.insecure_channel(process.address)
         stub = search_pb2_grpc.SearchServiceStub(channel)
         ids = sorted(acked)
         found = stub.Get(search_pb2.GetRequest(modality=search_pb2.IMAGE, ids=ids, include_vectors=True), timeout=60).items
@@ -689,7 +689,7 @@ def test_crash_mid_stream_loses_nothing_acknowledged(milvus_uri, encoder, tmp_pa
         channel.close()
         assert process.stop() == 0
     finally:
-        process.kill()
+        process.stop(signal.SIGKILL)
         drop_collections(milvus_uri, prefix)
 
 
@@ -702,6 +702,7 @@ def test_client_auth_health_metrics(milvus_uri, encoder):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from teran_api.search_client import CAPTION, IMAGE, SearchClient, SearchError
+    from teran_api.types import StoredItem
 
     search = Search(milvus_uri, encoder.target, auth_tokens=["s3cret"], metrics_port=0, metrics_host="127.0.0.1")
     try:
@@ -718,7 +719,9 @@ def test_client_auth_health_metrics(milvus_uri, encoder):
             hits = client.search_caption("a dog", top_k=2).hits
             assert {h.id for h in hits} == {"i1", "i2"} and hits[0].alignment
             assert client.search_image(image_bytes(seed=1), top_k=1).hits[0].id in {"c1", "c2"}
-            assert client.get(CAPTION, ["c1"]).items[0].metadata_json == '{"k": 1}'
+            stored = client.get(CAPTION, ["c1", "nope"])
+            assert (stored[0].found, stored[0].metadata, stored[0].word_pieces[:2]) == (True, {"k": 1}, ["a", "dog"])
+            assert stored[1] == StoredItem("nope", found=False)
             assert client.delete(IMAGE, ["i2"]).deleted == 1
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{search.thread.server.metrics_port}/metrics", timeout=10).read().decode()
         assert 'teran_search_requests_total{code="OK",method="Search"}' in metrics
@@ -1025,7 +1028,8 @@ def test_a_refused_encoder_token_makes_the_service_not_ready_until_it_is_accepte
 
             async def fix_credentials():  # as a rotated secret would: the service now presents the right token
                 server = search.thread.server
-                old, server.encoder = server.encoder, AsyncEncoderClient(encoder.target, token="right", timeout=30)
+                old = server.encoder
+                server.encoder = server.searcher.encoder = AsyncEncoderClient(encoder.target, token="right", timeout=30)
                 await old.close()
 
             asyncio.run_coroutine_threadsafe(fix_credentials(), search.thread.loop).result(10)

@@ -13,21 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from search_service.checks import INT64_MAX, INT64_MIN, check_unit_rows, parse_metadata
+from search_service.codec import CHUNK_CHARS, concept_chunks, decode_boxes, decode_concepts, encode_boxes, encode_concepts
 from search_service.config import ConfigError, SearchConfig, build_parser, from_args
+from search_service.filters import BadFilter, check_filter_names
+from search_service.layout import ModelMismatch, ModelRef
 from search_service.ranking import Ranking, explain, mrsw_block, mrsw_scores, pad, rerank_scores, stack_concepts
-from search_service.store import (
-    CHUNK_CHARS,
-    BadFilter,
-    MilvusStore,
-    ModelInfo,
-    ModelMismatch,
-    check_filter_names,
-    concept_chunks,
-    decode_boxes,
-    decode_concepts,
-    encode_boxes,
-    encode_concepts,
-)
+from search_service.store import MilvusStore
 from teran.alignment_numpy import alignment_scores
 from teran.hubness import HubReference
 
@@ -139,12 +130,12 @@ def test_filter_names_refused(expr, match):
 
 def test_model_checks():
     store = MilvusStore("unused.db")
-    store.model = ModelInfo("m", 1, 16)
-    store.check_model(ModelInfo("m", 1, 16))
+    store.layout.model = ModelRef("m", 1, 16)
+    store.check_model(ModelRef("m", 1, 16))
     with pytest.raises(ModelMismatch, match="dimension 8"):
-        store.check_model(ModelInfo("m", 1, 8))
+        store.check_model(ModelRef("m", 1, 8))
     with pytest.raises(ModelMismatch, match="not comparable"):
-        store.check_model(ModelInfo("m", 2, 16))
+        store.check_model(ModelRef("m", 2, 16))
 
 
 def test_mrsw_scores_match_the_library_for_ragged_sets():
