@@ -78,8 +78,8 @@ def rss_mb(pid: int) -> float:
 # --------------------------------------------------------------------------- embeddings
 
 
-def encode_dev(model_dir: Path, limit: int) -> dict:
-    """Dev images and captions through the real encoder service (cached), and the manifest's served ranking:
+def encode_split(model_dir: Path, limit: int, split: str = "dev") -> dict:
+    """A split's images and captions through the real encoder service (cached), and the manifest's served ranking:
     `blend_weight` (None: MrSw) and `hub` (its hub penalty reference, teran.hubness; None: no penalty)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     import hashlib
@@ -94,7 +94,7 @@ def encode_dev(model_dir: Path, limit: int) -> dict:
         "model_dir": model_dir,
     }
     digest = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()[:12]
-    cache = CACHE / f"dev-{model_dir.name}-{digest}-{limit}.npz"
+    cache = CACHE / f"{split}-{model_dir.name}-{digest}-{limit}.npz"
     if cache.exists():
         data = np.load(cache, allow_pickle=False)
         return {**{k: data[k] for k in data.files}, **served}
@@ -103,12 +103,12 @@ def encode_dev(model_dir: Path, limit: int) -> dict:
     from teran.data.flickr8k import load_split
     from teran_api.encoder_client import EncoderClient
 
-    split = load_split("dev", limit=limit)
+    photos = load_split(split, limit=limit)
     config = EncoderConfig(model_dir=model_dir, host="127.0.0.1", port=0, metrics_port=-1, verify_model=False, max_items=64).validate()
     images_g, images_c, boxes, caps_g, caps_c, caps_n, owners = [], [], [], [], [], [], []
     with ServerThread(config) as server, EncoderClient(server.target, timeout=600) as client:
         model = client.model_info().model
-        paths = [split.image_path(i) for i in range(len(split.names))]
+        paths = [photos.image_path(i) for i in range(len(photos.names))]
         started = time.perf_counter()
         for start in range(0, len(paths), 16):
             for r in client.encode_images([p.read_bytes() for p in paths[start : start + 16]]):
@@ -118,7 +118,7 @@ def encode_dev(model_dir: Path, limit: int) -> dict:
             if start % 160 == 0:
                 log(f"encoded {start + 16}/{len(paths)} images")
         log(f"images encoded in {time.perf_counter() - started:.1f}s")
-        texts, owner = split.flat_captions()
+        texts, owner = photos.flat_captions()
         for start in range(0, len(texts), 64):
             for r in client.encode_captions(texts[start : start + 64]):
                 caps_g.append(r.global_vector)
@@ -237,22 +237,22 @@ class Service:
         assert result.indexed == n_captions, result
         return time.perf_counter() - started
 
-    def _search(self, content: Vectors, top_k: int, multiplier: int, rerank: bool):
-        query = SearchQuery(content, top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=True)
-        return self.client.search(query)
+    def _search(self, content: Vectors, top_k: int, multiplier: int, rerank: bool, explain: bool):
+        options = dict(top_k=top_k, rerank_multiplier=multiplier, disable_rerank=not rerank, skip_explanation=not explain)
+        return self.client.search(SearchQuery(content, **options))
 
-    def search(self, data: dict, q: int, top_k: int, multiplier: int, rerank: bool = True):
+    def search(self, data: dict, q: int, top_k: int, multiplier: int, rerank: bool = True, explain: bool = False):
         """Caption `q`'s vectors against the images."""
         n = int(data["caption_lengths"][q])
         model = [str(x) for x in data["model"]]
         content = vectors(Modality.CAPTION, data["caption_global"][q], data["caption_concepts"][q, :n], model)
-        return self._search(content, top_k, multiplier, rerank)
+        return self._search(content, top_k, multiplier, rerank, explain)
 
-    def search_image(self, data: dict, i: int, top_k: int, multiplier: int, rerank: bool = True):
+    def search_image(self, data: dict, i: int, top_k: int, multiplier: int, rerank: bool = True, explain: bool = False):
         """Image `i`'s vectors (regions as concepts, with boxes) against the captions."""
         model = [str(x) for x in data["model"]]
         content = vectors(Modality.IMAGE, data["image_global"][i], data["image_concepts"][i], model, data["image_boxes"][i])
-        return self._search(content, top_k, multiplier, rerank)
+        return self._search(content, top_k, multiplier, rerank, explain)
 
     def close(self) -> None:
         self.client.close()
@@ -416,6 +416,99 @@ def agreement(
     return t2i, i2t
 
 
+def concept_vectors(data: dict) -> np.ndarray:
+    """Every concept vector of a split: the images' regions and the captions' word pieces (no padding)."""
+    words = [data["caption_concepts"][c, :n] for c, n in enumerate(np.asarray(data["caption_lengths"]).tolist())]
+    return np.concatenate([data["image_concepts"].reshape(-1, data["image_concepts"].shape[-1]), *words]).astype(np.float32)
+
+
+def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
+    """Train the concept codec on the train split's concepts, serve the dev split from collections that store its
+    codes (no re-rank cache), and compare with the exhaustive full-precision ranking: the top-10 sets at R_m
+    (`agreement_at_10`, both directions), Recall@K, and the best region of each explained word (t2i hits)."""
+    from search_service.concept_codes import train_codec
+    from search_service.ranking import explain
+
+    started = time.perf_counter()
+    train = encode_split(args.model_dir, args.codec_train_images, "train")
+    codec = train_codec(concept_vectors(train), args.codec_bytes)
+    args.concept_codec.parent.mkdir(parents=True, exist_ok=True)
+    codec.save(args.concept_codec)
+    log(f"codec: {codec.describe()} trained in {time.perf_counter() - started:.1f}s -> {args.concept_codec}")
+    served, setting = ranking
+    multiplier = args.rerank_multiplier
+    n_images, n_captions = len(data["image_global"]), len(data["caption_global"])
+    queries = min(args.queries, n_captions)
+    image_queries = n_images if args.image_queries is None else min(args.image_queries, n_images)
+    scores, _ = reference_scores(data, served)
+    exhaustive_t2i = top10(np.ascontiguousarray(scores[:, :queries].T))
+    exhaustive_i2t = top10(scores[:image_queries])
+    regions16 = data["image_concepts"].astype(np.float16).astype(np.float32)
+    encoder = start_encoder(data["model_dir"]) if setting == "model" else None
+    service = Service(
+        str(workdir / "codec.db"),
+        index_type="FLAT",
+        max_candidates=2000,
+        ranking=setting,
+        rerank_cache_mb=0,
+        concept_codec=args.concept_codec,
+        collection_prefix=f"codec_{os.getpid()}",
+        **({"encoder_address": encoder.target} if encoder else {}),
+    )
+    try:
+        service.index(data, n_images)
+        service.index_captions(data)
+        stats = service.client.stats()
+        t2i_ids, same_words, words = [], 0, 0
+        for q in range(queries):
+            result = service.search(data, q, 10, multiplier, explain=True)
+            check_ranking(result, served.label)
+            t2i_ids.append([int(h.id[1:]) for h in result.hits])
+            n = int(data["caption_lengths"][q])
+            query_words = data["caption_concepts"][q, :n].astype(np.float16).astype(np.float32)
+            for hit in result.hits:  # the full-precision explanation of the same pair
+                reference = explain(regions16[int(hit.id[1:])], None, query_words, [])
+                same_words += sum(a.region_index == r.region_index for a, r in zip(hit.alignment, reference, strict=True))
+                words += len(reference)
+        i2t_ids = []
+        for i in range(image_queries):
+            result = service.search_image(data, i, 10, multiplier)
+            i2t_ids.append([int(h.id[1:]) for h in result.hits])
+    finally:
+        service.close()
+        if encoder is not None:
+            encoder.stop()
+    caption_owner = data["caption_owner"]
+
+    def agreement(ranked: list[list[int]], exhaustive: list[list[int]]) -> float:
+        return round(float(np.mean([set(a) == set(b) for a, b in zip(ranked, exhaustive, strict=True)])), 4)
+
+    return {
+        "codec": codec.describe(),
+        "sha256": codec.digest(),
+        "path": str(args.concept_codec.relative_to(ROOT)) if args.concept_codec.is_relative_to(ROOT) else str(args.concept_codec),
+        "trained_on": f"train split: {len(train['image_global'])} photos' regions, {len(train['caption_global'])} captions' word pieces",
+        "bytes_per_vector": codec.bytes_per_vector,
+        "concept_bytes_per_image": codec.bytes_per_vector * int(data["image_concepts"].shape[1]),
+        "fp16_concept_bytes_per_image": 2 * int(data["image_concepts"].shape[1]) * int(data["image_concepts"].shape[2]),
+        "concept_encoding": stats.concept_encoding,
+        "rerank_multiplier": multiplier,
+        "ranking": served.label,
+        "queries": queries,
+        "image_queries": image_queries,
+        "agreement_at_10": agreement(t2i_ids, exhaustive_t2i),
+        "agreement_at_10_i2t": agreement(i2t_ids, exhaustive_i2t),
+        "recall_t2i": recall(t2i_ids, data["caption_owner"][:queries]),
+        "recall_t2i_exhaustive_full_precision": recall(exhaustive_t2i, data["caption_owner"][:queries]),
+        "recall_i2t": recall([[int(caption_owner[c]) for c in ids] for ids in i2t_ids], np.arange(image_queries)),
+        "recall_i2t_exhaustive_full_precision": recall(
+            [[int(caption_owner[c]) for c in ids] for ids in exhaustive_i2t], np.arange(image_queries)
+        ),
+        "explanations_unchanged": round(same_words / max(words, 1), 4),
+        "explained_words": words,
+    }
+
+
 def summary(direction: str, result: dict, multiplier: int) -> str:
     """One line: first-stage vs re-ranked Recall@1/5/10 at R_m `multiplier`, exhaustive, and the agreement."""
 
@@ -531,7 +624,15 @@ def service_settings(prefix: str, args) -> dict:
         index_type=args.index_type,
         index_params=args.index_params,
         max_candidates=2000,
+        **({"concept_codec": args.concept_codec} if args.store_codes else {}),
     )
+
+
+def concept_bytes(store, base: dict) -> None:
+    """What one image item's concepts take: the raw bytes (codes or fp16) and the encoding."""
+    per_vector = store.layout.concepts.bytes_per_vector(store.known_model.dimension)
+    base["concept_encoding"] = store.layout.concepts.describe(store.chunks)
+    base["concept_bytes_per_image"] = per_vector * int(base["concepts_per_item"])
 
 
 def measure_phases(data: dict, uri: str, prefix: str, base: dict, queries: int, server_pid: int | None, args) -> list[dict]:
@@ -539,6 +640,8 @@ def measure_phases(data: dict, uri: str, prefix: str, base: dict, queries: int, 
     --compare-no-cache) query the same collections with --rerank-cache-mb 0; --drop removes the collections."""
     common = service_settings(prefix, args)
     entries = []
+    if args.rerank_cache_mb <= 0:  # no cache at all: the phase without it only
+        return entries + measure_without_cache(data, uri, prefix, base, queries, server_pid, args)
     started = time.perf_counter()
     service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
     try:
@@ -570,18 +673,35 @@ def measure_phases(data: dict, uri: str, prefix: str, base: dict, queries: int, 
     finally:
         service.close()
     if args.compare_no_cache:
-        service = Service(uri, rerank_cache_mb=0, **common)
-        try:
-            timing = measure(service, data, queries)
-            entries.append({**base, "rerank_cache": False, **timing, "rss_mb": rss_mb(server_pid) if server_pid else rss_mb(os.getpid())})
-            log(entries[-1])
-        finally:
-            service.close()
+        return entries + measure_without_cache(data, uri, prefix, base, queries, server_pid, args)
+    drop(uri, prefix, args)
+    return entries
+
+
+def measure_without_cache(data: dict, uri: str, prefix: str, base: dict, queries: int, server_pid: int | None, args) -> list[dict]:
+    """Query with --rerank-cache-mb 0: every search's candidates bring their concepts from Milvus."""
+    service = Service(uri, rerank_cache_mb=0, **service_settings(prefix, args))
+    try:
+        timing = measure(service, data, queries)
+        entry = {
+            **base,
+            "rerank_cache": False,
+            **timing,
+            "rss_mb": rss_mb(server_pid) if server_pid else rss_mb(os.getpid()),
+            "service_rss_mb": rss_mb(os.getpid()),
+        }
+        log(entry)
+    finally:
+        service.close()
+    drop(uri, prefix, args)
+    return [entry]
+
+
+def drop(uri: str, prefix: str, args) -> None:
     if args.drop:
         from demo.milvus_standalone import drop_collections
 
         drop_collections(uri, prefix)
-    return entries
 
 
 def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, server_pid: int | None, args) -> list[dict]:
@@ -593,10 +713,12 @@ def latency(data: dict, backend: str, uri: str, n_items: int, queries: int, serv
     common = service_settings(prefix, args)
     service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
     base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
+    base["concepts_per_item"] = int(data["image_concepts"].shape[1])
     try:
         index_s = service.index(data, n_items, noise=0.05, batch=256)
         store = service.thread.server.store
         flush_s = seal(store, base)
+        concept_bytes(store, base)
         log(f"{backend}: indexed {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), index {store.index_type}")
     finally:
         service.close()
@@ -644,6 +766,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
     service = Service(uri, rerank_cache_mb=args.rerank_cache_mb, **common)
     base = {"backend": backend, "n_items": n_items, "queries": queries, "top_k": 10, "rerank_multiplier": 10}
     base["items"] = f"{concepts_per_item} concept vector(s) per item (scale run: written in-process, not through gRPC)"
+    base["concepts_per_item"] = concepts_per_item
     try:
         server = service.thread.server
         store = server.store
@@ -669,7 +792,8 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
                 log(f"  scale {backend}: wrote {start + len(src)}/{n_items} ({time.perf_counter() - started:.0f}s)")
         index_s = time.perf_counter() - started
         flush_s = seal(store, base)
-        log(f"scale {backend}: wrote {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s)")
+        concept_bytes(store, base)
+        log(f"scale {backend}: wrote {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), {base['concept_encoding']}")
     finally:
         service.close()
     base.update(index_s=round(index_s, 1), index_items_per_s=round(n_items / index_s, 1), flush_s=round(flush_s, 1))
@@ -677,10 +801,12 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
 
 
 def merge_latency(old: list[dict], new: list[dict]) -> list[dict]:
-    """Replace old entries measured again (same backend, N, cache setting); keep the others."""
+    """Replace old entries measured again (same backend, N, cache setting, concepts per item and their encoding);
+    keep the others."""
 
     def key(e: dict) -> tuple:
-        return (e.get("backend"), e.get("n_items"), e.get("rerank_cache", False))
+        encoding = str(e.get("concept_encoding", "fp16")).split(" ")[0]  # fp16 / transform
+        return (e.get("backend"), e.get("n_items"), e.get("rerank_cache", False), e.get("concepts_per_item"), encoding)
 
     fresh = {key(e) for e in new}
     return [e for e in old if key(e) not in fresh] + new
@@ -706,11 +832,22 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         default="agreement,latency",
         help="comma-separated: agreement (service + strategies), strategies (only the numpy first-stage table), latency, "
-        "scale (--scale-sizes with small items, on --scale-backend)",
+        "scale (--scale-sizes with small items, on --scale-backend), codec (train the concept codec, serve dev from its codes)",
     )
     parser.add_argument("--scale-sizes", default="1000000")
     parser.add_argument("--scale-backend", default="server")
     parser.add_argument("--scale-concepts", type=int, default=1, help="concept vectors per item of the scale part")
+    parser.add_argument("--codec-bytes", type=int, default=80, help="codec part: bytes per concept vector (default 80)")
+    parser.add_argument("--codec-train-images", type=int, default=2000, help="codec part: train photos (and their captions) fitted")
+    parser.add_argument(
+        "--concept-codec",
+        type=Path,
+        default=ROOT / "models" / "concept-codec-teran-flickr8k-80.npz",
+        help="codec part: where the trained codec is written",
+    )
+    parser.add_argument(
+        "--store-codes", action="store_true", help="latency / scale runs: collections store --concept-codec's codes, not fp16"
+    )
     parser.add_argument("--boc", default="256:1,1024:1,1024:4", help="Bag of Concepts settings SIZE:TOP of the strategies table")
     parser.add_argument("--sizes", default="100000", help="collection sizes on the Milvus server backend")
     parser.add_argument("--lite-sizes", default="100000", help="collection sizes on milvus-lite")
@@ -727,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {p for p in args.parts.split(",") if p}
     boc = [(int(a), int(b)) for a, b in (x.split(":") for x in args.boc.split(",") if x)]
     multipliers = [int(x) for x in args.multipliers.split(",")]
-    data = encode_dev(args.model_dir, args.images)
+    data = encode_split(args.model_dir, args.images)
     try:
         ranking = resolve_ranking(args.ranking, data["blend_weight"], data["hub"])
     except ValueError as exc:
@@ -775,6 +912,11 @@ def main(argv: list[str] | None = None) -> int:
             report.setdefault("agreement", {})["strategies"] = strategies(data, full, top10(full), owners, multipliers, boc)
             report["strategies_command"] = command
             report["strategies_ranking"] = ranking[0].label
+        if "codec" in parts:
+            report["codec"] = codec_part(data, args, workdir, ranking)
+            report["codec_command"] = command
+            args.output.write_text(json.dumps(report, indent=2) + "\n")
+            log(f"codec: {json.dumps(report['codec'])}")
         if "scale" in parts:
             if args.scale_backend == "server":
                 from demo.milvus_standalone import MilvusStandalone

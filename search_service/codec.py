@@ -1,6 +1,7 @@
 """How arrays are stored as text in Milvus fields: their little-endian bytes in base64. Concept vectors
-[N, D] go as fp16, split over a row's VARCHAR fields concepts_0..K-1 (K fixed by D and max_concepts);
-boxes [N, 4] and the BoC codebook as float32.
+[N, D] go as fp16, or as compact codes (uint8 [N, bytes per vector], search_service.concept_codes) in
+collections created with a concept codec, split over a row's VARCHAR fields concepts_0..K-1 (K fixed
+by the bytes per vector and max_concepts); boxes [N, 4] and the BoC codebook as float32.
 
 Why VARCHAR/base64 fp16: milvus-lite 3.x has no BINARY_VECTOR or FLOAT16_VECTOR field, Milvus 2.3
 no FLOAT16_VECTOR, and neither has array-of-vector fields (native MaxSim needs Milvus >= 2.6.4);
@@ -12,11 +13,15 @@ from __future__ import annotations
 
 import base64
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from search_service.concept_codes import ConceptCodec
+
 CHUNK_CHARS = 65535  # Milvus VARCHAR max_length
 CONCEPT_ENCODING = "fp16-le-base64-varchar"
+CODED_CONCEPT_ENCODING = "transform-codes-base64-varchar"
 
 
 def pack(array: np.ndarray, dtype: str) -> str:
@@ -37,21 +42,60 @@ def unpack_rows(text: str, dtype: str, columns: int) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype).reshape(-1, columns)
 
 
-def concept_chunks(dimension: int, max_concepts: int) -> int:
-    """The VARCHAR fields needed for `max_concepts` concept vectors of `dimension` (fp16 in base64)."""
-    return max(1, math.ceil(4 * math.ceil(max_concepts * dimension * 2 / 3) / CHUNK_CHARS))
+def concept_chunks(dimension: int, max_concepts: int, bytes_per_vector: int | None = None) -> int:
+    """The VARCHAR fields needed for `max_concepts` concept vectors of `dimension` in base64 (fp16, or
+    `bytes_per_vector` bytes each)."""
+    size = max_concepts * (2 * dimension if bytes_per_vector is None else bytes_per_vector)
+    return max(1, math.ceil(4 * math.ceil(size / 3) / CHUNK_CHARS))
 
 
-def encode_concepts(concepts: np.ndarray, chunks: int) -> list[str]:
-    text = pack(concepts, "<f2")
+def _split(text: str, chunks: int) -> list[str]:
     parts = [text[i * CHUNK_CHARS : (i + 1) * CHUNK_CHARS] for i in range(chunks)]
     if sum(map(len, parts)) != len(text):
         raise ValueError("concept vectors do not fit the collection's concept fields")
     return parts
 
 
+def encode_concepts(concepts: np.ndarray, chunks: int) -> list[str]:
+    return _split(pack(concepts, "<f2"), chunks)
+
+
 def decode_concepts(parts: list[str], count: int, dim: int) -> np.ndarray:
     return unpack("".join(parts), "<f2").reshape(count, dim)
+
+
+@dataclass(frozen=True)
+class ConceptFormat:
+    """How a collection's concept fields hold the vectors: fp16, or the codes of `codec`. Decoded vectors
+    are fp16 either way (what the re-rank and the cache take)."""
+
+    codec: ConceptCodec | None = None
+
+    @property
+    def encoding(self) -> str:
+        return CONCEPT_ENCODING if self.codec is None else CODED_CONCEPT_ENCODING
+
+    def bytes_per_vector(self, dimension: int) -> int:
+        return 2 * dimension if self.codec is None else self.codec.bytes_per_vector
+
+    def chunks(self, dimension: int, max_concepts: int) -> int:
+        return concept_chunks(dimension, max_concepts, self.bytes_per_vector(dimension))
+
+    def encode(self, concepts: np.ndarray, chunks: int) -> list[str]:
+        if self.codec is None:
+            return encode_concepts(concepts, chunks)
+        return _split(pack(self.codec.encode(concepts), "u1"), chunks)
+
+    def decode(self, parts: list[str], count: int, dim: int) -> np.ndarray:
+        if self.codec is None:
+            return decode_concepts(parts, count, dim)
+        codes = unpack("".join(parts), "u1").reshape(count, self.codec.bytes_per_vector)
+        return self.codec.decode(codes).astype(np.float16)
+
+    def describe(self, chunks: int) -> str:
+        if self.codec is None:
+            return f"fp16 base64 in {chunks} VARCHAR field(s)"
+        return f"{self.codec.describe()} codes, base64 in {chunks} VARCHAR field(s)"
 
 
 def encode_boxes(boxes: np.ndarray | None) -> str:

@@ -72,6 +72,12 @@ class SearchConfig(ServiceSettings):
         "search_service.codebook); implies boc in --sparse-surrogates. Stored with new collections in PREFIX_meta; on "
         "existing collections the stored one is used (omit the flag), and a different one is refused at start",
     )
+    concept_codec: Path | None = setting(
+        None,
+        "store the concept vectors of new collections as the codes of this codec, .npz (python -m "
+        "search_service.concept_codes; e.g. 80 bytes per vector, 1/6 of fp16), decoded for the re-rank. Stored with the collections "
+        "in PREFIX_meta; on existing ones the stored codec is used (omit the flag), and a different one is refused at start",
+    )
     boc_top: int = setting(1, "Bag of Concepts: codewords each concept vector is soft-assigned to (1: hard); sets the sparsity")
     boc_keep: int = setting(0, "Bag of Concepts: keep only the largest weights per item (0: all)")
     boc_temperature: float = setting(0.05, "Bag of Concepts: softmax temperature of the soft assignment (on cosines)")

@@ -27,6 +27,8 @@ collection exists yet.
 The BoC codebook is stored with the collections in PREFIX_meta: rows `boc_codebook_0..P-1` (JSON
 {"data": base64 of the unit float32 [K, D] bytes, split in parts of BOC_PART_CHARS}) written before the
 `collections` row, which records its shape and sha256 (`boc`); every replica reads it back from there.
+The concept codec of collections that store codes (--concept-codec) is kept the same way: rows
+`concept_codec_0..P-1` (its .npz file's bytes), recorded under `codec`.
 
 The `collections` row of PREFIX_meta (and each collection's description, JSON) records the model (name,
 version, dimension), the concept encoding and K, so a restarted service, or another replica, reads them
@@ -35,13 +37,15 @@ back from Milvus.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from typing import Any
 
 import numpy as np
 
-from search_service.codec import CHUNK_CHARS, CONCEPT_ENCODING, concept_chunks, pack, unpack, unpack_rows
+from search_service.codec import CHUNK_CHARS, CODED_CONCEPT_ENCODING, CONCEPT_ENCODING, ConceptFormat, pack, unpack, unpack_rows
+from search_service.concept_codes import ConceptCodec, codec_from_bytes
 from search_service.filters import id_filter
 from search_service.milvus_calls import StoreError, milvus_call
 from search_service.sparse import BOC, BOC_DEFAULTS, check_codebook, codebook_digest
@@ -62,6 +66,10 @@ class CodebookMismatch(ModelMismatch):
     """A BoC codebook other than the collections' (FAILED_PRECONDITION; at startup: the service does not start)."""
 
 
+class CodecMismatch(ModelMismatch):
+    """A concept codec other than the collections' (FAILED_PRECONDITION; at startup: the service does not start)."""
+
+
 class Layout:
     """The collections of one prefix and what they hold. Until they exist (`model` None) the attributes are the
     settings new collections get; once created, or read back when the service starts, they are the collections'.
@@ -78,6 +86,7 @@ class Layout:
         sparse_surrogates: list[str] | tuple[str, ...],
         sparse_params: dict | None,
         boc_codebook: np.ndarray | None,
+        concept_codec: ConceptCodec | None = None,
     ):
         self.prefix = prefix
         self.index_type = index_type
@@ -92,6 +101,9 @@ class Layout:
         if self.requested_codebook is not None and BOC not in self.requested_surrogates:
             self.requested_surrogates.append(BOC)
         self.codebook: np.ndarray | None = None
+        # Concept codes: the codec given at start (None: fp16 concepts); `codec` is the collections'
+        self.requested_codec = concept_codec
+        self.codec: ConceptCodec | None = None
         self.model: ModelRef | None = None
         self.chunks = 0
         self.stamped = True  # rows carry `stamp` (False for collections created before schema format 2)
@@ -128,13 +140,18 @@ class Layout:
             raise StoreError("the collections have no BoC codebook")
         return self.codebook
 
+    @property
+    def concepts(self) -> ConceptFormat:
+        """How the collections' concept fields hold the vectors (new collections: as the settings say)."""
+        return ConceptFormat(self.codec if self.model is not None else self.requested_codec)
+
     def _record(self, model: ModelRef | None = None) -> dict:
         """The layout as PREFIX_meta's `collections` row (and the collections' descriptions) record it."""
         m = model or self.known_model
         return {
             "format": SCHEMA_FORMAT,
             "model": {"name": m.name, "version": m.version, "dimension": m.dimension},
-            "concept_encoding": CONCEPT_ENCODING,
+            "concept_encoding": self.concepts.encoding,
             "concept_chunks": self.chunks,
             "max_concepts": self.max_concepts,
             "max_id_length": self.max_id_length,
@@ -143,6 +160,16 @@ class Layout:
             "row_stamp": self.stamped,
             "row_hub": self.hub_field,
             **({"boc": self._boc_record()} if self.codebook is not None else {}),
+            **({"codec": self._codec_record(self.codec)} if self.codec is not None else {}),
+        }
+
+    @staticmethod
+    def _codec_record(codec: ConceptCodec) -> dict:
+        size = len(codec.to_bytes())
+        return {
+            "bytes_per_vector": codec.bytes_per_vector,
+            "sha256": codec.digest(),
+            "parts": math.ceil(4 * math.ceil(size / 3) / BOC_PART_CHARS),
         }
 
     def _boc_record(self) -> dict:
@@ -189,6 +216,23 @@ class Layout:
                 "--boc-codebook (the stored codebook is used), or index into new collections (--collection-prefix)"
             )
 
+    def _check_requested_codec(self) -> None:
+        """Existing collections: a codec given at start must be theirs (their codes were made with it)."""
+        given = self.requested_codec
+        if given is None:
+            return
+        if self.codec is None:
+            raise CodecMismatch(
+                f"--concept-codec was given, but the existing collections {self._data_names} store fp16 concepts: drop "
+                "--concept-codec, or copy them into new collections that store codes (python -m search_service.convert_concepts)"
+            )
+        if given.digest() != self.codec.digest():
+            raise CodecMismatch(
+                f"--concept-codec ({given.describe()}) differs from the codec stored with the collections {self._data_names} "
+                f"({self.codec.describe()}): their codes were made with the stored one. Drop --concept-codec (the stored "
+                "codec is used), or index into new collections (--collection-prefix)"
+            )
+
     # ------------------------------------------------------------------ at startup: read back, recover
 
     def read_back(self, client: Any, sparse_supported: bool) -> None:
@@ -210,6 +254,10 @@ class Layout:
                 self.codebook = record["boc"]["codebook"]
                 self._create_meta(client)
                 self._write_codebook(client)
+            if "codec" in record:
+                self.codec = record["codec"]["codec"]
+                self._create_meta(client)
+                self._write_codec(client)
         model = record["model"]
         self.model = ModelRef(str(model["name"]), int(model["version"]), int(model["dimension"]))
         self.chunks = int(record["concept_chunks"])
@@ -222,7 +270,14 @@ class Layout:
         if BOC in self.surrogates:
             boc = record["boc"]
             self.codebook = boc["codebook"] if "codebook" in boc else self._read_codebook(client, boc)
+        encoding = record.get("concept_encoding", CONCEPT_ENCODING)
+        if encoding == CODED_CONCEPT_ENCODING:
+            codec = record["codec"]
+            self.codec = codec["codec"] if "codec" in codec else self._read_codec(client, codec)
+        elif encoding != CONCEPT_ENCODING:
+            raise StoreError(f"{self.meta_name}: concept encoding {encoding!r} is unknown to this version of the service")
         self._check_requested_codebook(sparse_supported)
+        self._check_requested_codec()
         for modality in existing:
             client.load_collection(self.name(modality))
         self._create_missing(client)
@@ -245,6 +300,7 @@ class Layout:
                     "row_stamp": "stamp" in fields,
                     "row_hub": "hub" in fields,
                     **self._recover_boc(client, fields),
+                    **self._recover_codec(client),
                 }
         for modality in existing:
             client.drop_collection(self.name(modality))
@@ -270,31 +326,69 @@ class Layout:
             )
         return {"boc": {"codebook": self.requested_codebook}}
 
-    def _write_codebook(self, client: Any) -> None:
-        text = pack(self.known_codebook, "<f4")
+    def _recover_codec(self, client: Any) -> dict:
+        """PREFIX_meta lost its `collections` row: collections that store codes have their codec's rows (written
+        before the collections); without them the concepts are fp16."""
+        if not client.has_collection(self.meta_name):
+            return {}
+        client.load_collection(self.meta_name)
+        rows = client.query(self.meta_name, filter='id like "concept_codec_%"', output_fields=["id", "info"], consistency_level="Strong")
+        if not rows:
+            return {}
+        text = "".join(r["info"]["data"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("_", 1)[1])))
+        codec = codec_from_bytes(base64.b64decode(text), f"{self.meta_name}: the stored concept codec")
+        return {"concept_encoding": CODED_CONCEPT_ENCODING, "codec": {"codec": codec}}
+
+    def _write_parts(self, client: Any, stem: str, text: str) -> None:
+        """`text` in rows `stem_0..P-1` of PREFIX_meta ({"data": part}), written before what refers to them."""
         rows = [
-            {"id": f"boc_codebook_{i}", "info": {"data": text[start : start + BOC_PART_CHARS]}, "v": [0.0, 0.0]}
+            {"id": f"{stem}_{i}", "info": {"data": text[start : start + BOC_PART_CHARS]}, "v": [0.0, 0.0]}
             for i, start in enumerate(range(0, len(text), BOC_PART_CHARS))
         ]
         for start in range(0, len(rows), 16):
             client.upsert(self.meta_name, rows[start : start + 16])
 
-    def _read_codebook(self, client: Any, boc: dict) -> np.ndarray:
-        ids = [f"boc_codebook_{i}" for i in range(int(boc["parts"]))]
+    def _read_parts(self, client: Any, stem: str, count: int, what: str) -> str:
+        ids = [f"{stem}_{i}" for i in range(count)]
         rows = client.query(self.meta_name, filter=id_filter(ids), output_fields=["id", "info"], consistency_level="Strong")
         parts = {r["id"]: r["info"]["data"] for r in rows}
         if len(parts) != len(ids):
-            raise StoreError(f"{self.meta_name}: the BoC codebook is incomplete ({len(parts)} of {len(ids)} parts)")
-        codebook = unpack("".join(parts[i] for i in ids), "<f4").reshape(int(boc["codewords"]), int(boc["dimension"])).copy()
+            raise StoreError(f"{self.meta_name}: the {what} is incomplete ({len(parts)} of {len(ids)} parts)")
+        return "".join(parts[i] for i in ids)
+
+    def _write_codebook(self, client: Any) -> None:
+        self._write_parts(client, "boc_codebook", pack(self.known_codebook, "<f4"))
+
+    def _read_codebook(self, client: Any, boc: dict) -> np.ndarray:
+        text = self._read_parts(client, "boc_codebook", int(boc["parts"]), "BoC codebook")
+        codebook = unpack(text, "<f4").reshape(int(boc["codewords"]), int(boc["dimension"])).copy()
         if codebook_digest(codebook) != boc["sha256"]:
             raise StoreError(f"{self.meta_name}: the stored BoC codebook does not match its sha256")
         return codebook
+
+    def _write_codec(self, client: Any) -> None:
+        assert self.codec is not None
+        self._write_parts(client, "concept_codec", base64.b64encode(self.codec.to_bytes()).decode("ascii"))
+
+    def _read_codec(self, client: Any, record: dict) -> ConceptCodec:
+        text = self._read_parts(client, "concept_codec", int(record["parts"]), "concept codec")
+        codec = codec_from_bytes(base64.b64decode(text), f"{self.meta_name}: the stored concept codec")
+        if codec.digest() != record["sha256"]:
+            raise StoreError(f"{self.meta_name}: the stored concept codec does not match its sha256")
+        return codec
 
     # ------------------------------------------------------------------ creation
 
     def create(self, client: Any, model: ModelRef, sparse_supported: bool) -> None:
         """Create the collections for `model` (there are none yet)."""
-        self.chunks = concept_chunks(model.dimension, self.max_concepts)
+        codec = self.requested_codec
+        if codec is not None and codec.dimension != model.dimension:
+            raise CodecMismatch(
+                f"--concept-codec is for dimension {codec.dimension}, but the vectors ({model.describe()}) have dimension "
+                f"{model.dimension}: train the codec on this model's concept vectors (python -m search_service.concept_codes)"
+            )
+        self.codec = codec
+        self.chunks = ConceptFormat(codec).chunks(model.dimension, self.max_concepts)
         self.surrogates = list(self.requested_surrogates) if sparse_supported else []
         self.codebook = self.requested_codebook if BOC in self.surrogates else None
         if self.codebook is not None and self.codebook.shape[1] != model.dimension:
@@ -319,6 +413,9 @@ class Layout:
         if self.codebook is not None and model is not None:  # new collections: the codebook first (recovery reads it)
             self._create_meta(client)
             self._write_codebook(client)
+        if self.codec is not None and model is not None:  # and the codec
+            self._create_meta(client)
+            self._write_codec(client)
         for modality in MODALITIES:
             name = self.name(modality)
             if client.has_collection(name):

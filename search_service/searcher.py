@@ -21,6 +21,7 @@ import grpc  # only for the encoder client's status codes
 import numpy as np
 
 from search_service.checks import check_unit_rows, parse_metadata
+from search_service.concept_codes import load_codec
 from search_service.concept_source import ConceptSource
 from search_service.config import SearchConfig, parse_ranking
 from search_service.deadlines import within
@@ -95,6 +96,7 @@ def open_store(cfg: SearchConfig) -> MilvusStore:
             "boc_temperature": cfg.boc_temperature,
         },
         boc_codebook=load_codebook(cfg.boc_codebook) if cfg.boc_codebook is not None else None,
+        concept_codec=load_codec(cfg.concept_codec) if cfg.concept_codec is not None else None,
     )
     store.open()
     return store
@@ -485,7 +487,7 @@ class Searcher:
             server_version=store.server_version,
             uri=store.safe_uri,
             index_type=store.index_type,
-            concept_encoding=f"fp16 base64 in {store.chunks} VARCHAR field(s)",
+            concept_encoding=store.layout.concepts.describe(store.chunks),
             sparse_vectors_supported=store.sparse_supported,
             encoder_configured=self.encoder is not None,
             limits=limits,

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from search_service.codec import decode_boxes, decode_concepts, encode_boxes, encode_concepts
+from search_service.codec import decode_boxes, encode_boxes
+from search_service.concept_codes import ConceptCodec
 from search_service.deadlines import DeadlineBoundClient
 from search_service.filters import BadFilter, check_filter_names, id_filter
-from search_service.layout import IMAGES, MODALITIES, CodebookMismatch, Layout
+from search_service.layout import IMAGES, MODALITIES, CodebookMismatch, CodecMismatch, Layout
 from search_service.milvus_calls import StoreError, WriteFailed, is_not_loaded, milvus_call, refuses_data
 from search_service.sparse import BOC, item_boc, surrogate
 from teran_api.types import ModelRef
@@ -76,6 +77,7 @@ class MilvusStore:
         sparse_surrogates: list[str] | tuple[str, ...] = (),
         sparse_params: dict | None = None,
         boc_codebook: np.ndarray | None = None,
+        concept_codec: ConceptCodec | None = None,
     ):
         self.uri = uri
         self.token = token
@@ -96,6 +98,7 @@ class MilvusStore:
             sparse_surrogates=sparse_surrogates,
             sparse_params=sparse_params,
             boc_codebook=boc_codebook,
+            concept_codec=concept_codec,
         )
         self.client: Any = None  # pymilvus.MilvusClient once open()
         self.server_version = ""
@@ -111,7 +114,7 @@ class MilvusStore:
     def open(self) -> None:
         from pymilvus import MilvusClient
 
-        with milvus_call(f"cannot open Milvus at {self.safe_uri}", passing=(CodebookMismatch,)):
+        with milvus_call(f"cannot open Milvus at {self.safe_uri}", passing=(CodebookMismatch, CodecMismatch)):
             self.client = DeadlineBoundClient(MilvusClient(uri=self.uri, token=self.token, timeout=self.timeout), self.timeout)
             self.server_version = str(self.client.get_server_version())
             self.layout.read_back(self.client, self.sparse_supported)
@@ -206,7 +209,7 @@ class MilvusStore:
         return {
             "id": item.id,
             "global_vector": np.asarray(item.global_vector, dtype=np.float32).tolist(),
-            **{f"concepts_{k}": part for k, part in enumerate(encode_concepts(item.concepts, self.chunks))},
+            **{f"concepts_{k}": part for k, part in enumerate(self.layout.concepts.encode(item.concepts, self.chunks))},
             "num_concepts": int(item.concepts.shape[0]),
             "labels": {"word_pieces": list(item.labels)},
             "boxes": encode_boxes(item.boxes),
@@ -344,7 +347,8 @@ class MilvusStore:
 
     def _concepts(self, row: dict) -> np.ndarray:
         """A row's concept vectors, float16 [N, D]."""
-        return decode_concepts([row[f"concepts_{k}"] for k in range(self.chunks)], int(row["num_concepts"]), self.known_model.dimension)
+        parts = [row[f"concepts_{k}"] for k in range(self.chunks)]
+        return self.layout.concepts.decode(parts, int(row["num_concepts"]), self.known_model.dimension)
 
     def scan(self, modality: str, concepts: bool, batch_size: int = 0, batch_bytes: int = 16 * 2**20):
         """Every stored row, in batches (pymilvus query iterator): lists of (id, stamp, concepts float16 [N, D] or None).

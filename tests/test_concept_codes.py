@@ -1,0 +1,186 @@
+"""The concept codec (search_service.concept_codes): training, bit-exact codes, what decoding keeps, and
+collections that store codes on real milvus-lite (the codec kept with them, a different one refused,
+fp16 collections left as they are)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from search_fixtures import ROOT, DirectSearch, unique_prefix, vectors_value
+
+from search_service.concept_codes import MAX_BITS, allocate_bits, check_codec, load_codec, train_codec
+from search_service.layout import CodecMismatch
+from search_service.ranking import mrsw_scores
+from teran.errors import TeranInputError
+from teran_api.types import IndexItem
+
+DIM = 16
+
+
+def concepts(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Unit vectors with most of their variance in a few directions, as a model's concepts have."""
+    scales = np.exp(-np.arange(DIM) / 3.0).astype(np.float32)
+    x = rng.standard_normal((n, DIM)).astype(np.float32) * scales + 0.3
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return train_codec(concepts(np.random.default_rng(0), 20000), bytes_per_vector=12)
+
+
+def test_bits_follow_the_variance_within_the_budget():
+    variances = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0])
+    bits = allocate_bits(variances, 12)
+    assert bits.sum() <= 12 and list(bits) == sorted(bits, reverse=True) and bits[-1] == 0
+    assert bits[0] - bits[3] == 3  # one bit per doubling of the variance
+    assert allocate_bits(np.ones(4), 100).tolist() == [MAX_BITS] * 4
+
+
+def test_codes_have_the_promised_size_and_decode_close_to_the_vectors(codec):
+    assert codec.bytes_per_vector == 12 and codec.bits.sum() <= 96
+    x = concepts(np.random.default_rng(1), 500)
+    codes = codec.encode(x)
+    assert codes.shape == (500, 12) and codes.dtype == np.uint8
+    decoded = codec.decode(codes)
+    assert decoded.shape == x.shape
+    np.testing.assert_array_equal(codec.encode(decoded), codes)  # decoding lands on the levels: codes are stable
+    np.testing.assert_array_equal(codec.decode(codes[None]).reshape(x.shape), decoded)  # any leading shape
+    error = np.mean(np.sum((decoded - x) ** 2, axis=1))
+    assert error < 0.05 * np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))  # far below the vectors' own spread
+    # what the re-rank sees: MrSw of decoded candidates against full-precision queries stays close
+    queries = concepts(np.random.default_rng(2), 30).reshape(10, 3, DIM)
+    candidates = [x[i : i + 5] for i in range(0, 100, 5)]
+    decoded_candidates = [decoded[i : i + 5] for i in range(0, 100, 5)]
+    for q in queries:
+        np.testing.assert_allclose(mrsw_scores(q, True, decoded_candidates), mrsw_scores(q, True, candidates), atol=0.05)
+
+
+def test_save_load_and_bad_codecs(codec, tmp_path):
+    path = tmp_path / "codec.bin"
+    codec.save(path)  # the exact name
+    loaded = load_codec(path)
+    assert loaded.digest() == codec.digest() and loaded.describe() == codec.describe()
+    with pytest.raises(TeranInputError, match="no such concept codec file"):
+        load_codec(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    with pytest.raises(TeranInputError, match="not a concept codec file"):
+        load_codec(tmp_path / "junk.npz")
+    with pytest.raises(TeranInputError, match="orthonormal"):
+        check_codec(codec.mean, codec.basis * 2, codec.bits, codec.levels)
+    with pytest.raises(TeranInputError, match=f"bits must be integers 0..{MAX_BITS}"):
+        check_codec(codec.mean, codec.basis, codec.bits + MAX_BITS, codec.levels)
+    with pytest.raises(TeranInputError, match="expected"):
+        check_codec(codec.mean[:4], codec.basis, codec.bits, codec.levels)
+    with pytest.raises(TeranInputError, match="at least 1024"):
+        train_codec(concepts(np.random.default_rng(0), 100), 8)
+    with pytest.raises(TeranInputError, match="--bytes 100"):
+        train_codec(concepts(np.random.default_rng(0), 2000), 100)
+
+
+def image_item(item_id: str, rng: np.random.Generator) -> IndexItem:
+    regions = concepts(rng, 6)
+    return IndexItem(item_id, vectors_value("images", regions.mean(0) / np.linalg.norm(regions.mean(0)), regions, model=("m", 1, DIM)))
+
+
+def test_collections_store_codes_keep_the_codec_and_refuse_another(codec, tmp_path):
+    codec_path, other_path = tmp_path / "codec.npz", tmp_path / "other.npz"
+    codec.save(codec_path)
+    train_codec(concepts(np.random.default_rng(9), 20000), bytes_per_vector=6).save(other_path)
+    uri, prefix = str(tmp_path / "coded.db"), unique_prefix("codes")
+    rng = np.random.default_rng(3)
+    items = [image_item(f"img{i}", rng) for i in range(12)]
+    search = DirectSearch(uri, prefix, concept_codec=codec_path)
+    try:
+        search.index(items)
+        stats = search.stats()
+        assert stats.concept_encoding.startswith("transform codec, 12 bytes per vector") and "1 VARCHAR field" in stats.concept_encoding
+        row = search.store.client.query(search.store.name("images"), filter='id == "img3"', output_fields=["concepts_0"])[0]
+        assert len(row["concepts_0"]) == 4 * -(-6 * 12 // 3)  # 6 regions x 12 bytes, base64
+        stored = search.loop.run_until_complete(search.searcher.get(items[3].content.modality, ["img3"], include_vectors=True))[0]
+        np.testing.assert_allclose(stored.concepts, codec.decode(codec.encode(items[3].content.concepts)), atol=2e-3)
+        # the re-rank scores the decoded regions against the query's full-precision words
+        words = concepts(np.random.default_rng(4), 3)
+        query = vectors_value("captions", words.mean(0) / np.linalg.norm(words.mean(0)), words, model=("m", 1, DIM))
+        result = search.search(query, top_k=5, rerank_multiplier=3)
+        decoded = [codec.decode(codec.encode(item.content.concepts)).astype(np.float16).astype(np.float32) for item in items]
+        expected = mrsw_scores(words, True, decoded)
+        assert result.candidates == 12
+        assert [h.score for h in result.hits] == pytest.approx(sorted(expected, reverse=True)[:5], abs=1e-4)
+        meta = search.store.client.query(f"{prefix}_meta", filter='id == "collections"', output_fields=["info"])[0]["info"]
+        assert meta["concept_encoding"] == "transform-codes-base64-varchar"
+        assert meta["codec"]["sha256"] == codec.digest() and meta["codec"]["bytes_per_vector"] == 12
+    finally:
+        search.close()
+    reopened = DirectSearch(uri, prefix)  # no flag: the stored codec
+    try:
+        assert reopened.store.layout.codec.digest() == codec.digest()
+        assert reopened.stats().images == 12
+    finally:
+        reopened.close()
+    with pytest.raises(CodecMismatch, match="differs from the codec stored with the collections"):
+        DirectSearch(uri, prefix, concept_codec=other_path)
+    plain_prefix = unique_prefix("fp16")
+    plain = DirectSearch(uri, plain_prefix)
+    try:
+        plain.index(items[:2])
+        assert plain.stats().concept_encoding.startswith("fp16")
+    finally:
+        plain.close()
+    with pytest.raises(CodecMismatch, match="store fp16 concepts"):
+        DirectSearch(uri, plain_prefix, concept_codec=codec_path)
+
+
+def test_codec_command_line(tmp_path):
+    rng = np.random.default_rng(5)
+    npz = tmp_path / "concepts.npz"
+    np.savez(npz, regions=concepts(rng, 3000).reshape(300, 10, DIM), words=concepts(rng, 2000))
+    out = tmp_path / "codec.npz"
+    command = [sys.executable, "-m", "search_service.concept_codes", "--npz", str(npz), "--bytes", "6", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "6 bytes per vector" in result.stdout and "5000 of 5000 concept vectors" in result.stdout
+    assert load_codec(out).bytes_per_vector == 6
+    bad = subprocess.run([*command[:-2], "--out", str(out), "--bytes", "99"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--bytes 99" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "search_service.concept_codes", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and "give the training vectors" in missing.stderr
+
+
+def test_fp16_collections_are_copied_into_coded_ones(codec, tmp_path):
+    from search_service.convert_concepts import main as convert_main
+
+    codec_path = tmp_path / "codec.npz"
+    codec.save(codec_path)
+    uri, old, new = str(tmp_path / "convert.db"), unique_prefix("old"), unique_prefix("new")
+    rng = np.random.default_rng(7)
+    items = [image_item(f"img{i}", rng) for i in range(7)]
+    words = concepts(rng, 4)
+    caption = IndexItem(
+        "cap0", vectors_value("captions", words[0], words, word_pieces=["a", "b", "c", "d"], model=("m", 1, DIM)), '{"k": 2}'
+    )
+    source = DirectSearch(uri, old)
+    try:
+        source.index([*items, caption])
+    finally:
+        source.close()
+    argv = ["--milvus-uri", uri, "--from-prefix", old, "--to-prefix", new, "--concept-codec", str(codec_path), "--batch", "3"]
+    assert convert_main(argv) == 0
+    assert convert_main(argv) == 0  # again: upserts, nothing doubled
+    assert convert_main([*argv[:4], "--to-prefix", old, *argv[6:]]) == 2  # into itself
+    assert convert_main(["--milvus-uri", uri, "--from-prefix", "nothing_here", *argv[4:]]) == 2
+    target = DirectSearch(uri, new)
+    try:
+        stats = target.stats()
+        assert (stats.images, stats.captions) == (7, 1) and stats.concept_encoding.startswith("transform codec")
+        got = target.loop.run_until_complete(target.searcher.get(caption.content.modality, ["cap0"], include_vectors=True))[0]
+        assert (got.metadata, got.word_pieces) == ({"k": 2}, ["a", "b", "c", "d"])
+        np.testing.assert_allclose(got.concepts, codec.decode(codec.encode(words)), atol=2e-3)
+        np.testing.assert_allclose(got.global_vector, words[0], atol=1e-6)
+    finally:
+        target.close()
