@@ -82,15 +82,25 @@ class ConceptFormat:
         return concept_chunks(dimension, max_concepts, self.bytes_per_vector(dimension))
 
     def encode(self, concepts: np.ndarray, chunks: int) -> list[str]:
+        return self.encode_many([concepts], chunks)[0]
+
+    def encode_many(self, sets: list[np.ndarray], chunks: int) -> list[list[str]]:
+        """Each item's concept fields; a codec encodes all the items' vectors in one call (its cost is per call)."""
         if self.codec is None:
-            return encode_concepts(concepts, chunks)
-        return _split(pack(self.codec.encode(concepts), "u1"), chunks)
+            return [encode_concepts(concepts, chunks) for concepts in sets]
+        codes = self.codec.encode(np.concatenate([np.asarray(c, np.float32) for c in sets]))
+        ends = np.cumsum([len(c) for c in sets])
+        return [_split(pack(part, "u1"), chunks) for part in np.split(codes, ends[:-1])]
 
     def decode(self, parts: list[str], count: int, dim: int) -> np.ndarray:
         if self.codec is None:
             return decode_concepts(parts, count, dim)
-        codes = unpack("".join(parts), "u1").reshape(count, self.codec.bytes_per_vector)
-        return self.codec.decode(codes).astype(np.float16)
+        return self.codec.decode(self.codes(parts, count)).astype(np.float16)
+
+    def codes(self, parts: list[str], count: int) -> np.ndarray:
+        """The stored codes, uint8 [count, bytes per vector] (coded collections)."""
+        assert self.codec is not None
+        return unpack("".join(parts), "u1").reshape(count, self.codec.bytes_per_vector)
 
     def describe(self, chunks: int) -> str:
         if self.codec is None:

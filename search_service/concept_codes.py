@@ -21,6 +21,7 @@ with the collections that store its codes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class ConceptCodec:
             f"{int((self.bits > 0).sum())} of {self.dimension} principal components, sha256 {self.digest()[:12]})"
         )
 
+    @functools.cached_property
+    def _powers(self) -> dict[int, np.ndarray]:
+        return {b: (2.0 ** np.arange(b)).astype(np.float32) for b in range(1, MAX_BITS + 1)}
+
     def _groups(self):
         """(bits, component indices) for each bit width in use, in the order their fields are packed."""
         return [(b, np.flatnonzero(self.bits == b)) for b in range(1, MAX_BITS + 1) if (self.bits == b).any()]
@@ -83,18 +88,35 @@ class ConceptCodec:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """uint8 codes [..., bytes_per_vector] -> float32 vectors [..., D]."""
+        y = self.decode_principal(codes)
+        return y[..., :-1] @ self.basis + self.mean
+
+    def decode_principal(self, codes: np.ndarray) -> np.ndarray:
+        """uint8 codes [..., bytes_per_vector] -> [..., D + 1]: the principal coefficients, then 1. With
+        `principal_query`, dot products equal those with the decoded vectors without rotating each one back
+        (the re-rank's inner products, at the cost of a lookup): principal_query(q) . decode_principal(c) =
+        q . decode(c)."""
         codes = np.asarray(codes, np.uint8)
         lead = codes.shape[:-1]
         flat = codes.reshape(-1, codes.shape[-1])
-        y = np.zeros((len(flat), self.dimension), np.float32)
+        y = np.zeros((len(flat), self.dimension + 1), np.float32)
+        y[:, -1] = 1.0
+        levels = self.levels.reshape(-1)
         offset = 0
         for b, dims in self._groups():
             width = -(-len(dims) * b // 8)
             bits = np.unpackbits(flat[:, offset : offset + width], axis=1, bitorder="little")[:, : len(dims) * b]
-            fields = (bits.reshape(len(flat), len(dims), b).astype(np.uint16) << np.arange(b, dtype=np.uint16)).sum(axis=2)
-            y[:, dims] = self.levels[dims[None, :], fields]
+            # each field's value from its bits: a float32 matmul with the powers of two (exact below 2^24, and BLAS-fast)
+            fields = (bits.reshape(len(flat), len(dims), b).astype(np.float32) @ self._powers[b]).astype(np.intp)
+            y[:, dims] = np.take(levels, dims * self.levels.shape[1] + fields)
             offset += width
-        return (y @ self.basis + self.mean).reshape(*lead, self.dimension)
+        return y.reshape(*lead, self.dimension + 1)
+
+    def principal_query(self, vectors: np.ndarray) -> np.ndarray:
+        """Full-precision vectors [N, D] -> [N, D + 1]: rotated into the principal basis, then their dot
+        product with the mean (see `decode_principal`)."""
+        q = np.asarray(vectors, np.float32)
+        return np.concatenate([q @ self.basis.T, (q @ self.mean)[:, None]], axis=1)
 
     def to_bytes(self) -> bytes:
         """The .npz file's bytes (what `save` writes and `codec_from_bytes` reads)."""

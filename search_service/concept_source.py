@@ -24,9 +24,10 @@ class ConceptSource:
         self._full_logged = False
 
     def usable(self) -> RerankCache | None:
-        """The cache, if enabled and the collections carry stamps (schema format 2)."""
+        """The cache, if enabled and the collections carry stamps (schema format 2) and hold fp16 concepts (codes
+        come with each candidate, a few KB an image: the re-rank decodes them, a cache would only hold more)."""
         store = self.store
-        if self.cache is None or store.model is None or not store.stamped:
+        if self.cache is None or store.model is None or not store.stamped or store.layout.codec is not None:
             return None
         return self.cache
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from search_service.concept_codes import ConceptCodec
 from teran.alignment_numpy import blend_scores, word_regions
 from teran.hubness import HubReference, penalised
 from teran.words import content_words
@@ -36,6 +37,17 @@ def stack_concepts(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.nda
     for i, s in enumerate(sets):
         block[i, : s.shape[0]] = s
     return block, counts
+
+
+def stack_codes(codec: ConceptCodec, sets: list) -> tuple[np.ndarray, np.ndarray]:
+    """[N_i, B] code arrays -> float32 block [len, max N_i, D + 1] of principal coefficients (codec.decode_principal,
+    decoded in one call; padding rows hold whatever the zero codes decode to: counts mask them) + counts [len]."""
+    counts = np.array([s.shape[0] for s in sets], dtype=np.int64)
+    width = max(1, int(counts.max(initial=1)))
+    codes = np.zeros((len(sets), width, codec.bytes_per_vector), dtype=np.uint8)
+    for i, s in enumerate(sets):
+        codes[i, : s.shape[0]] = s
+    return codec.decode_principal(codes), counts
 
 
 def mrsw_block(query: np.ndarray, query_is_caption: bool, block: np.ndarray, counts: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -31,7 +31,7 @@ from search_service.layout import CAPTIONS, IMAGES
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.milvus_calls import WriteFailed
-from search_service.ranking import Ranking, explain, rerank_scores, stack_concepts
+from search_service.ranking import Ranking, explain, rerank_scores, stack_codes, stack_concepts
 from search_service.sparse import load_codebook
 from search_service.store import Item, MilvusStore
 from serving.failures import hide_cause, without_cause
@@ -588,10 +588,15 @@ class Searcher:
             store.search, target, query.global_vector, n, expr, first_stage, need_concepts and cache is None, query.concepts, need_globals
         )
         self._observe("first_stage", started)
+        query_concepts = query.concepts  # as the block: decoded concepts, or in the codec's principal basis
         if need_concepts and candidates:
             started = time.perf_counter()
+            codec = store.layout.codec
             if cache is not None:
                 block, counts, candidates = await self._db(self.concept_source.gather, cache, target, candidates)
+            elif codec is not None:
+                block, counts = stack_codes(codec, [c.codes for c in candidates])
+                query_concepts = codec.principal_query(query.concepts)
             else:
                 block, counts = stack_concepts([c.concepts for c in candidates], store.known_model.dimension)
             self._observe("concepts", started)
@@ -611,7 +616,7 @@ class Searcher:
             final = await asyncio.get_running_loop().run_in_executor(
                 None,
                 rerank_scores,
-                query.concepts,
+                query_concepts,
                 query.modality == CAPTIONS,
                 block,
                 counts,
@@ -628,8 +633,8 @@ class Searcher:
             if not request.skip_explanation:
                 concepts = block[i, : counts[i]]
                 if query.modality == CAPTIONS:
-                    hit.alignment = explain(concepts, c.boxes, query.concepts, query.labels)
+                    hit.alignment = explain(concepts, c.boxes, query_concepts, query.labels)
                 else:
-                    hit.alignment = explain(query.concepts, query.boxes, concepts, c.labels)
+                    hit.alignment = explain(query_concepts, query.boxes, concepts, c.labels)
             result.hits.append(hit)
         return result

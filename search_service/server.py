@@ -356,6 +356,9 @@ class SearchServer:
                     "validated; concepts come with each search. Re-index into new collections (--collection-prefix) to use it"
                 )
                 self.cache.loaded.set()
+            elif store.layout.concepts.codec is not None:
+                log.info("rerank cache not used: the collections store concept codes, which come with each search's candidates")
+                self.cache.loaded.set()
             else:
                 self._cache_thread = threading.Thread(target=self._cache_worker, name="rerank-cache", daemon=True)
                 self._cache_thread.start()

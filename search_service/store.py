@@ -52,6 +52,7 @@ class Stored:
     model: str
     global_vector: np.ndarray | None = None
     concepts: np.ndarray | None = None  # float16 [N, D]
+    codes: np.ndarray | None = None  # collections that store codes, search results: uint8 [N, bytes per vector]
     score: float = 0.0  # first-stage score (search results)
     stamp: int = 0  # the row's version (0: collections without stamps)
     hub: float = 0.0  # the row's hub statistic (0: none stored)
@@ -205,11 +206,11 @@ class MilvusStore:
 
     # ------------------------------------------------------------------ writes
 
-    def _row(self, item: Item, modality: str) -> dict:
+    def _row(self, item: Item, modality: str, concept_fields: list[str]) -> dict:
         return {
             "id": item.id,
             "global_vector": np.asarray(item.global_vector, dtype=np.float32).tolist(),
-            **{f"concepts_{k}": part for k, part in enumerate(self.layout.concepts.encode(item.concepts, self.chunks))},
+            **{f"concepts_{k}": part for k, part in enumerate(concept_fields)},
             "num_concepts": int(item.concepts.shape[0]),
             "labels": {"word_pieces": list(item.labels)},
             "boxes": encode_boxes(item.boxes),
@@ -230,7 +231,8 @@ class MilvusStore:
             return 0
         for item in items:
             item.stamp = secrets.randbits(63)  # a new version, unique across replicas with overwhelming probability
-        rows = [self._row(item, modality) for item in items]
+        fields = self.layout.concepts.encode_many([item.concepts for item in items], self.chunks)
+        rows = [self._row(item, modality, concept_fields) for item, concept_fields in zip(items, fields, strict=True)]
         name = self.name(modality)
         stored = 0
 
@@ -310,7 +312,8 @@ class MilvusStore:
             names.append("global_vector")
         return names
 
-    def _stored(self, row: dict, vectors: bool) -> Stored:
+    def _stored(self, row: dict, vectors: bool, as_codes: bool = False) -> Stored:
+        """`vectors`: with the concepts, decoded; or with `as_codes`, as their codes where the collections store codes."""
         count = int(row["num_concepts"])
         item = Stored(
             id=row["id"],
@@ -324,7 +327,9 @@ class MilvusStore:
         )
         if "global_vector" in row:
             item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)
-        if vectors:
+        if vectors and as_codes and self.layout.codec is not None:
+            item.codes = self.layout.concepts.codes([row[f"concepts_{k}"] for k in range(self.chunks)], count)
+        elif vectors:
             item.concepts = self._concepts(row)
         return item
 
@@ -475,7 +480,7 @@ class MilvusStore:
         for hit in result[0]:
             entity = dict(hit["entity"])
             entity.setdefault("id", hit["id"])
-            stored = self._stored(entity, concepts)
+            stored = self._stored(entity, concepts, as_codes=True)
             stored.score = float(hit["distance"])
             hits.append(stored)
         return hits

@@ -49,6 +49,9 @@ def test_codes_have_the_promised_size_and_decode_close_to_the_vectors(codec):
     assert decoded.shape == x.shape
     np.testing.assert_array_equal(codec.encode(decoded), codes)  # decoding lands on the levels: codes are stable
     np.testing.assert_array_equal(codec.decode(codes[None]).reshape(x.shape), decoded)  # any leading shape
+    # the re-rank's shortcut: inner products in the principal basis equal those with the decoded vectors
+    queries_full = concepts(np.random.default_rng(3), 4)
+    np.testing.assert_allclose(codec.principal_query(queries_full) @ codec.decode_principal(codes).T, queries_full @ decoded.T, atol=1e-5)
     error = np.mean(np.sum((decoded - x) ** 2, axis=1))
     assert error < 0.05 * np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))  # far below the vectors' own spread
     # what the re-rank sees: MrSw of decoded candidates against full-precision queries stays close
@@ -86,6 +89,7 @@ def image_item(item_id: str, rng: np.random.Generator) -> IndexItem:
     return IndexItem(item_id, vectors_value("images", regions.mean(0) / np.linalg.norm(regions.mean(0)), regions, model=("m", 1, DIM)))
 
 
+@pytest.mark.slow  # milvus-lite collections or subprocesses
 def test_collections_store_codes_keep_the_codec_and_refuse_another(codec, tmp_path):
     codec_path, other_path = tmp_path / "codec.npz", tmp_path / "other.npz"
     codec.save(codec_path)
@@ -106,7 +110,7 @@ def test_collections_store_codes_keep_the_codec_and_refuse_another(codec, tmp_pa
         words = concepts(np.random.default_rng(4), 3)
         query = vectors_value("captions", words.mean(0) / np.linalg.norm(words.mean(0)), words, model=("m", 1, DIM))
         result = search.search(query, top_k=5, rerank_multiplier=3)
-        decoded = [codec.decode(codec.encode(item.content.concepts)).astype(np.float16).astype(np.float32) for item in items]
+        decoded = [codec.decode(codec.encode(item.content.concepts)) for item in items]
         expected = mrsw_scores(words, True, decoded)
         assert result.candidates == 12
         assert [h.score for h in result.hits] == pytest.approx(sorted(expected, reverse=True)[:5], abs=1e-4)
@@ -134,6 +138,7 @@ def test_collections_store_codes_keep_the_codec_and_refuse_another(codec, tmp_pa
         DirectSearch(uri, plain_prefix, concept_codec=codec_path)
 
 
+@pytest.mark.slow  # milvus-lite collections or subprocesses
 def test_codec_command_line(tmp_path):
     rng = np.random.default_rng(5)
     npz = tmp_path / "concepts.npz"
@@ -152,6 +157,7 @@ def test_codec_command_line(tmp_path):
     assert missing.returncode == 2 and "give the training vectors" in missing.stderr
 
 
+@pytest.mark.slow  # milvus-lite collections or subprocesses
 def test_fp16_collections_are_copied_into_coded_ones(codec, tmp_path):
     from search_service.convert_concepts import main as convert_main
 
