@@ -108,7 +108,7 @@ def _summary(name: str, stats, duration: float) -> dict:
 
 
 def _run_users(user_class, *, users: int, spawn_rate: float, run_time: float, driver=None):
-    """Run `users` users of `user_class` for `run_time` s (and until `driver(started)`, run in a greenlet
+    """Run `users` users of `user_class` for `run_time` s (and until `driver(started, events)`, run in a greenlet
     alongside, has returned). Returns (stats, duration, events, started); `events` holds one
     (monotonic time at completion, method, response ms, status code name) per call."""
     import gevent
@@ -128,7 +128,7 @@ def _run_users(user_class, *, users: int, spawn_rate: float, run_time: float, dr
     started = time.monotonic()
     runner.start(users, spawn_rate=spawn_rate)
     end = started + run_time
-    helper = gevent.spawn(driver, started) if driver else None
+    helper = gevent.spawn(driver, started, events) if driver else None
 
     def stop_at_end():  # wall clock, not gevent's cached loop time (spawn_later can fire early)
         while time.monotonic() < end or (helper is not None and not helper.ready()):
@@ -187,7 +187,7 @@ def run_soak(*, seconds: float, window: float, users: int, spawn_rate: float, at
     window = seconds / count
     rss = {name: [_mb(service.rss_bytes())] for name, service in services.items()}  # at the start, then after each window
 
-    def sample_memory(started):
+    def sample_memory(started, _events):
         for k in range(1, count + 1):
             while time.monotonic() < started + k * window:
                 gevent.sleep(0.2)
@@ -263,6 +263,11 @@ def _signals(value: str) -> list[str]:
     return names
 
 
+def succeeded_since(events: list, since: float) -> bool:
+    """Whether a call started at or after `since` (time.monotonic()) has succeeded; `events` as _run_users records them."""
+    return any(e[3] == "OK" and e[0] - e[2] / 1000.0 >= since for e in events)
+
+
 def run_fault(
     *, seconds: float, restarts: int, sig: str, users: int, spawn_rate: float, attrs: dict, search_service, timeout: float
 ) -> dict:
@@ -277,7 +282,7 @@ def run_fault(
     gave_up: list[str] = []
     timeline: list[dict] = []
 
-    def restart_search(started):
+    def restart_search(started, events):
         for k in range(restarts):
             at = started + seconds * (k + 1) / (restarts + 1)
             while time.monotonic() < at:
@@ -297,7 +302,10 @@ def run_fault(
                     "_signalled": signalled,
                 }
             )
-        while time.monotonic() < serving + seconds / (restarts + 1):  # load goes on after the last restart too
+        # Load goes on after the last restart too: for a share of the run, and until a call started after the service
+        # was back has succeeded (on a loaded machine the first calls after a restart can outlast that share).
+        share_end, give_up = serving + seconds / (restarts + 1), serving + seconds + timeout
+        while time.monotonic() < share_end or (not succeeded_since(events, serving) and time.monotonic() < give_up):
             gevent.sleep(0.05)
 
     user_class = _user_class(FaultMixedUser, **attrs, acked=acked, gave_up=gave_up)
