@@ -614,6 +614,7 @@ def test_vectors_only_service_and_restart(milvus_uri):
 # --------------------------------------------------------------------------- crash
 
 
+@pytest.mark.slow  # kills and restarts a service process
 def test_crash_mid_stream_loses_nothing_acknowledged(milvus_uri, encoder, tmp_path):
     """SIGKILL the service process while a client streams and indexes; everything acknowledged survives."""
     prefix = unique_prefix("crash")
