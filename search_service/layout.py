@@ -312,13 +312,9 @@ class Layout:
         if "boc_vector" not in fields:
             return {}
         dim = int(fields["global_vector"]["params"]["dim"])
-        if client.has_collection(self.meta_name):
-            client.load_collection(self.meta_name)
-            rows = client.query(self.meta_name, filter='id like "boc_codebook_%"', output_fields=["id", "info"], consistency_level="Strong")
-            text = "".join(r["info"]["data"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("_", 1)[1])))
-            codebook = unpack_rows(text, "<f4", dim)
-            if codebook is not None:
-                return {"boc": {"codebook": codebook.copy()}}
+        codebook = unpack_rows(self._found_parts(client, "boc_codebook"), "<f4", dim)
+        if codebook is not None:
+            return {"boc": {"codebook": codebook.copy()}}
         if self.requested_codebook is None:
             raise StoreError(
                 f"{self.meta_name} lost the layout of collections with a boc_vector field: restart once with the "
@@ -329,15 +325,20 @@ class Layout:
     def _recover_codec(self, client: Any) -> dict:
         """PREFIX_meta lost its `collections` row: collections that store codes have their codec's rows (written
         before the collections); without them the concepts are fp16."""
-        if not client.has_collection(self.meta_name):
+        text = self._found_parts(client, "concept_codec")
+        if not text:
             return {}
-        client.load_collection(self.meta_name)
-        rows = client.query(self.meta_name, filter='id like "concept_codec_%"', output_fields=["id", "info"], consistency_level="Strong")
-        if not rows:
-            return {}
-        text = "".join(r["info"]["data"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("_", 1)[1])))
         codec = codec_from_bytes(base64.b64decode(text), f"{self.meta_name}: the stored concept codec")
         return {"concept_encoding": CODED_CONCEPT_ENCODING, "codec": {"codec": codec}}
+
+    def _found_parts(self, client: Any, stem: str) -> str:
+        """Recovery: the rows `stem_0..` of PREFIX_meta that are there, joined in order ("" when none); their count is
+        unknown when the `collections` row that records it is lost."""
+        if not client.has_collection(self.meta_name):
+            return ""
+        client.load_collection(self.meta_name)
+        rows = client.query(self.meta_name, filter=f'id like "{stem}_%"', output_fields=["id", "info"], consistency_level="Strong")
+        return "".join(r["info"]["data"] for r in sorted(rows, key=lambda r: int(r["id"].rsplit("_", 1)[1])))
 
     def _write_parts(self, client: Any, stem: str, text: str) -> None:
         """`text` in rows `stem_0..P-1` of PREFIX_meta ({"data": part}), written before what refers to them."""

@@ -190,3 +190,25 @@ def test_fp16_collections_are_copied_into_coded_ones(codec, tmp_path):
         np.testing.assert_allclose(got.global_vector, words[0], atol=1e-6)
     finally:
         target.close()
+
+
+@pytest.mark.slow  # milvus-lite collections
+def test_codec_recovered_when_the_layout_row_is_lost(codec, tmp_path):
+    """A crash between writing the codec rows and the `collections` row: the codec is read back from its rows."""
+    codec_path = tmp_path / "codec.npz"
+    codec.save(codec_path)
+    uri, prefix = str(tmp_path / "lost.db"), unique_prefix("lost")
+    items = [image_item(f"img{i}", np.random.default_rng(i)) for i in range(3)]
+    first = DirectSearch(uri, prefix, concept_codec=codec_path)
+    try:
+        first.index(items)
+        first.store.client.delete(f"{prefix}_meta", filter='id == "collections"')
+    finally:
+        first.close()
+    reopened = DirectSearch(uri, prefix)  # no flag: the codec comes from PREFIX_meta's rows
+    try:
+        assert reopened.store.layout.codec.digest() == codec.digest()
+        got = reopened.loop.run_until_complete(reopened.searcher.get(items[1].content.modality, ["img1"], include_vectors=True))[0]
+        np.testing.assert_allclose(got.concepts, codec.decode(codec.encode(items[1].content.concepts)), atol=2e-3)
+    finally:
+        reopened.close()
