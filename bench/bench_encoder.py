@@ -1,6 +1,6 @@
 """Encoder service throughput and latency versus the same PyTorch model run eagerly in-process.
 
-    .venv/bin/python bench/bench_encoder.py --model-dir models/teran-flickr8k \
+    .venv/bin/python bench/bench_encoder.py --model-dir artifacts/teran-flickr8k \
         [--checkpoint models/teran-flickr8k.pt] [--output reports/bench-encoder.json]
 
 1. Starts `python -m encoder_service` (ONNX Runtime, CPU) as a subprocess on loopback and
@@ -13,6 +13,12 @@
 3. Stops the service and runs the checkpoint's PyTorch model eagerly (teran.checkpoint.load_model
    + teran.backbones), one item at a time as requests arrive (`torch_eager_per_s`) and in batches
    of 16 (`torch_eager_batch16_per_s`); `ratio` = service_c16_per_s / torch_eager_per_s.
+4. With `--precisions fp32,int8` (the default when the model directory has int8 graphs), in the
+   same run for each precision: raw ONNX Runtime in this process at batch sizes 1..32 (tokenize +
+   run; JPEG decode + resize + backbone + encoder) and its best batch size, and a fresh service
+   started with `--precision P` at 16 concurrent one-item clients. `text.precisions.int8` etc.
+   hold them; `text.int8_vs_fp32_service_ratio` / `image.int8_vs_fp32_service_ratio` are the
+   int8 service's c16 throughput over the fp32 service's.
 The benchmark imports torch; the service never does. Top-level `p50_ms` / `p99_ms` are the
 service latencies at concurrency 1 (batch-1 requests); `c16` holds those under load.
 """
@@ -217,7 +223,7 @@ def drive_sync(target: str, kind: str, items: list, requests: int) -> dict:
 
 
 def measure_service(service: Service, kind: str, items: list, counts: dict[int, int]) -> dict:
-    asyncio.run(drive(service.target, kind, items, min(32, counts[1]), 4))  # warm connections and caches
+    asyncio.run(drive(service.target, kind, items, min(32, counts.get(1, 32)), 4))  # warm connections and caches
     method = "EncodeCaptions" if kind == "text" else "EncodeImages"
     results = {}
     for concurrency, requests in counts.items():
@@ -282,6 +288,85 @@ def direct_image_latency(model_dir: Path, images: list[bytes], requests: int) ->
         if index >= 3:
             latencies.append(time.perf_counter() - started)
     return percentiles(latencies)
+
+
+def _ort_session(path: Path):
+    """A session as the service opens it (all optimisations, no spin-waiting)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+RAW_BATCHES = (1, 4, 8, 16, 32)
+
+
+def raw_throughput(model_dir: Path, precision: str, kind: str, items: list, count: int) -> dict:
+    """Items/s of raw ONNX Runtime sessions in this process at each batch size (input preparation included)."""
+    manifest = load_manifest(model_dir, verify=False)
+    if kind == "text":
+        tokenizer = CaptionTokenizer(model_dir / manifest.tokenizer_file, max_tokens=manifest.limits.max_tokens)
+        text = _ort_session(manifest.graph_path(model_dir, "text_encoder", precision))
+
+        def run(batch: list) -> None:
+            tokens = tokenizer.encode(batch)
+            text.run(None, {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+
+    else:
+        spec = manifest.pixel_spec()
+        backbone = _ort_session(manifest.graph_path(model_dir, "image_backbone", precision))
+        encoder = _ort_session(manifest.graph_path(model_dir, "image_encoder", precision))
+        names = [t.name for t in manifest.graph("image_encoder").inputs]
+
+        def run(batch: list) -> None:
+            pixels = np.stack([to_pixels(decode_image(data), spec) for data in batch])
+            encoder.run(None, dict(zip(names, backbone.run(None, {"pixels": pixels}), strict=True)))
+
+    per_batch = {}
+    for size in RAW_BATCHES:
+        run([items[j % len(items)] for j in range(size)])  # warm-up at this shape
+        batches = max(2, count // size)
+        started = time.perf_counter()
+        for index in range(batches):
+            run([items[(index * size + j) % len(items)] for j in range(size)])
+        per_batch[size] = round(batches * size / (time.perf_counter() - started), 2)
+    best = max(per_batch, key=lambda b: per_batch[b])
+    return {"per_s_by_batch": per_batch, "best_batch": best, "best_per_s": per_batch[best]}
+
+
+def compare_precisions(model_dir: Path, flags: list[str], precisions: list[str], captions, images, text_n: int, image_n: int) -> dict:
+    """Per precision: raw ORT at its best batch size and a fresh service at 16 clients, captions and JPEGs."""
+    out: dict = {"text": {}, "image": {}}
+    for precision in precisions:
+        say(f"  precision {precision}: raw onnxruntime at batch sizes {RAW_BATCHES} ...")
+        raw = {
+            "text": raw_throughput(model_dir, precision, "text", captions, text_n),
+            "image": raw_throughput(model_dir, precision, "image", images, image_n),
+        }
+        say(f"  precision {precision}: service at 16 clients ...")
+        service = Service(model_dir, [*flags, "--precision", precision])
+        try:
+            served = {
+                "text": measure_service(service, "text", captions, {16: text_n}),
+                "image": measure_service(service, "image", images, {16: image_n}),
+            }
+        finally:
+            service.stop()
+        for kind in ("text", "image"):
+            c16 = served[kind][16]
+            out[kind][precision] = {
+                "raw_onnxruntime": raw[kind],
+                "service_c16_per_s": c16["per_s"],
+                "service_vs_raw_best": round(c16["per_s"] / raw[kind]["best_per_s"], 3),
+                "c16": c16,
+            }
+            best = raw[kind]
+            say(f"    {kind} {precision}: raw best {best['best_per_s']}/s (batch {best['best_batch']}), service c16 {c16['per_s']}/s")
+    return out
 
 
 # --------------------------------------------------------------------------- torch eager
@@ -391,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure captions on a second service started with these extra flags (A/B in the same run), "
         "e.g. '--no-inline-lone-captions'",
     )
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="precisions compared in this run (raw ORT best batch + service at 16 clients each), e.g. fp32,int8 "
+        "(default: fp32,int8 when the model directory has int8 graphs; 'none' skips the comparison)",
+    )
     args = parser.parse_args(argv)
     command = "python bench/bench_encoder.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     model_dir = args.model_dir.resolve()
@@ -400,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no PyTorch checkpoint found for the torch baseline; pass --checkpoint")
     captions = make_captions(512)
     images = make_images(48)
+    if args.precisions is None:
+        has_int8 = all(entry.int8 for entry in manifest.graphs.values())
+        precisions = ["fp32", "int8"] if has_int8 else []
+    else:
+        precisions = [] if args.precisions == "none" else [p.strip() for p in args.precisions.split(",") if p.strip()]
     text_counts = {1: max(16, args.text_requests // 3), 16: args.text_requests}
     image_counts = {1: max(8, args.image_requests // 3), 16: args.image_requests}
 
@@ -423,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
             compare = measure_service(other, "text", captions, text_counts)
         finally:
             other.stop()
+    by_precision = None
+    if precisions:
+        say(f"[1c/3] precisions {','.join(precisions)} in one run ...")
+        by_precision = compare_precisions(model_dir, flags, precisions, captions, images, text_counts[16], image_counts[16])
     say("[2/3] onnxruntime directly in-process, batch 1 ...")
     direct_text = direct_text_latency(model_dir, captions, text_counts[1])
     direct_image = direct_image_latency(model_dir, images, image_counts[1])
@@ -478,11 +578,23 @@ def main(argv: list[str] | None = None) -> int:
             "c16": c16,
             **batch1_overheads(c1, direct_text),
         }
+    if by_precision is not None:
+        for kind in ("text", "image"):
+            report[kind]["precisions"] = by_precision[kind]
+            if "fp32" in by_precision[kind] and "int8" in by_precision[kind]:
+                fp32, int8 = by_precision[kind]["fp32"], by_precision[kind]["int8"]
+                report[kind]["int8_vs_fp32_service_ratio"] = round(int8["service_c16_per_s"] / fp32["service_c16_per_s"], 3)
+                report[kind]["int8_vs_fp32_raw_ratio"] = round(
+                    int8["raw_onnxruntime"]["best_per_s"] / fp32["raw_onnxruntime"]["best_per_s"], 3
+                )
     report["goals"] = {
         "text_c16_at_least_1_5x_torch_eager": report["text"]["ratio"] >= 1.5,
         "grpc_overhead_under_10pct_at_batch1_text": report["text"]["grpc_overhead_fraction_batch1"] < 0.10,
         "service_overhead_under_10pct_at_batch1_text": report["text"]["service_overhead_fraction_batch1"] < 0.10,
     }
+    for kind in ("text", "image"):
+        if "int8_vs_fp32_service_ratio" in report[kind]:
+            report["goals"][f"{kind}_int8_service_at_least_1_5x_fp32"] = report[kind]["int8_vs_fp32_service_ratio"] >= 1.5
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     for kind in ("text", "image"):
@@ -494,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
             f"service vs direct ORT {r['service_overhead_fraction_batch1']:.1%}; "
             f"|service - torch| {r['max_abs_diff_global_vs_torch']:.1e}"
         )
+        if "int8_vs_fp32_service_ratio" in r:
+            say(
+                f"{kind}: int8 vs fp32 service at 16 clients {r['int8_vs_fp32_service_ratio']}x, raw ORT best batch "
+                f"{r['int8_vs_fp32_raw_ratio']}x"
+            )
     say(f"wrote {args.output}")
     return 0
 

@@ -1,6 +1,6 @@
 """GPU throughput of an exported model directory: PyTorch eager vs ONNX Runtime CUDA vs TensorRT.
 
-    python bench/bench_export_gpu.py --model-dir models/teran-flickr8k \
+    python bench/bench_export_gpu.py --model-dir artifacts/teran-flickr8k \
         --output reports/bench-export-gpu.json
 
 Needs a CUDA build of torch and/or `onnxruntime-gpu` (TensorRT EP: the TensorRT libraries too,

@@ -4,18 +4,47 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-DEFAULT_ENCODER = "localhost:50051"
-DEFAULT_SEARCH = "localhost:50052"
+# Caption items carry their text in this metadata key (`teran index --captions`); "caption" is read too.
+CAPTION_TEXT_KEYS = ("text", "caption")
+EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE: what a shell reports for a command that a closed pipe ended
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service the CLI calls: its address option, and what to tell a user who cannot reach it."""
+
+    name: str
+    dest: str  # the option is --{dest}
+    env: str
+    default: str
+    grpc_service: str
+    start: str  # the command that starts it
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.dest}"
+
+
+ENCODER = Service(
+    "encoder service", "encoder", "TERAN_ENCODER_ADDRESS", "localhost:50051", "teran.v1.EncoderService",
+    "python -m encoder_service --model-dir DIR",
+)  # fmt: skip
+SEARCH = Service(
+    "search service", "search", "TERAN_SEARCH_ADDRESS", "localhost:50052", "teran.v1.SearchService",
+    "python -m search_service --milvus-uri URI --encoder-address HOST:PORT",
+)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -25,20 +54,35 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- parser
 
 
-def _common(*, encoder: bool, search: bool) -> argparse.ArgumentParser:
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. An argument it does not know is an error reported with this command's
+    usage and the closest valid option; argparse's default hands it to the top-level parser, whose
+    usage says nothing about the command's options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return namespace, extras
+
+    def _suggestion(self, extras: list[str]) -> str:
+        options = [option for option in self._option_string_actions if option.startswith("--")]
+        for extra in extras:
+            if extra.startswith("-"):
+                close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1)
+                if close:
+                    return f" (did you mean {close[0]}?)"
+        return ""
+
+
+def _common(service: Service) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    if encoder:
-        common.add_argument(
-            "--encoder",
-            default=os.environ.get("TERAN_ENCODER_ADDRESS", DEFAULT_ENCODER),
-            help="encoder service address (env TERAN_ENCODER_ADDRESS, default %(default)s)",
-        )
-    if search:
-        common.add_argument(
-            "--search",
-            default=os.environ.get("TERAN_SEARCH_ADDRESS", DEFAULT_SEARCH),
-            help="search service address (env TERAN_SEARCH_ADDRESS, default %(default)s)",
-        )
+    common.add_argument(
+        service.flag,
+        default=os.environ.get(service.env, service.default),
+        help=f"{service.name} address (env {service.env}, default %(default)s)",
+    )
+    common.set_defaults(service=service)
     common.add_argument("--token", default=os.environ.get("TERAN_TOKEN") or None, help="bearer token (env TERAN_TOKEN)")
     common.add_argument(
         "--tls", action="store_true", default=os.environ.get("TERAN_TLS", "") in ("1", "true"), help="connect over TLS (env TERAN_TLS=1)"
@@ -87,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teran",
         description="Command-line client of the TERAN encoder and search services (gRPC).",
-        epilog="Exit codes: 0 ok, 1 RPC error (`error: <STATUS_CODE>: <details>` on stderr), 2 usage or bad input.",
+        epilog=(
+            "Exit codes: 0 ok, 1 RPC error (`error: <STATUS_CODE>: <details>` on stderr, with a `hint:` line when the "
+            "address looks wrong), 2 usage or bad input, 141 the output pipe closed early (like SIGPIPE)."
+        ),
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    search_common = _common(encoder=False, search=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
+    search_common = _common(SEARCH)
 
     p = sub.add_parser(
         "search", parents=[search_common], help="search images by caption or captions by image", description="Cross-modal search."
@@ -122,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "encode",
-        parents=[_common(encoder=True, search=False)],
+        parents=[_common(ENCODER)],
         help="encode captions or images with the encoder service",
         description="Encode captions or images; --json prints the vectors.",
     )
@@ -158,11 +205,38 @@ def _encoder_client(args):
     return EncoderClient(args.encoder, token=args.token, timeout=args.timeout, tls=args.tls, root_cert=args.root_cert)
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path, size: int = -1) -> bytes:
+    """The file's bytes (its first `size` bytes when size >= 0)."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read(size)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _is_image(head: bytes) -> bool:
+    """JPEG, PNG or WebP, by the magic bytes the file starts with (the formats the encoder accepts)."""
+    return head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _check_image(path: Path, head: bytes) -> None:
+    # Checked here, before anything is sent: the service can only say that some request field is not an image.
+    if not _is_image(head):
+        raise UsageError(f"{path}: not a JPEG, PNG or WebP image")
+
+
+def _read_image(path: Path) -> bytes:
+    data = _read(path)
+    _check_image(path, data)
+    return data
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _print_hint(text: str) -> None:
+    print(f"hint: {text}", file=sys.stderr)
 
 
 def _model(ref) -> dict:
@@ -193,9 +267,12 @@ def cmd_search(args) -> int:
     from teran_api.search_messages import modality_name
     from teran_api.types import SearchQuery
 
-    query = SearchQuery(_read(args.image) if args.image is not None else args.caption, **fields)
+    query = SearchQuery(_read_image(args.image) if args.image is not None else args.caption, **fields)
     with _search_client(args) as client:
         response = client.search(query)
+        hint = None if response.hits else _empty_store_hint(client, response.target)
+    if hint:
+        _print_hint(hint)
     hits = []
     for rank, hit in enumerate(response.hits, 1):
         entry = {
@@ -233,14 +310,18 @@ def cmd_search(args) -> int:
         return 0
     query = f"caption {args.caption!r}" if args.image is None else f"image {args.image}"
     rerank = f"re-ranked by {document['ranking']}" if document["reranked"] else "first stage only"
-    print(f"{query} -> {len(hits)} {document['target'].lower()} hits ({document['candidates']} candidates, {rerank})")
+    found = _plural(len(hits), f"{document['target'].lower()} hit")
+    print(f"{query} -> {found} ({_plural(document['candidates'], 'candidate')}, {rerank})")
     if document["query_word_pieces"]:
         print("query word pieces: " + " ".join(document["query_word_pieces"]))
     for hit in hits:
-        metadata = json.dumps(hit["metadata"], ensure_ascii=False) if hit["metadata"] else ""
+        label, metadata = hit["id"], hit["metadata"]
+        if document["target"] == "CAPTION":
+            label, metadata = _caption_label(hit["id"], metadata)
+        shown = json.dumps(metadata, ensure_ascii=False) if metadata else ""
         print(
-            f"{hit['rank']:>3}. {hit['id']}  score {hit['score']:.4f}  "
-            f"first-stage {hit['first_stage_score']:.4f} (#{hit['first_stage_rank'] + 1})  {metadata}".rstrip()
+            f"{hit['rank']:>3}. {label}  score {hit['score']:.4f}  "
+            f"first-stage {hit['first_stage_score']:.4f} (#{hit['first_stage_rank'] + 1})  {shown}".rstrip()
         )
         for a in hit.get("alignment", []):
             box = _floats(a["box"], 2) if a["box"] else "[no box]"
@@ -248,10 +329,37 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _caption_label(item_id: str, metadata: dict) -> tuple[str, dict]:
+    """A caption hit as `id  "text"` when its metadata holds its text ("text", else "caption"), and the
+    metadata left to show."""
+    for key in CAPTION_TEXT_KEYS:
+        if isinstance(metadata.get(key), str):
+            rest = {k: v for k, v in metadata.items() if k != key}
+            return f"{item_id}  {json.dumps(metadata[key], ensure_ascii=False)}", rest
+    return item_id, metadata
+
+
+def _empty_store_hint(client, target) -> str | None:
+    """Why a search found nothing, when the reason is that nothing of its target modality is indexed."""
+    from teran_api.search_client import SearchError
+    from teran_api.types import Modality
+
+    try:
+        stats = client.stats()
+    except SearchError:  # only a hint: the search itself succeeded
+        return None
+    if (stats.images if target == Modality.IMAGE else stats.captions) > 0:
+        return None
+    noun, source = ("images", "--images FILE_OR_DIR") if target == Modality.IMAGE else ("captions", "--captions FILE")
+    return f"no {noun} are indexed in this search service; index some with `teran index {source}`"
+
+
 # --------------------------------------------------------------------------- index
 
 
 def _image_files(paths: Sequence[Path]) -> list[Path]:
+    """The image files of `paths` (directories: their jpg, jpeg, png, webp files), each checked to
+    start like an image, so that a stray file fails the run before anything is sent."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -262,6 +370,8 @@ def _image_files(paths: Sequence[Path]) -> list[Path]:
             raise UsageError(f"no such file or directory: {path}")
     if not files:
         raise UsageError("no image files found (jpg, jpeg, png, webp)")
+    for file in files:
+        _check_image(file, _read(file, 12))
     return files
 
 
@@ -302,11 +412,17 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def caption_metadata(metadata: dict, caption: str) -> dict:
+    """A caption item's metadata: the user's, plus the caption's text under "text" (unless the user's
+    has that key), so that a search for captions can show the text and not only the id."""
+    return {CAPTION_TEXT_KEYS[0]: caption, **metadata}
+
+
 def cmd_index(args) -> int:
     from teran_api.types import IndexItem
 
-    metadata_json = json.dumps(args.metadata)
     if args.images is not None:
+        metadata_json = json.dumps(args.metadata)
         files = _image_files(args.images)
         names = [f.name for f in files]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -323,7 +439,7 @@ def cmd_index(args) -> int:
 
         def items() -> Iterator[IndexItem]:
             for item_id, caption in pairs:
-                yield IndexItem(item_id, caption, metadata_json)
+                yield IndexItem(item_id, caption, json.dumps(caption_metadata(args.metadata, caption)))
 
     sent = 0
     interactive = sys.stderr.isatty()
@@ -374,15 +490,13 @@ def cmd_index(args) -> int:
         _emit(document)
     else:
         rate = document["indexed"] / seconds if seconds > 0 else 0.0
-        print(
-            f"indexed {document['indexed']} items ({document['images']} images, {document['captions']} captions) "
-            f"in {seconds:.2f} s ({rate:.1f}/s)"
-        )
+        counts = f"{_plural(document['images'], 'image')}, {_plural(document['captions'], 'caption')}"
+        print(f"indexed {_plural(document['indexed'], 'item')} ({counts}) in {seconds:.2f} s ({rate:.1f}/s)")
     return 0
 
 
 def _progress(sent: int, total: int, interactive: bool) -> None:
-    line = f"sent {sent}/{total} items ({100 * sent / max(total, 1):.0f}%)"
+    line = f"sent {sent}/{_plural(total, 'item')} ({100 * sent / max(total, 1):.0f}%)"
     print(("\r" + line) if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
 
 
@@ -399,7 +513,7 @@ def cmd_encode(args) -> int:
             results = client.encode_captions(args.caption, dtype=args.dtype)
             labels = args.caption
         else:
-            results = client.encode_images([_read(p) for p in args.image], dtype=args.dtype)
+            results = client.encode_images([_read_image(p) for p in args.image], dtype=args.dtype)
             labels = [str(p) for p in args.image]
     items = []
     for label, r in zip(labels, results, strict=True):
@@ -427,11 +541,13 @@ def cmd_encode(args) -> int:
         print(f"model {model['name']} v{model['version']} (dimension {model['dimension']}, {args.dtype})")
     for entry in items:
         if args.caption is not None:
-            print(f"caption {entry['caption']!r}: dim {entry['dimension']}, norm {entry['norm']:.4f}, {entry['num_concepts']} concepts")
+            concepts = _plural(entry["num_concepts"], "concept")
+            print(f"caption {entry['caption']!r}: dim {entry['dimension']}, norm {entry['norm']:.4f}, {concepts}")
             print("  word pieces: " + " ".join(entry["word_pieces"]))
         else:
             size = f"{entry['width']}x{entry['height']}"
-            print(f"image {entry['image']} ({size}): dim {entry['dimension']}, norm {entry['norm']:.4f}, {entry['num_concepts']} concepts")
+            concepts = _plural(entry["num_concepts"], "concept")
+            print(f"image {entry['image']} ({size}): dim {entry['dimension']}, norm {entry['norm']:.4f}, {concepts}")
             for i, box in enumerate(entry["boxes"]):
                 print(f"  region {i:<3} {_floats(box, 3)}")
     return 0
@@ -499,7 +615,8 @@ def cmd_get(args) -> int:
             print(f"{item['id']}: not found")
             continue
         pieces = f", word pieces: {' '.join(item['word_pieces'])}" if item.get("word_pieces") else ""
-        print(f"{item['id']}: {item['num_concepts']} concepts, metadata {json.dumps(item['metadata'], ensure_ascii=False)}{pieces}")
+        metadata = json.dumps(item["metadata"], ensure_ascii=False)
+        print(f"{item['id']}: {_plural(item['num_concepts'], 'concept')}, metadata {metadata}{pieces}")
     return 0
 
 
@@ -511,14 +628,39 @@ def cmd_delete(args) -> int:
         _emit(document)
     else:
         missing = f" (not found: {', '.join(document['not_found'])})" if document["not_found"] else ""
-        print(f"deleted {document['deleted']}{missing}")
+        print(f"deleted {_plural(document['deleted'], 'item')}{missing}")
     return 0
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# How a gRPC channel says that it never reached the server (connection refused, unknown host), in the
+# wordings of gRPC versions and load-balancing policies; a server's own UNAVAILABLE starts otherwise.
+_CONNECT_FAILURES = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "errors resolving",
+    "DNS resolution failed",
+)
+
+
+def rpc_hint(args, code, details: str) -> str | None:
+    """What to do about an RPC error that means the address is wrong or the service is not running."""
+    import grpc
+
+    service: Service = args.service
+    address = getattr(args, service.dest)
+    where = f"pass {service.flag} HOST:PORT or set {service.env}"
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(_CONNECT_FAILURES):
+        return f"cannot reach the {service.name} at {address} (is it running? start it with `{service.start}`; or {where})"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        other = ENCODER if service is SEARCH else SEARCH
+        return f"the service at {address} is not a {service.grpc_service} (the {other.name}'s address, maybe?); {where}"
+    return None
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
     from teran_api.encoder_client import EncoderError
@@ -531,7 +673,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (EncoderError, SearchError) as exc:
         print(f"error: {exc.code.name}: {exc.details}", file=sys.stderr)
+        hint = rpc_hint(args, exc.code, exc.details)
+        if hint:
+            _print_hint(hint)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    # Python's recipe (signal module docs, "Note on SIGPIPE"): later writes, and the interpreter's
+    # final flush, go to /dev/null instead of raising BrokenPipeError again.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (an embedding program's stream)
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit code. A reader that stops early (`teran stats | head -3`) ends the
+    command quietly, with the status of a command ended by SIGPIPE, like other Unix tools."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, and not as a traceback at interpreter exit
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE

@@ -6,12 +6,15 @@ Steps (each reused on a second run when its inputs are unchanged):
  1. model: models/teran-flickr8k.pt (trained here; retrained if missing)
  2. export: ONNX graphs + manifest in artifacts/teran-flickr8k
  3. services: the encoder (ONNX Runtime, no torch) and the search service (embedded
-    milvus-lite file artifacts/demo/search.db) on loopback
+    milvus-lite file artifacts/demo/search-<model checksum>.db) on loopback
  4. index: every dev photo and caption streamed into the search service
  5. queries: captions -> photos and a photo -> captions (first stage on the global vector,
     re-ranked with the TERAN MrSw alignment), printing which word matched which region
  6. contact sheet: artifacts/demo/index.html, rendered to artifacts/demo/contact-sheet.png by a
     headless Chromium when one is installed (apt-get install -y chromium chromium-driver)
+ 7. search page: the webui gateway on http://127.0.0.1:8080/ (type a caption or upload a photo;
+    each hit shows its words' regions), a screenshot of it answering the first query
+    (artifacts/demo/search-page.png); from a terminal the demo then serves until Ctrl-C
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tqdm import tqdm
 from demo.contact_sheet import PAGE_WIDTH, Section, write_contact_sheet
 from demo.results import Hit
 from demo.screenshot import BrowserUnavailable, screenshot
+from demo.search_page import page_screenshot, start_page
 from demo.steps import REPO, ensure_checkpoint, ensure_model_dir, log, service, short_path
 from teran.data.flickr8k import load_split
 from teran.manifest import load_manifest
@@ -42,38 +46,42 @@ IMAGE_QUERY_INDEX = 7  # a dev photo whose own captions are in the index
 
 
 def index_split(client, data, batch: int = 32) -> None:
-    """Stream the split's photos and captions into the search service, unless already there."""
-    from teran_api.types import IndexItem
+    """Index the split's photos and captions into the search service, unless already there.
+
+    One unary Index call per batch (32 photos, 128 captions): it returns once the batch is stored,
+    so the progress bars count items stored, not items handed to gRPC's send buffer."""
+    from teran_api.types import IndexItem, Modality
 
     captions, owners = data.flat_captions()
     stats = client.stats()
+    photos_stored = False
     if stats.images == len(data.names) and stats.captions == len(captions):
-        log(f"index: reusing {stats.images} photos and {stats.captions} captions in {stats.uri}")
-        return
+        # Captions indexed before their metadata held their text are indexed again (an upsert).
+        first = client.get(Modality.CAPTION, [f"{data.names[owners[0]]}#0"])[0] if captions else None
+        if first is None or (first.found and "text" in (first.metadata or {})):
+            log(f"index: reusing {stats.images} photos and {stats.captions} captions in {stats.uri}")
+            return
+        log(f"index: reusing the {stats.images} photos in {stats.uri}; its captions lack their text in metadata, indexing them again")
+        photos_stored = True
     started = time.monotonic()
 
-    def photo_batches(bar):
-        for start in range(0, len(data.names), batch):
-            items = [
-                IndexItem(data.names[i], data.image_path(i).read_bytes(), json.dumps({"caption": data.captions[i][0]}))
-                for i in range(start, min(start + batch, len(data.names)))
-            ]
-            yield items
-            bar.update(len(items))
-
-    def caption_batches(bar):
+    if not photos_stored:
+        with tqdm(total=len(data.names), desc="index photos", unit="img") as bar:
+            for start in range(0, len(data.names), batch):
+                items = [
+                    IndexItem(data.names[i], data.image_path(i).read_bytes(), json.dumps({"caption": data.captions[i][0]}))
+                    for i in range(start, min(start + batch, len(data.names)))
+                ]
+                bar.update(client.index(items).indexed)
+    with tqdm(total=len(captions), desc="index captions", unit="cap") as bar:
         for start in range(0, len(captions), 4 * batch):
             items = [
-                IndexItem(f"{data.names[owners[k]]}#{k % 5}", captions[k], json.dumps({"image": data.names[owners[k]]}))
+                IndexItem(
+                    f"{data.names[owners[k]]}#{k % 5}", captions[k], json.dumps({"image": data.names[owners[k]], "text": captions[k]})
+                )
                 for k in range(start, min(start + 4 * batch, len(captions)))
             ]
-            yield items
-            bar.update(len(items))
-
-    with tqdm(total=len(data.names), desc="index photos", unit="img") as bar:
-        client.stream_index(photo_batches(bar), timeout=1800)
-    with tqdm(total=len(captions), desc="index captions", unit="cap") as bar:
-        client.stream_index(caption_batches(bar), timeout=1800)
+            bar.update(client.index(items).indexed)
     stats = client.stats()
     log(f"index: {stats.images} photos and {stats.captions} captions stored in {stats.uri} in {time.monotonic() - started:.0f}s")
 
@@ -96,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="PATH",
         help="PNG of the contact sheet, rendered by headless Chromium (default: contact-sheet.png in --output; skipped without a browser)",
+    )
+    parser.add_argument(
+        "--page-screenshot",
+        default=None,
+        metavar="PATH",
+        help="PNG of the search page answering the first query (default: search-page.png in --output; skipped without a browser)",
+    )
+    parser.add_argument("--web-port", type=int, default=8080, help="port of the search page on 127.0.0.1 (default 8080; 0: any free port)")
+    parser.add_argument(
+        "--serve",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the search page and the services up until Ctrl-C (default: when run from a terminal)",
     )
     args = parser.parse_args(argv)
 
@@ -140,17 +161,44 @@ def main(argv: list[str] | None = None) -> int:
             mark = "  <- its own caption" if hit.metadata["image"] == image_query else ""
             print(f"  {place}. score {hit.score:.3f}  first-stage {hit.first_stage:.3f}  {text}{mark}")
         sections.append(Section("image", image_query, hits, response.ranking))
-    sheet = write_contact_sheet(output / "index.html", sections, data)
-    log(f"contact sheet: {short_path(sheet)}")
-    png = Path(args.screenshot) if args.screenshot else output / "contact-sheet.png"
-    try:
-        log(f"contact sheet screenshot: {short_path(screenshot(sheet, png, width=PAGE_WIDTH))}")
-    except BrowserUnavailable as error:
-        log(f"contact sheet screenshot skipped: {error}")
-    except Exception as error:  # the page is the result; a browser that fails to render it does not fail the demo
-        reason = (str(error).strip().splitlines() or [""])[0]
-        log(f"contact sheet screenshot failed ({type(error).__name__}: {reason}); {short_path(sheet)} is written")
+        sheet = write_contact_sheet(output / "index.html", sections, data)
+        log(f"contact sheet: {short_path(sheet)}")
+        png = Path(args.screenshot) if args.screenshot else output / "contact-sheet.png"
+        in_browser("contact sheet screenshot", lambda: screenshot(sheet, png, width=PAGE_WIDTH), sheet)
+
+        page = start_page(search, data.image_path(0).parent, args.web_port)
+        try:
+            page_png = Path(args.page_screenshot) if args.page_screenshot else output / "search-page.png"
+            in_browser("search page screenshot", lambda: page_screenshot(page.url, (args.query or CAPTION_QUERIES)[0], page_png))
+            log(f"search page: {page.url}  (type a caption or upload a photo; python -m webui --help)")
+            serve = sys.stdin.isatty() if args.serve is None else args.serve
+            if serve:
+                log("serving the page and both services until Ctrl-C")
+                wait_for_interrupt()
+            else:
+                log("the page stops with the demo: run `python -m demo --serve` to keep it up")
+        finally:
+            page.shutdown()
     return 0
+
+
+def in_browser(label: str, render, written: Path | None = None) -> None:
+    """Run a headless-Chromium step; a missing or failing browser is reported, not fatal (the files are the result)."""
+    try:
+        log(f"{label}: {short_path(render())}")
+    except BrowserUnavailable as error:
+        log(f"{label} skipped: {error}")
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        log(f"{label} failed ({type(error).__name__}: {reason})" + (f"; {short_path(written)} is written" if written else ""))
+
+
+def wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("stopping")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
@@ -68,47 +69,62 @@ def find_browser() -> tuple[str, str]:
     return chromium, driver
 
 
-def screenshot(html_path: Path | str, png_path: Path | str, width: int = 1400, timeout: float = 60.0) -> Path:
-    """Render html_path in headless Chromium at `width` CSS pixels and write the whole page (its full
-    scroll height, up to MAX_HEIGHT) to png_path. Raises BrowserUnavailable without a browser."""
+@contextmanager
+def browser(width: int = 1400, height: int = 1000, timeout: float = 60.0):
+    """A headless Chromium WebDriver on a throwaway profile, quit on exit. Raises BrowserUnavailable
+    without a browser."""
     chromium, driver_path = find_browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
-    html_path, png_path = Path(html_path).resolve(), Path(png_path)
-    if not html_path.is_file():
-        raise FileNotFoundError(html_path)
     os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
     with tempfile.TemporaryDirectory(prefix="teran-chromium-") as profile:
         options = Options()
         options.binary_location = chromium
-        for flag in [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},1000"]:
+        for flag in [*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"]:
             options.add_argument(flag)
         driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
         try:
             driver.set_page_load_timeout(timeout)
-            driver.get(html_path.as_uri())
-            # Wait for every image to be decoded so that the page has its final height.
-            driver.execute_async_script(
-                "const done = arguments[arguments.length - 1];"
-                "Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null))).then(() => done(true));"
-            )
-            height = driver.execute_script(
-                "return Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0);"
-            )
-            # The window size includes the browser chrome; size the viewport exactly via CDP.
-            height = min(int(height), MAX_HEIGHT)
-            driver.execute_cdp_cmd(
-                "Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
-            )
-            png_path.parent.mkdir(parents=True, exist_ok=True)
-            if not driver.save_screenshot(str(png_path)):
-                raise RuntimeError(f"chromium could not write a screenshot of {html_path}")
+            yield driver
         finally:
             driver.quit()
+
+
+def save_full_page(driver, png_path: Path | str, width: int) -> Path:
+    """Write the page open in `driver`, its full scroll height (up to MAX_HEIGHT) at `width` CSS pixels,
+    to png_path once every image is decoded; compacted (compact_png)."""
+    png_path = Path(png_path)
+    # Wait for every image to be decoded so that the page has its final height.
+    driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null))).then(() => done(true));"
+    )
+    height = driver.execute_script(
+        "return Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0);"
+    )
+    # The window size includes the browser chrome; size the viewport exactly via CDP.
+    height = min(int(height), MAX_HEIGHT)
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    if not driver.save_screenshot(str(png_path)):
+        raise RuntimeError(f"chromium could not write a screenshot of {driver.current_url}")
     compact_png(png_path)
     return png_path
+
+
+def screenshot(html_path: Path | str, png_path: Path | str, width: int = 1400, timeout: float = 60.0) -> Path:
+    """Render html_path in headless Chromium at `width` CSS pixels and write the whole page (its full
+    scroll height, up to MAX_HEIGHT) to png_path. Raises BrowserUnavailable without a browser."""
+    html_path = Path(html_path).resolve()
+    find_browser()
+    if not html_path.is_file():
+        raise FileNotFoundError(html_path)
+    with browser(width, timeout=timeout) as driver:
+        driver.get(html_path.as_uri())
+        return save_full_page(driver, png_path, width)
 
 
 def compact_png(png_path: Path) -> None:

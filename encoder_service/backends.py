@@ -15,7 +15,7 @@ import numpy as np
 
 from encoder_service.config import ConfigError, EncoderConfig
 from encoder_service.logs import get_logger
-from teran.manifest import Manifest
+from teran.manifest import Manifest, ManifestError
 
 log = get_logger("backend")
 
@@ -64,6 +64,7 @@ class OnnxRuntimeBackend(Backend):
         model_dir: Path,
         *,
         precision: str = "fp32",
+        graph_precision: dict[str, str] | None = None,
         providers: list[str] | None = None,
         provider_options: dict | None = None,
         intra_op_threads: int = 0,
@@ -73,6 +74,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(manifest, model_dir)
         self.spinning = spinning
         self.precision = precision
+        self.graph_precision = {g: (graph_precision or {}).get(g, precision) for g in self.graphs}
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.provider_options = dict(provider_options or {})
         self.intra_op_threads = intra_op_threads
@@ -104,7 +106,14 @@ class OnnxRuntimeBackend(Backend):
             if not self.spinning:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-            path = self.manifest.graph_path(self.model_dir, graph, self.precision)
+            precision = self.graph_precision[graph]
+            try:
+                path = self.manifest.graph_path(self.model_dir, graph, precision)
+            except ManifestError as exc:
+                raise ConfigError(
+                    f"--precision {precision}: {self.model_dir} has no {precision} {graph} graph ({exc}); "
+                    "re-export the model with this version of `python -m export`"
+                ) from None
             provider_list = [(p, {str(k): str(v) for k, v in self.provider_options.get(p, {}).items()}) for p in self.providers]
             session = ort.InferenceSession(str(path), options, providers=provider_list)
             used = session.get_providers()
@@ -121,8 +130,15 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnxruntime failed on {graph}: {exc}", backend="ONNX Runtime") from exc
         return dict(zip(names, outputs, strict=True))
 
+    def precision_label(self) -> str:
+        """`fp32`, `int8`, ... or, with per-graph precisions, e.g. `text_encoder=int8,image_encoder=fp32,...`."""
+        used = set(self.graph_precision.values())
+        if used <= {self.precision}:
+            return self.precision
+        return ",".join(f"{g}={p}" for g, p in sorted(self.graph_precision.items()))
+
     def describe(self) -> str:
-        return f"onnxruntime {self.precision} providers={','.join(self.active_providers or self.providers)}"
+        return f"onnxruntime {self.precision_label()} providers={','.join(self.active_providers or self.providers)}"
 
     def close(self) -> None:
         self.sessions.clear()
@@ -248,6 +264,7 @@ def make_backend(config: EncoderConfig, manifest: Manifest, model_dir: Path) -> 
         manifest,
         model_dir,
         precision=config.precision,
+        graph_precision=config.graph_precision,
         providers=config.providers,
         provider_options=config.provider_options,
         intra_op_threads=config.intra_op_threads,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.settings import MIB, ConfigError, ServiceSettings, Settings, setting
+from teran.manifest import GRAPHS, PRECISIONS
 
 __all__ = ["ConfigError", "EncoderConfig", "build_parser", "env_name", "from_args"]
 
@@ -48,7 +49,14 @@ class EncoderConfig(ServiceSettings):
     # backend
     backend: str = setting("onnxruntime", "onnxruntime (in-process) or triton (remote Triton Inference Server over gRPC)")
     precision: str = setting(
-        "fp32", "graph files to run: fp32 or fp16 (fp16 is for GPUs; responses are fp32 or fp16 on request either way)"
+        "fp32",
+        "graph files to run: fp32, fp16 or int8 (fp16 is for GPUs; int8 is ONNX Runtime's quantized graphs for CPUs; "
+        "responses are fp32 or fp16 on request either way)",
+    )
+    graph_precision: dict = setting(
+        {},
+        'JSON object of per-graph precisions overriding --precision, e.g. {"image_backbone": "int8", "text_encoder": "fp32"} '
+        "(graphs: text_encoder, image_encoder, image_backbone)",
     )
     providers: list[str] = setting(
         ["CPUExecutionProvider"],
@@ -102,26 +110,31 @@ class EncoderConfig(ServiceSettings):
         ["JPEG", "PNG", "WEBP"], "LIMIT: image formats decoded (Pillow names, e.g. JPEG,PNG,WEBP); other bytes are INVALID_ARGUMENT"
     )
 
-    def validate(self) -> EncoderConfig:
-        def need(cond: bool, name: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}): {what}")
+    env_prefix = ENV_PREFIX
 
+    def validate(self) -> EncoderConfig:
+        self.check_common()
+        need = self.require
         need(self.model_dir is not None, "model_dir", "required: the model directory written by `python -m export`")
         need(self.backend in ("onnxruntime", "triton"), "backend", f"{self.backend!r} is not one of onnxruntime, triton")
-        need(self.precision in ("fp32", "fp16"), "precision", f"{self.precision!r} is not one of fp32, fp16")
-        need(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
-        need(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
+        need(
+            self.backend == "onnxruntime" or not self.graph_precision,
+            "graph_precision",
+            "per-graph precisions apply to the onnxruntime backend (a Triton repository links its own graph files)",
+        )
+        need(self.precision in PRECISIONS, "precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for graph, precision in self.graph_precision.items():
+            need(graph in GRAPHS, "graph_precision", f"unknown graph {graph!r}; graphs are {', '.join(GRAPHS)}")
+            need(precision in PRECISIONS, "graph_precision", f"{graph}: {precision!r} is not one of {', '.join(PRECISIONS)}")
         positive = (
-            "max_items", "max_caption_chars", "max_queue", "batch_workers", "max_stream_inflight", "decode_workers", "max_request_id_chars",
+            "max_items", "max_caption_chars", "max_queue", "batch_workers", "max_stream_inflight", "decode_workers",
         )  # fmt: skip
         for name in positive:
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_image_bytes", "max_image_pixels", "max_image_side", "max_concurrent_rpcs"):
+        for name in ("max_image_bytes", "max_image_pixels", "max_image_side"):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_batch", "max_tokens", "max_regions", "intra_op_threads", "inter_op_threads"):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
         need(
             self.max_inflight_bytes >= self.max_message_bytes,
             "max_inflight_bytes",
@@ -129,7 +142,6 @@ class EncoderConfig(ServiceSettings):
         )
         need(self.max_inflight_wait_ms >= 0, "max_inflight_wait_ms", f"must be >= 0, got {self.max_inflight_wait_ms}")
         need(self.max_queue_delay_ms >= 0, "max_queue_delay_ms", f"must be >= 0, got {self.max_queue_delay_ms}")
-        need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
         need(self.triton_timeout_s > 0, "triton_timeout_s", f"must be > 0, got {self.triton_timeout_s}")
         need(all(b >= 1 for b in self.length_buckets), "length_buckets", "bucket edges must be >= 1")
         need(bool(self.providers), "providers", "at least one execution provider")
@@ -137,13 +149,8 @@ class EncoderConfig(ServiceSettings):
         unknown = [f for f in self.image_formats if f.upper() not in known]
         need(bool(self.image_formats) and not unknown, "image_formats", f"{unknown or 'none'}: give Pillow names, e.g. JPEG,PNG,WEBP")
         self.image_formats = [f.upper() for f in self.image_formats]
-        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
-        need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key")
-        need(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
-        need(all(t and not any(c.isspace() for c in t) for t in self.auth_tokens), "auth_token", "tokens must be non-empty without spaces")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "triton_root_cert"):
-            path = getattr(self, name)
-            need(path is None or Path(path).is_file(), name, f"{path}: file does not exist")
+        root_cert = self.triton_root_cert
+        need(root_cert is None or Path(root_cert).is_file(), "triton_root_cert", f"{root_cert}: file does not exist")
         return self
 
 

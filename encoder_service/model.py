@@ -33,6 +33,8 @@ log = get_logger("model")
 BOX_TOLERANCE = 0.01  # normalised boxes may overshoot 0..1 by this much (then they are clipped)
 _CAPTION_PREFIX = re.compile(r"^caption (\d+):")
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+# Pillow's reason for data of no allowed format names only its buffer and repeats what the message says.
+_UNIDENTIFIED = re.compile(r" \(cannot identify image file <_io\.BytesIO object at 0x[0-9a-fA-F]+>\)")
 
 
 class InvalidInput(TeranInputError):
@@ -361,7 +363,7 @@ class EncoderModel:
         try:
             image = decode_image(data, source=field, limits=limits)
         except TeranInputError as exc:
-            text = _BUFFER_REPR.sub("the data", str(exc))
+            text = _BUFFER_REPR.sub("the data", _UNIDENTIFIED.sub("", str(exc)))
             if "decompression bomb" in text:  # Pillow's own guard fired before ours could read the size
                 text = f"{field}: image exceeds the limit of {limits.max_pixels} pixels / {limits.max_side} per side (decompression bomb)"
             if "limit" in text:
@@ -417,6 +419,12 @@ class EncoderModel:
 
     # ------------------------------------------------------------------ info
 
+    def _precision_label(self) -> str:
+        if self.backend.kind != "onnxruntime":
+            return "triton"
+        label = getattr(self.backend, "precision_label", None)
+        return label() if callable(label) else self.config.precision
+
     def info(self) -> dict:
         m = self.manifest
         return {
@@ -425,7 +433,7 @@ class EncoderModel:
             "dimension": m.joint_dim,
             "backend": self.backend.kind,
             "backend_detail": self.backend.describe(),
-            "precision": self.config.precision if self.backend.kind == "onnxruntime" else "triton",
+            "precision": self._precision_label(),
             "alignment_mode": m.alignment_mode,
             "concept_mode": m.concept_mode,
             "checkpoint_kind": m.source.kind,

@@ -1,7 +1,7 @@
 """`python -m export`: a training checkpoint (ours or an original TERAN one) -> a model directory.
 
 The directory holds one ONNX graph per branch (text_encoder, image_encoder and, for our
-checkpoints, image_backbone) in fp32 and fp16, the tokenizer, a Triton model repository under
+checkpoints, image_backbone) in fp32, fp16 and int8, the tokenizer, a Triton model repository under
 triton/, and manifest.json (shapes, limits, preprocessing, checksums). It is written to a
 temporary sibling folder and renamed into place at the end. Exit codes: 0 done, 2 bad input.
 """
@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         epilog=(
-            "example: python -m export --checkpoint models/teran-flickr8k.pt --output models/teran-flickr8k\n"
-            "then:    python -m export.parity --model-dir models/teran-flickr8k --checkpoint models/teran-flickr8k.pt"
+            "example: python -m export --checkpoint models/teran-flickr8k.pt --output artifacts/teran-flickr8k\n"
+            "then:    python -m export.parity --model-dir artifacts/teran-flickr8k --checkpoint models/teran-flickr8k.pt"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -56,7 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, help="tokenizer.json to ship (default: all-MiniLM-L6-v2's, the uncased BERT vocabulary)"
     )
     parser.add_argument("--no-backbone", action="store_true", help="do not export the image_backbone graph (pixels -> regions)")
+    parser.add_argument("--no-int8", action="store_true", help="do not write the int8 (ONNX Runtime quantized, CPU serving) graphs")
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=64,
+        help="Flickr8k training photos calibrating the static int8 graphs (image_backbone, image_encoder; default 64); "
+        "0: the graphs' random example inputs (tests only)",
+    )
+    parser.add_argument(
+        "--int8-image-encoder",
+        default="dynamic",
+        choices=["dynamic", "static"],
+        help="int8 recipe of the image_encoder graph: dynamic (default; within 0.2 dev rsum of fp32, 1.3x) or static QDQ "
+        "calibrated on the backbone's regions (2x, -1.3 rsum); see export/quantize.py",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="Flickr8k-style folder for calibration (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k)"
+    )
     parser.add_argument("--no-triton", action="store_true", help="do not write the Triton model repository")
+    parser.add_argument(
+        "--triton-precision",
+        default="fp32",
+        choices=["fp32", "int8"],
+        help="graph files the Triton models link (default fp32; int8 with --triton-device cpu: Triton's ONNX Runtime "
+        "backend runs the quantized graphs on the CPU)",
+    )
     parser.add_argument(
         "--triton-device",
         default="gpu",
@@ -72,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.calibration_images < 0:
+        parser.error("--calibration-images must be >= 0")
+    if args.triton_precision == "int8" and (args.triton_device != "cpu" or args.no_int8):
+        parser.error("--triton-precision int8 needs --triton-device cpu and the int8 graphs (no --no-int8)")
     if args.max_batch < 1 or args.version < 1 or args.triton_instances < 1:
         parser.error("--max-batch, --version and --triton-instances must be >= 1")
     if (args.max_tokens is not None and args.max_tokens < 3) or (args.max_regions is not None and args.max_regions < 1):
@@ -99,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         name = args.name or source.default_name
         check_target(Path(args.output).absolute(), source, name, args.version, args.force)  # fail before the slow part
+        pixels, note = None, None
+        if not args.no_int8 and args.calibration_images and "image_backbone" in source.graphs:
+            from export.quantize import calibration_pixels
+
+            say(f"int8 calibration: {args.calibration_images} Flickr8k training photos ...")
+            pixels = calibration_pixels(args.calibration_images, "train", spec=source.preprocessing.pixel_spec(), data_dir=args.data_dir)
+            note = f"{len(pixels)} Flickr8k training photos (fixed random draw, seed 0)"
         manifest = export_model_dir(
             source,
             args.output,
@@ -109,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             triton=not args.no_triton,
             triton_device=args.triton_device,
             triton_instances=args.triton_instances,
+            triton_precision=args.triton_precision,
             force=args.force,
+            int8=not args.no_int8,
+            calibration_pixels=pixels,
+            calibration_note=note,
+            int8_image_encoder=args.int8_image_encoder,
             command=command,
             progress=say,
         )

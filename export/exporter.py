@@ -1,4 +1,4 @@
-"""ExportSource -> a model directory: ONNX graphs (fp32 + fp16), tokenizer, Triton repository, manifest.
+"""ExportSource -> a model directory: ONNX graphs (fp32 + fp16 + int8), tokenizer, Triton repository, manifest.
 
 Everything is written into a temporary sibling folder (`.NAME.partial-XXXX`) that is renamed
 onto the target only once the manifest is written and verified, so a failure (or a full
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import os
 import shutil
 import sys
@@ -115,10 +116,35 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 # --------------------------------------------------------------------------- graphs
 
+# torch.onnx builds its op registry once per export and logs a warning for each torchvision op it
+# cannot register without torchvision (nms, roi_align, roi_pool, deform_conv2d): 12 lines for the
+# three graphs. These models use no torchvision op, so exactly that message is dropped.
+TORCH_ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+TORCHVISION_SKIP_MESSAGE = "torchvision is not installed. Skipping %s"
+
+
+class _DropTorchvisionSkip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != TORCHVISION_SKIP_MESSAGE
+
+
+_DROP_TORCHVISION_SKIP = _DropTorchvisionSkip()
+
+
+@contextlib.contextmanager
+def quiet_torchvision_skip():
+    """Drop torch.onnx's "torchvision is not installed. Skipping torchvision::..." warnings meanwhile."""
+    logger = logging.getLogger(TORCH_ONNX_REGISTRY_LOGGER)
+    logger.addFilter(_DROP_TORCHVISION_SKIP)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_DROP_TORCHVISION_SKIP)
+
 
 def export_onnx(graph: GraphModule, path: Path) -> None:
     """torch.onnx.export(dynamo=True) with dynamic batch and length axes, as one self-contained file."""
-    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), quiet_torchvision_skip(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph.module.eval(),
@@ -245,6 +271,61 @@ def check_graph(graph: GraphModule, path: Path) -> tuple[float, float]:
     return worst, worst_scaled
 
 
+def _quantize_all(
+    source: ExportSource,
+    tmp: Path,
+    entries: dict[str, GraphEntry],
+    checks: dict[str, dict],
+    pixels: np.ndarray | None,
+    note: str | None,
+    say: Progress,
+    image_encoder: str = "dynamic",
+) -> dict:
+    """Write `<graph>.int8.onnx` beside each fp32 graph (export.quantize recipes); fills entries / checks."""
+    from export import quantize
+
+    backbone = source.graphs.get("image_backbone")
+    if pixels is None and backbone is not None:
+        pixels = np.concatenate([t[0].numpy() for t in [backbone.example, *backbone.checks]])
+        note = "synthetic: the backbone graph's example and check inputs (no calibration photos given)"
+    recipes = {}
+    for graph_name, entry in entries.items():
+        t0 = time.monotonic()
+        src, dst = tmp / entry.fp32, tmp / f"{graph_name}.int8.onnx"
+        if graph_name == "text_encoder":
+            quantize.quantize_dynamic_graph(src, dst)
+            recipe = quantize.RECIPES["text_encoder"]
+        elif graph_name == "image_backbone" and pixels is not None:
+            exclude = quantize.first_and_last_convs(src)
+            quantize.quantize_static_graph(src, dst, quantize.backbone_feeds(pixels), exclude=exclude, percentile=True)
+            recipe = quantize.RECIPES["image_backbone"]
+        elif graph_name == "image_encoder" and image_encoder == "static" and pixels is not None and "image_backbone" in entries:
+            names = [t.name for t in entry.inputs]
+            feeds = quantize.encoder_feeds_from_backbone(tmp / entries["image_backbone"].fp32, pixels, names)
+            quantize.quantize_static_graph(src, dst, feeds)
+            recipe = quantize.RECIPES["image_encoder (static)"]
+        else:  # image_encoder: dynamic (also without a backbone to calibrate with)
+            quantize.quantize_dynamic_graph(src, dst, op_types=["MatMul", "Gemm"])
+            recipe = quantize.RECIPES["image_encoder"]
+        onnx.checker.check_model(str(dst))
+        diff, scaled = check_graph(source.graphs[graph_name], dst)
+        if not np.isfinite(scaled):
+            raise ExportError(f"{graph_name}: the int8 ONNX graph gives non-finite or wrong-typed outputs on the check inputs")
+        checks[graph_name].update({"int8_max_abs_diff": diff, "int8_max_scaled_diff": scaled})
+        entry.int8 = dst.name
+        recipes[graph_name] = recipe
+        say(
+            f"      {dst.name} {dst.stat().st_size / 1e6:.1f} MB ({recipe['method']} {recipe['format']}), check vs torch {diff:.2e} "
+            f"({time.monotonic() - t0:.0f}s)"
+        )
+    return {
+        "method": "onnxruntime.quantization (export/quantize.py)",
+        "recipes": recipes,
+        "calibration": note if pixels is not None else None,
+        "calibration_images": None if pixels is None else len(pixels),
+    }
+
+
 # --------------------------------------------------------------------------- the whole directory
 
 
@@ -259,11 +340,22 @@ def export_model_dir(
     triton: bool = True,
     triton_device: str = "gpu",
     triton_instances: int = 1,
+    triton_precision: str = "fp32",
     force: bool = False,
     command: str | None = None,
     progress: Progress | None = _stderr,
+    int8: bool = True,
+    calibration_pixels: np.ndarray | None = None,
+    calibration_note: str | None = None,
+    int8_image_encoder: str = "dynamic",
 ) -> Manifest:
-    """Write a complete model directory at `out` (atomically) and return its manifest."""
+    """Write a complete model directory at `out` (atomically) and return its manifest.
+
+    With `int8`, each graph also gets an ONNX Runtime int8 variant (export.quantize): static
+    graphs are calibrated on `calibration_pixels` (backbone input pixels, e.g. training photos);
+    without them, on the graphs' own example and check inputs (random: fine for tests, not for
+    a served model).
+    """
     from export import triton as triton_repo
 
     say = progress or (lambda _message: None)
@@ -275,6 +367,8 @@ def export_model_dir(
         raise ExportError(f"model version must be an integer >= 1 (Triton version folder), got {version!r}")
     if max_batch < 1:
         raise ExportError(f"max batch must be >= 1, got {max_batch}")
+    if int8_image_encoder not in ("dynamic", "static"):
+        raise ExportError(f"int8 image encoder recipe must be 'dynamic' or 'static', got {int8_image_encoder!r}")
     if ort_level not in ORT_LEVELS:
         raise ExportError(f"unknown ORT optimisation level {ort_level!r}; choose one of {sorted(ORT_LEVELS)}")
     if not source.tokenizer_file.is_file():
@@ -337,6 +431,10 @@ def export_model_dir(
                 f"ORT '{ort_level}', check vs torch: fp32 {diff32:.2e}, fp16 {diff16:.2e} ({time.monotonic() - t0:.0f}s)"
             )
         raw_dir.rmdir()
+        int8_info = None
+        if int8:
+            say(f"      int8: ONNX Runtime quantization of {len(entries)} graphs ...")
+            int8_info = _quantize_all(source, tmp, entries, checks, calibration_pixels, calibration_note, say, int8_image_encoder)
         tokenizer_name = "tokenizer.json"
         shutil.copyfile(source.tokenizer_file, tmp / tokenizer_name)
         hub_penalty = source.hub_reference.save(tmp) if source.hub_reference is not None else None
@@ -362,6 +460,7 @@ def export_model_dir(
                 **source.extra,
                 "export_checks": checks,
                 "fp16": {"method": "onnxruntime.transformers.float16, keep_io_types=True", "fp32_ops": FP32_OPS},
+                **({"int8": int8_info} if int8_info else {}),
                 "ort_optimization_note": (
                     "offline optimisation on the CPU EP; 'basic' rewrites keep standard ONNX ops (portable to CUDA/TensorRT/Triton)"
                 ),
@@ -376,7 +475,9 @@ def export_model_dir(
         )
         if triton:
             say(f"[{steps - 1}/{steps}] Triton model repository ({triton_device}) ...")
-            manifest.extra["triton"] = triton_repo.write_repository(tmp, manifest, device=triton_device, instances=triton_instances)
+            manifest.extra["triton"] = triton_repo.write_repository(
+                tmp, manifest, device=triton_device, instances=triton_instances, precision=triton_precision
+            )
         say(f"[{steps}/{steps}] manifest + checksums ...")
         write_manifest(tmp, manifest)
         load_manifest(tmp, verify=True)
@@ -406,10 +507,13 @@ def summary(manifest: Manifest, out: Path) -> str:
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in entry.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in entry.outputs)
         c = checks.get(graph_name, {})
+        int8 = f" / {entry.int8} ({manifest.files[entry.int8].size / 1e6:.1f} MB)" if entry.int8 else ""
+        int8_diff = f", int8 {c['int8_max_abs_diff']:.1e}" if "int8_max_abs_diff" in c else ""
         lines.append(
             f"  {graph_name}: {entry.fp32} ({manifest.files[entry.fp32].size / 1e6:.1f} MB) / {entry.fp16} "
-            f"({manifest.files[entry.fp16].size / 1e6:.1f} MB), opset {entry.opset}, ORT {entry.ort_optimization}; "
+            f"({manifest.files[entry.fp16].size / 1e6:.1f} MB){int8}, opset {entry.opset}, ORT {entry.ort_optimization}; "
             f"max |ORT - torch| fp32 {c.get('fp32_max_abs_diff', float('nan')):.1e}, fp16 {c.get('fp16_max_abs_diff', float('nan')):.1e}"
+            f"{int8_diff}"
         )
         lines.append(f"      in: {ins}")
         lines.append(f"      out: {outs}")

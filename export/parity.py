@@ -1,14 +1,17 @@
 """Parity of an exported model directory with PyTorch on real Flickr8k inputs.
 
-    python -m export.parity --model-dir models/teran-flickr8k --checkpoint models/teran-flickr8k.pt \
+    python -m export.parity --model-dir artifacts/teran-flickr8k --checkpoint models/teran-flickr8k.pt \
         --output reports/export-parity.json
 
-ONNX Runtime (CPUExecutionProvider) runs the fp32 and fp16 graphs on the split's captions
+ONNX Runtime (CPUExecutionProvider) runs the fp32, fp16 and int8 graphs on the split's captions
 (tokenized with the directory's tokenizer.json) and cached image region features; PyTorch runs
 the same checkpoint. Reported per precision: max abs diff of global and concept vectors
 (concepts where the mask is True), the masks' agreement, and Recall@K / rsum for the alignment
 and global scores against torch. The image_backbone graph is checked against
-GridImageBackbone on a few real images. Exit codes: 0 targets met, 1 targets missed, 2 bad input.
+GridImageBackbone on a few real images. For int8 (quantized graphs for CPU serving) also: the
+rsum of both scores against fp32, the whole image pipeline from the split's photos (backbone +
+encoder of one precision, fp32 vs int8), and the pointing game (teran.grounding, Flickr30k
+Entities phrases of the split) of fp32 and int8. Exit codes: 0 targets met, 1 targets missed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -33,11 +36,103 @@ from teran.manifest import file_sha256, load_manifest
 TARGETS = {
     "fp32": {"text_max_abs_diff": 1e-4, "image_max_abs_diff": 1e-4, "rsum_delta": 0.1},
     "fp16": {"rsum_delta": 1.0},
+    # int8 against the fp32 graphs (issue 15): dev rsum of both scores within 2.0, pointing game within 0.02
+    "int8": {"rsum_delta_vs_fp32": 2.0, "pointing_delta_vs_fp32": 0.02},
 }
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class ParityError(TeranInputError):
     """The model directory and the checkpoint do not belong together, or the data is missing."""
+
+
+def _has(manifest, graph: str, precision: str) -> bool:
+    try:
+        manifest.graph(graph).file(precision)
+    except TeranInputError:
+        return False
+    return True
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return (a * b).sum(-1)
+
+
+def _vector_agreement(ref, other) -> dict:
+    """Cosine and max abs diff of global vectors and (masked) concepts of two encodings of the same items."""
+    g = _cosines(ref[0], other[0])
+    mask = ref[2] & other[2]
+    c = _cosines(ref[1][mask], other[1][mask])
+    return {
+        "global_cosine_min": float(g.min()),
+        "global_cosine_mean": float(g.mean()),
+        "concepts_cosine_min": float(c.min(initial=1.0)),
+        "concepts_cosine_mean": float(c.mean()) if c.size else 1.0,
+        "global_max_abs_diff": float(np.abs(ref[0] - other[0]).max()),
+        "concepts_max_abs_diff": float(np.abs(ref[1] - other[1])[mask].max(initial=0.0)),
+    }
+
+
+def _pipeline_parity(model_dir, manifest, data, *, text_encoded, owners, mode, threads, hub, batch_size) -> dict:
+    """The served image path: the split's photos -> image_backbone -> image_encoder, per precision (fp32, int8),
+    scored against the same precision's captions."""
+    from teran.preprocess import read_image_file, to_pixels
+
+    spec = manifest.pixel_spec()
+    names = [t.name for t in manifest.graph("image_encoder").inputs]
+    sessions = {
+        p: (
+            ort_session(manifest.graph_path(model_dir, "image_backbone", p), threads),
+            ort_session(manifest.graph_path(model_dir, "image_encoder", p), threads),
+        )
+        for p in text_encoded
+    }
+    encoded: dict[str, list] = {p: [] for p in text_encoded}
+    step = min(batch_size, 32)
+    for start in range(0, len(data.names), step):
+        pixels = np.stack([to_pixels(read_image_file(data.image_path(i)), spec) for i in range(start, min(start + step, len(data.names)))])
+        for p, (backbone, encoder) in sessions.items():
+            grid = backbone.run(None, {"pixels": pixels})
+            encoded[p].append(encoder.run(["global", "concepts", "concept_mask"], dict(zip(names, grid, strict=True))))
+    images = {p: tuple(np.concatenate([b[k] for b in batches]) for k in range(3)) for p, batches in encoded.items()}
+    retrieval = {p: _retrieval(images[p], text_encoded[p], owners, mode, manifest.blend_weight, hub) for p in images}
+    return {
+        "images": len(data.names),
+        "rsum": {
+            name: {
+                "fp32": retrieval["fp32"][name]["rsum"],
+                "int8": retrieval["int8"][name]["rsum"],
+                "delta": retrieval["int8"][name]["rsum"] - retrieval["fp32"][name]["rsum"],
+            }
+            for name in retrieval["fp32"]
+        },
+        "image": _vector_agreement(images["fp32"], images["int8"]),
+    }
+
+
+def _pointing(model_dir, manifest, split: str, data_dir, threads: int) -> dict:
+    """Pointing game (teran.grounding) of the fp32 and int8 graphs on the split's Entities phrases."""
+    from teran import grounding
+    from teran.exported import ExportedModel
+
+    try:
+        captions = grounding.load_phrase_captions(split)
+        data, index = grounding._dev_photos(split, data_dir, captions)
+    except TeranInputError as exc:
+        return {"skipped": str(exc)}
+    texts = [c.caption for c in captions]
+    out: dict = {"phrase_captions": len(captions)}
+    for precision in ("fp32", "int8"):
+        exported = ExportedModel(model_dir, precision, threads, manifest)
+        image_concepts, caption_concepts, region_boxes = grounding.exported_concepts(exported, data, texts)
+        phrases = grounding.build_phrase_set(captions, index, region_boxes, exported.tokenizer)
+        result = grounding.pointing_game(grounding.phrase_region_scores(image_concepts, caption_concepts, phrases), phrases)
+        out[precision] = result["pointing"]
+        out[f"{precision}_by_type"] = {k: v["pointing"] for k, v in result["by_type"].items()}
+        out["phrases"] = result["phrases"]
+    return out
 
 
 def _torch_runner(module):
@@ -111,6 +206,8 @@ def run_parity(
     backbone_images: int = 8,
     mode: str | None = None,
     threads: int = 0,
+    grounding: bool = True,
+    pixel_pipeline: bool = True,
     say=lambda message: print(message, file=sys.stderr, flush=True),
 ) -> dict:
     from export.sources import load_source
@@ -159,7 +256,8 @@ def run_parity(
     )
     timings["torch"] = round(time.monotonic() - t0, 1)
     image_inputs = [t.name for t in manifest.graph("image_encoder").inputs]
-    for precision in ("fp32", "fp16"):
+    precisions = [p for p in PRECISIONS if all(_has(manifest, g, p) for g in manifest.graphs)]
+    for precision in precisions:
         t0 = time.monotonic()
         say(f"onnxruntime {precision}: encoding captions and images ...")
         exported = ExportedModel(model_dir, precision, threads, manifest)
@@ -173,7 +271,7 @@ def run_parity(
         retrieval[variant] = _retrieval(images, texts, owners, mode, manifest.blend_weight, hub)
 
     report: dict = {}
-    for precision in ("fp32", "fp16"):
+    for precision in precisions:
         ref_text, ref_image = encoded["torch"]
         texts, images = encoded[precision]
         text = _diffs(ref_text, texts)
@@ -195,6 +293,41 @@ def run_parity(
             "rsum": rsum,
             "recall": retrieval[precision],
         }
+    if "int8" in report:
+        int8 = report["int8"]
+        int8["vs_fp32"] = {
+            "rsum": {
+                name: {
+                    "fp32": retrieval["fp32"][name]["rsum"],
+                    "int8": retrieval["int8"][name]["rsum"],
+                    "delta": retrieval["int8"][name]["rsum"] - retrieval["fp32"][name]["rsum"],
+                }
+                for name in retrieval["fp32"]
+            },
+            "text": _vector_agreement(encoded["fp32"][0], encoded["int8"][0]),
+            "image": _vector_agreement(encoded["fp32"][1], encoded["int8"][1]),
+        }
+        int8["rsum_delta_vs_fp32"] = max(abs(int8["vs_fp32"]["rsum"][name]["delta"]) for name in ("alignment", "global"))
+        int8["recipes"] = (manifest.extra.get("int8") or {}).get("recipes")
+        int8["calibration"] = (manifest.extra.get("int8") or {}).get("calibration")
+        if pixel_pipeline and "image_backbone" in manifest.graphs:
+            say(f"image pipeline from {len(data.names)} photos (backbone + encoder), fp32 and int8 ...")
+            int8["pipeline"] = _pipeline_parity(
+                model_dir,
+                manifest,
+                data,
+                text_encoded={p: encoded[p][0] for p in ("fp32", "int8")},
+                owners=owners,
+                mode=mode,
+                threads=threads,
+                hub=hub,
+                batch_size=batch_size,
+            )
+        if grounding:
+            say("pointing game (teran.grounding), fp32 and int8 ...")
+            int8["pointing"] = _pointing(model_dir, manifest, split, data_dir, threads)
+            if "fp32" in int8["pointing"]:
+                int8["pointing_delta_vs_fp32"] = abs(int8["pointing"]["int8"] - int8["pointing"]["fp32"])
 
     if "image_backbone" in manifest.graphs and "image_backbone" in source.graphs and backbone_images > 0:
         say(f"image_backbone: {backbone_images} real images vs GridImageBackbone ...")
@@ -206,7 +339,7 @@ def run_parity(
             ref_pipeline = source.graphs["image_encoder"].module(
                 torch.from_numpy(ref_regions), torch.from_numpy(ref_boxes), torch.ones(ref_regions.shape[:2], dtype=torch.bool)
             )
-        for precision in ("fp32", "fp16"):
+        for precision in precisions:
             regions, boxes, mask = ort_session(manifest.graph_path(model_dir, "image_backbone", precision), threads).run(
                 None, {"pixels": pixels}
             )
@@ -223,7 +356,9 @@ def run_parity(
             }
 
     for precision, targets in TARGETS.items():
-        checks = {key: report[precision][key] <= limit_ for key, limit_ in targets.items()}
+        if precision not in report:
+            continue
+        checks = {key: report[precision][key] <= limit_ for key, limit_ in targets.items() if key in report[precision]}
         checks["masks_equal"] = report[precision]["text"]["masks_equal"] and report[precision]["image"]["masks_equal"]
         report[precision]["targets"] = targets
         report[precision]["pass"] = all(checks.values())
@@ -242,7 +377,8 @@ def run_parity(
         "torch_rsum": {name: retrieval["torch"][name]["rsum"] for name in ("alignment", "global")},
         "torch_recall": retrieval["torch"],
         **report,
-        "pass": report["fp32"]["pass"] and report["fp16"]["pass"],
+        "precisions": precisions,
+        "pass": all(report[p]["pass"] for p in precisions),
         "providers": ["CPUExecutionProvider"],
         "seconds_encoding": timings,
         "machine": {
@@ -270,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mode", default=None, choices=["MrSw", "MwSr", "symm", "MrAVGw"], help="alignment score (default: the manifest's)"
     )
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (default: ORT's choice)")
+    parser.add_argument("--no-grounding", action="store_true", help="skip the int8 pointing game (teran.grounding)")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the int8 photo pipeline (backbone + encoder from the photos)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be >= 1")
@@ -285,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             backbone_images=args.backbone_images,
             mode=args.mode,
             threads=args.threads,
+            grounding=not args.no_grounding,
+            pixel_pipeline=not args.no_pipeline,
         )
     except TeranInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -293,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    for precision in ("fp32", "fp16"):
+    for precision in result["precisions"]:
         r = result[precision]
         line = (
             f"{precision}: text max|diff| {r['text_max_abs_diff']:.2e}, image {r['image_max_abs_diff']:.2e}, "
@@ -302,6 +442,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "backbone" in r:
             line += f", backbone regions {r['backbone']['regions_max_abs_diff']:.2e}"
+        if "vs_fp32" in r:
+            v = r["vs_fp32"]
+            line += (
+                f"; vs fp32: rsum alignment {v['rsum']['alignment']['delta']:+.2f}, global {v['rsum']['global']['delta']:+.2f}, "
+                f"global cosine min text {v['text']['global_cosine_min']:.4f} image {v['image']['global_cosine_min']:.4f}"
+            )
+            if "pipeline" in r:
+                pipe = r["pipeline"]["rsum"]
+                line += f", photo pipeline rsum alignment {pipe['alignment']['delta']:+.2f} global {pipe['global']['delta']:+.2f}"
+            if "pointing" in r:
+                line += f", pointing {r['pointing'].get('fp32', float('nan')):.4f} -> {r['pointing']['int8']:.4f}"
         print(line + ("  PASS" if r["pass"] else "  MISSED TARGETS"))
     print(
         f"torch rsum: alignment {result['torch_rsum']['alignment']:.2f}, global {result['torch_rsum']['global']:.2f} "

@@ -36,6 +36,7 @@ DEFAULTS = {
     "search": "127.0.0.1:50052",
     "timeout": 10.0,
     "start_local": None,
+    "encoder_precision": None,
     "workdir": None,
     "data_dir": None,
     "soak_seconds": 0.0,
@@ -379,12 +380,15 @@ def run(scenario: str = "all", *, output: str | Path | None = None, **options) -
             workdir = opts["workdir"] or stack.enter_context(tempfile.TemporaryDirectory(prefix="teran-loadtest-"))
             Path(workdir).mkdir(parents=True, exist_ok=True)
             started = time.monotonic()
-            encoder_service, search_service = stack.enter_context(start_local(opts["start_local"], workdir))
+            encoder_service, search_service = stack.enter_context(
+                start_local(opts["start_local"], workdir, encoder_precision=opts["encoder_precision"])
+            )
             services = {"encoder": encoder_service, "search": search_service}
             encoder, search = encoder_service.address, search_service.address
             report["services"] = {
                 "started_by": "--start-local",
                 "model_dir": str(opts["start_local"]),
+                "encoder_precision": opts["encoder_precision"] or "fp32",
                 "milvus": "fresh milvus-lite file" + ("" if opts["workdir"] else " in a temporary directory"),
                 "start_s": round(time.monotonic() - started, 3),
             }
@@ -463,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--start-local", metavar="MODEL_DIR", default=None,
         help="start the encoder on this exported model and the search service on a fresh milvus-lite file (loopback), stop both after",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-precision", default=None, choices=["fp32", "fp16", "int8"],
+        help="with --start-local: the encoder's --precision (default: the service's, fp32; int8: quantized graphs for CPUs)",
     )  # fmt: skip
     parser.add_argument(
         "--workdir", default=None,

@@ -18,14 +18,16 @@ SEARCH_HEALTH = "teran.v1.SearchService"
 
 
 @contextmanager
-def start_local(model_dir: str | Path, workdir: str | Path, *, shutdown_grace_s: float = 5.0):
-    """Start the encoder on `model_dir` and the search service on a fresh milvus-lite file in `workdir`; yield both; stop both."""
+def start_local(model_dir: str | Path, workdir: str | Path, *, shutdown_grace_s: float = 5.0, encoder_precision: str | None = None):
+    """Start the encoder on `model_dir` (its `--precision encoder_precision` when given) and the search service on a
+    fresh milvus-lite file in `workdir`; yield both; stop both."""
     workdir = Path(workdir)
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no manifest.json (make one with `python -m export ...`)")
     grace = ["--shutdown-grace-s", str(shutdown_grace_s), "--log-format", "text"]
-    encoder = LocalService("encoder_service", ENCODER_HEALTH, ["--model-dir", str(model_dir), *grace], workdir / "encoder.log")
+    precision = ["--precision", encoder_precision] if encoder_precision else []
+    encoder = LocalService("encoder_service", ENCODER_HEALTH, ["--model-dir", str(model_dir), *precision, *grace], workdir / "encoder.log")
     database = workdir / "loadtest-search.db"
     if database.exists():
         raise FileExistsError(f"{database} exists: the load test starts on a fresh milvus-lite file")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from search_service.sparse import check_codebook, kmeans_codebook, load_arrays
-from teran.errors import TeranInputError
+from teran.errors import TeranInputError, run_tool
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -90,7 +90,8 @@ def vectors_from_images(folder: Path, address: str, token: str, batch: int) -> n
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         for name in ("size", "iterations", "sample", "batch"):
             if getattr(args, name) < 1:
                 raise TeranInputError(f"--{name}: must be >= 1, got {getattr(args, name)}")
@@ -104,14 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "wb") as handle:  # np.save(path) would append .npy to other names
             np.save(handle, codebook)
-    except TeranInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. the encoder is unreachable
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}: {codebook.shape[0]} codewords x {codebook.shape[1]} from {len(vectors)} concept vectors")
-    return 0
+        print(f"wrote {args.out}: {codebook.shape[0]} codewords x {codebook.shape[1]} from {len(vectors)} concept vectors")
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

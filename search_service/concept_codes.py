@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from teran.errors import TeranInputError
+from teran.errors import TeranInputError, run_tool
 
 MAX_BITS = 10  # per component (the strongest components need more than a byte)
 LLOYD_ITERATIONS = 25
@@ -262,12 +262,11 @@ def caption_vectors(path: Path, address: str, token: str, batch: int) -> np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
     from search_service.codebook import vectors_from_images, vectors_from_npz
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         if args.npz is None and args.images is None and args.captions is None:
             raise TeranInputError("give the training vectors: --npz, or --images and/or --captions with --encoder-address")
         parts = []
@@ -283,14 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         codec = train_codec(vectors, args.bytes, sample=args.sample, seed=args.seed)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         codec.save(args.out)
-    except TeranInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. the encoder is unreachable
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}: {codec.describe()}, fitted on {min(len(vectors), args.sample)} of {len(vectors)} concept vectors")
-    return 0
+        print(f"wrote {args.out}: {codec.describe()}, fitted on {min(len(vectors), args.sample)} of {len(vectors)} concept vectors")
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

@@ -140,23 +140,21 @@ class SearchConfig(ServiceSettings):
     max_concepts: int = setting(128, "LIMIT: concept vectors (regions / word pieces) per item (fixed when the collections are created)")
     max_filter_chars: int = setting(2048, "LIMIT: characters per search filter expression")
 
-    def validate(self) -> SearchConfig:
-        def need(cond: bool, name: str, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}): {what}")
+    env_prefix = ENV_PREFIX
 
+    def validate(self) -> SearchConfig:
+        self.check_common()
+        need = self.require
         need(bool(self.milvus_uri), "milvus_uri", "required: a milvus-lite file (*.db) or a Milvus server URI (http://host:19530)")
         need(self.collection_prefix.replace("_", "").isalnum(), "collection_prefix", "letters, digits and _ only")
         need(self.index_type in INDEX_TYPES, "index_type", f"{self.index_type!r} is not one of {', '.join(INDEX_TYPES)}")
         need(
             self.consistency_level in CONSISTENCY, "consistency_level", f"{self.consistency_level!r} is not one of {', '.join(CONSISTENCY)}"
         )
-        need(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
-        need(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
         for name in (
-            "milvus_workers", "encoder_batch", "max_concurrent_rpcs", "rerank_multiplier", "max_rerank_multiplier",
+            "milvus_workers", "encoder_batch", "rerank_multiplier", "max_rerank_multiplier",
             "max_candidates", "rerank_chunk", "max_top_k", "max_index_items", "max_ids", "max_id_length",
-            "max_metadata_bytes", "max_concepts", "max_filter_chars", "max_request_id_chars",
+            "max_metadata_bytes", "max_concepts", "max_filter_chars",
         ):  # fmt: skip
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         need(all(k in ("sq", "dp", "boc") for k in self.sparse_surrogates), "sparse_surrogates", "a comma-separated subset of sq, dp, boc")
@@ -178,23 +176,17 @@ class SearchConfig(ServiceSettings):
         need(self.max_concepts <= 3000, "max_concepts", "at most 3000 (boxes are stored in one VARCHAR field)")
         need(self.max_id_length <= 65535, "max_id_length", "at most 65535 (Milvus VARCHAR)")
         need(self.rerank_multiplier <= self.max_rerank_multiplier, "rerank_multiplier", "must be <= --max-rerank-multiplier")
-        need(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
         for name in ("milvus_timeout_s", "encoder_timeout_s"):
             need(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         need(self.milvus_health_interval_s >= 0, "milvus_health_interval_s", f"must be >= 0 (0: off), got {self.milvus_health_interval_s}")
-        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
-        need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key")
         need(
             (self.encoder_client_cert is None) == (self.encoder_client_key is None),
             "encoder_client_cert",
             "--encoder-client-cert and --encoder-client-key go together",
         )
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "encoder_root_cert", "encoder_client_cert", "encoder_client_key"):
+        for name in ("encoder_root_cert", "encoder_client_cert", "encoder_client_key"):
             path = getattr(self, name)
             need(path is None or Path(path).is_file(), name, f"{path}: file does not exist")
-        need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
-        need(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
-        need(all(t and not any(c.isspace() for c in t) for t in self.auth_tokens), "auth_token", "tokens must be non-empty without spaces")
         return self
 
     @property

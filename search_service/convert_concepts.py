@@ -25,7 +25,7 @@ import numpy as np
 from search_service.concept_codes import load_codec
 from search_service.layout import MODALITIES
 from search_service.store import Item, MilvusStore
-from teran.errors import TeranInputError
+from teran.errors import TeranInputError, run_tool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,50 +65,46 @@ def convert(source: MilvusStore, target: MilvusStore, batch: int, progress=print
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    source = target = None
-    try:
+
+    def work() -> None:
         if args.from_prefix == args.to_prefix:
             raise TeranInputError("--to-prefix must differ from --from-prefix (collections keep their concept encoding)")
         if args.batch < 1:
             raise TeranInputError(f"--batch: must be >= 1, got {args.batch}")
         codec = load_codec(args.concept_codec)
-        source = MilvusStore(args.milvus_uri, args.milvus_token, prefix=args.from_prefix)
-        source.open()
-        if source.model is None:
-            raise TeranInputError(f"no collections under --from-prefix {args.from_prefix} at {source.safe_uri}")
-        layout = source.layout
-        target = MilvusStore(
-            args.milvus_uri,
-            args.milvus_token,
-            prefix=args.to_prefix,
-            index_type=source.index_type,
-            index_params=source.index_params,
-            max_concepts=layout.max_concepts,
-            max_id_length=layout.max_id_length,
-            sparse_surrogates=layout.surrogates,
-            sparse_params=layout.sparse_params,
-            boc_codebook=layout.codebook,
-            concept_codec=codec,
+        source = target = None
+        try:
+            source = MilvusStore(args.milvus_uri, args.milvus_token, prefix=args.from_prefix)
+            source.open()
+            if source.model is None:
+                raise TeranInputError(f"no collections under --from-prefix {args.from_prefix} at {source.safe_uri}")
+            layout = source.layout
+            target = MilvusStore(
+                args.milvus_uri,
+                args.milvus_token,
+                prefix=args.to_prefix,
+                index_type=source.index_type,
+                index_params=source.index_params,
+                max_concepts=layout.max_concepts,
+                max_id_length=layout.max_id_length,
+                sparse_surrogates=layout.surrogates,
+                sparse_params=layout.sparse_params,
+                boc_codebook=layout.codebook,
+                concept_codec=codec,
+            )
+            target.open()
+            started = time.monotonic()
+            copied = convert(source, target, args.batch, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        finally:
+            for store in (source, target):
+                if store is not None:
+                    store.close()
+        print(
+            f"copied {copied['images']} images and {copied['captions']} captions from {args.from_prefix} to {args.to_prefix} "
+            f"({codec.describe()}) in {time.monotonic() - started:.1f} s"
         )
-        target.open()
-        started = time.monotonic()
-        copied = convert(source, target, args.batch, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except TeranInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - e.g. Milvus unreachable
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for store in (source, target):
-            if store is not None:
-                store.close()
-    seconds = time.monotonic() - started
-    print(
-        f"copied {copied['images']} images and {copied['captions']} captions from {args.from_prefix} to {args.to_prefix} "
-        f"({codec.describe()}) in {seconds:.1f} s"
-    )
-    return 0
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

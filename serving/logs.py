@@ -43,12 +43,20 @@ class ServiceLogging:
 
     `adopted`: loggers of libraries that install their own plain-text handlers (pymilvus does, at
     import): setup_logging imports `import_first` and then gives those loggers the service's handler,
-    so their records come out in the service's format, one record per line."""
+    so their records come out in the service's format, one record per line. `filters`: (logger name,
+    filter) pairs, each filter added to its logger by setup_logging (e.g. to reword a library's records)."""
 
-    def __init__(self, logger_name: str, adopted: tuple[str, ...] = (), import_first: str = ""):
+    def __init__(
+        self,
+        logger_name: str,
+        adopted: tuple[str, ...] = (),
+        import_first: str = "",
+        filters: tuple[tuple[str, logging.Filter], ...] = (),
+    ):
         self.logger_name = logger_name
         self.adopted = adopted
         self.import_first = import_first
+        self.filters = filters
 
     def setup_logging(self, level: str = "INFO", fmt: str = "json", stream=None) -> logging.Logger:
         """Configure the service logger (not the root logger, so embedding apps keep theirs)."""
@@ -63,6 +71,8 @@ class ServiceLogging:
                 target.removeHandler(old)
             target.addHandler(handler)
             target.propagate = False
+        for name, record_filter in self.filters:
+            logging.getLogger(name).addFilter(record_filter)  # once: addFilter skips a filter already there
         return logger
 
     def get_logger(self, name: str = "") -> logging.Logger:

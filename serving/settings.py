@@ -3,8 +3,9 @@
 Every setting is one config dataclass field made with `setting(default, help, ...)`: the field holds the
 default, its metadata the help text and how flag text converts (the kind, inferred from the field's type
 unless given). `Settings` turns the fields into an argparse parser (variable names and defaults in --help)
-and a loader with precedence flag > environment variable > default. `ServiceSettings` declares the
-settings every service has (listeners, TLS, bearer tokens, shutdown, logs); a service's config inherits
+and a loader with precedence flag > environment variable > default. `EndpointSettings` declares the
+settings every endpoint has (listener, TLS, bearer tokens, shutdown, logs), `ServiceSettings` adds what every
+gRPC service has (metrics, message and concurrency limits); a service's config inherits
 them and gives one its own default by redeclaring the field with a plain value (`port: int = 50051`),
 which keeps the declaration's help and kind. Validation stays with the service: the dataclass's
 `validate()` is called last and returns the config.
@@ -19,7 +20,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
 from teran.errors import TeranInputError
 
@@ -110,12 +111,57 @@ def setting(
 
 
 @dataclass
-class ServiceSettings:
-    """The settings every service has. A service's config inherits them and redeclares a field with a
-    plain value to give it its own default (the listener ports always: each service has its own)."""
+class EndpointSettings:
+    """The settings of every network endpoint this project serves, gRPC or HTTP: listener, TLS, bearer
+    tokens, shutdown, logs. An endpoint's config inherits them and redeclares a field with a plain value
+    to give it its own default (the listener port always: each endpoint has its own)."""
 
-    host: str = setting("0.0.0.0", "gRPC listen address")
-    port: int = setting(0, "gRPC port (0: any free port; the chosen one is logged)")
+    host: str = setting("0.0.0.0", "listen address")
+    port: int = setting(0, "listen port (0: any free port; the chosen one is logged)")
+    tls_cert: Path | None = setting(None, "PEM server certificate chain: serve TLS (with --tls-key)")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    auth_tokens: list[str] = setting(
+        [],
+        "bearer token(s), comma separated: every call but the health checks needs "
+        "`authorization: Bearer TOKEN` (else UNAUTHENTICATED, HTTP 401). Prefer the variable or --auth-token-file",
+        flag="auth_token",
+        secret=True,
+        from_file="file holding the bearer token(s), one per line (e.g. a mounted secret)",
+    )
+    # lifecycle / logs
+    shutdown_grace_s: float = setting(20.0, "on SIGTERM/SIGINT: seconds in-flight calls get to finish (health turns NOT_SERVING first)")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("json", "json (one object per line) or text")
+    access_log: bool = setting(False, "log every call (method, code, duration; items where the service counts them) at INFO")
+
+    env_prefix: ClassVar[str] = ""  # of the config's variables (e.g. TERAN_SEARCH_), named in validation messages
+
+    def require(self, condition: bool, name: str, what: str) -> None:
+        """ConfigError naming setting `name`'s flag and variable, unless `condition` holds."""
+        if not condition:
+            raise ConfigError(f"{flag_name(name)} ({self.env_prefix}{name.upper()}): {what}")
+
+    def check_common(self) -> None:
+        """Validate the settings every endpoint shares; a config's validate() calls it first."""
+        self.require(0 <= self.port <= 65535, "port", f"{self.port} is not a TCP port")
+        self.require((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "--tls-cert and --tls-key go together")
+        self.require(
+            self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca", "client certificates need --tls-cert/--tls-key"
+        )
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            self.require(path is None or Path(path).is_file(), name, f"{path}: file does not exist")
+        tokens_ok = all(t and not any(c.isspace() for c in t) for t in self.auth_tokens)
+        self.require(tokens_ok, "auth_token", "tokens must be non-empty without spaces")
+        self.require(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
+        self.require(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
+
+
+@dataclass
+class ServiceSettings(EndpointSettings):
+    """The settings every gRPC service has beyond an endpoint's: metrics, message and concurrency limits."""
+
     metrics_host: str = setting(
         "127.0.0.1",
         "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
@@ -123,23 +169,14 @@ class ServiceSettings:
     metrics_port: int = setting(-1, "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port")
     max_message_bytes: int = setting(64 * MIB, "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)")
     max_concurrent_rpcs: int = setting(256, "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED")
-    tls_cert: Path | None = setting(None, "PEM server certificate chain: serve TLS (with --tls-key)")
-    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
-    tls_client_ca: Path | None = setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
-    auth_tokens: list[str] = setting(
-        [],
-        "bearer token(s), comma separated: every RPC but grpc.health.v1 needs "
-        "`authorization: Bearer TOKEN` (else UNAUTHENTICATED). Prefer the variable or --auth-token-file",
-        flag="auth_token",
-        secret=True,
-        from_file="file holding the bearer token(s), one per line (e.g. a mounted secret)",
-    )
-    # lifecycle / logs
-    shutdown_grace_s: float = setting(20.0, "on SIGTERM/SIGINT: seconds in-flight RPCs get to finish (health turns NOT_SERVING first)")
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = setting("json", "json (one object per line) or text")
-    access_log: bool = setting(False, "log every RPC (method, code, duration; items where the service counts them) at INFO")
     max_request_id_chars: int = setting(128, "LIMIT: characters of a client's request_id (longer: INVALID_ARGUMENT)")
+
+    def check_common(self) -> None:
+        super().check_common()
+        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
+        self.require(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
+        for name in ("max_concurrent_rpcs", "max_request_id_chars"):
+            self.require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -204,7 +241,8 @@ class Settings:
             found = _declaration(self.config_class, f.name)
             if found is not None:
                 declared.append((found[0], f.name, found[1]))
-        declared.sort(key=lambda item: item[0])  # stable: declaration order within a class
+        # the class's own, then the inherited ones from the most basic class down; stable: declaration order within a class
+        declared.sort(key=lambda item: (item[0] > 0, -item[0]))
         hints = get_type_hints(self.config_class)
         options = []
         for _depth, attr, declaration in declared:

@@ -22,7 +22,8 @@ the tokenizer, an optional Triton model repository under `triton/`, and `manifes
     hub_penalty                  the served ranking's hub penalty (teran.hubness): k, weight and
                                  the two reference files (fp16 .npy global vectors of training
                                  photos and captions); absent: no penalty
-    graphs                       per graph: fp32 / fp16 file, inputs / outputs (name, dtype,
+    graphs                       per graph: fp32 / fp16 / int8 file (int8: ONNX Runtime quantized,
+                                 for CPU serving; null or absent when not exported), inputs / outputs (name, dtype,
                                  shape with symbolic dims as strings), ORT optimisation level
     files                        sha256 + size of every file in the directory
     extra                        free-form provenance (backbones, exporter versions, checks)
@@ -51,7 +52,7 @@ FORMAT = "teran-model-dir"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 GRAPHS = ("text_encoder", "image_encoder", "image_backbone")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 CHECKPOINT_KINDS = ("project", "original")
 CONCEPT_MODES = ("words", "compat")  # words: word pieces minus [CLS]/[SEP]; compat: original TERAN quirk
 ALIGNMENT_MODES = ("MrSw", "MwSr", "symm", "MrAVGw")
@@ -87,11 +88,12 @@ class GraphEntry:
     outputs: list[TensorSpec]
     ort_optimization: str = "basic"
     opset: int | None = None
+    int8: str | None = None  # ONNX Runtime quantized graph (CPU serving); absent in older model directories
 
     def file(self, precision: str = "fp32") -> str:
         if precision not in PRECISIONS:
             raise ManifestError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-        name = self.fp32 if precision == "fp32" else self.fp16
+        name = {"fp32": self.fp32, "fp16": self.fp16, "int8": self.int8}[precision]
         if name is None:
             raise ManifestError(f"no {precision} variant of this graph was exported")
         return name
@@ -100,6 +102,7 @@ class GraphEntry:
         return {
             "fp32": self.fp32,
             "fp16": self.fp16,
+            "int8": self.int8,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "ort_optimization": self.ort_optimization,
@@ -337,8 +340,15 @@ class Manifest:
                     need(all(isinstance(d, int | str) for d in spec["shape"]), f"graphs.{name}.{side}.{spec['name']}.shape")
                     specs[side].append(TensorSpec(spec["name"], spec["dtype"], tuple(spec["shape"])))
             graphs[name] = GraphEntry(
-                entry["fp32"], entry.get("fp16"), specs["inputs"], specs["outputs"], entry["ort_optimization"], entry.get("opset")
+                entry["fp32"],
+                entry.get("fp16"),
+                specs["inputs"],
+                specs["outputs"],
+                entry["ort_optimization"],
+                entry.get("opset"),
+                entry.get("int8"),
             )
+            need(entry.get("int8") is None or isinstance(entry["int8"], str), f"graphs.{name}.int8 (file name or null)")
         # The preprocessing must describe the graphs it feeds.
         if "image_backbone" in graphs:
             need(
@@ -357,7 +367,7 @@ class Manifest:
             need(isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64, f"files.{name}.sha256")
             need(isinstance(entry.get("size"), int) and entry["size"] >= 0, f"files.{name}.size")
             files[name] = FileEntry(entry["sha256"], entry["size"])
-        referenced = [data["tokenizer_file"]] + [f for g in graphs.values() for f in (g.fp32, g.fp16) if f]
+        referenced = [data["tokenizer_file"]] + [f for g in graphs.values() for f in (g.fp32, g.fp16, g.int8) if f]
         referenced += [hub[key] for key in ("image_reference", "caption_reference")] if hub else []
         for name in referenced:
             need(name in files, f"files (no checksum recorded for {name!r})")

@@ -116,8 +116,9 @@ class SearchClient:
         request = search_pb2.DeleteRequest(modality=messages.MODALITY_TO_PROTO[modality], ids=ids)
         return messages.delete_result_from_proto(self._call(self.stub.Delete, request))
 
-    def stats(self) -> Stats:
-        return messages.stats_from_proto(self._call(self.stub.Stats, search_pb2.StatsRequest()))
+    def stats(self, timeout: float | None = None) -> Stats:
+        """`timeout`: seconds for this call (default: the client's)."""
+        return messages.stats_from_proto(self._call(self.stub.Stats, search_pb2.StatsRequest(), timeout))
 
     def close(self) -> None:
         self.channel.close()

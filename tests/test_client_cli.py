@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import os
 import socket
+import sys
 
+import grpc
 import pytest
 from encoder_fixtures import build_synthetic_model_dir, image_bytes, make_config
 from search_fixtures import search_config, unique_prefix
 
 from client_cli import main
-from client_cli.cli import read_captions
+from client_cli.cli import EXIT_BROKEN_PIPE, caption_metadata, read_captions
 from encoder_service.server import ServerThread as EncoderThread
+from search_service.logs import LOGGING
 from search_service.server import ServerThread as SearchThread
+from teran_api.search_client import SearchClient, SearchError
+from teran_api.types import SearchQuery
 
 DIM = 16
 CAPTIONS = [
@@ -89,6 +96,12 @@ def test_index_images_and_captions(servers, indexed, capsys):
     assert code == 0, err
     items = json.loads(out)["items"]
     assert [i["found"] for i in items] == [True, False] and items[0]["num_concepts"] > 0
+    assert items[0]["metadata"] == {"text": "a brown dog, wet from the sea"}  # the caption's text goes with it
+
+
+def test_caption_metadata():
+    assert caption_metadata({"split": "test"}, "a dog") == {"text": "a dog", "split": "test"}
+    assert caption_metadata({"text": "mine"}, "a dog") == {"text": "mine"}  # the user's own key wins
 
 
 def test_search_by_caption_and_image(servers, indexed, capsys):
@@ -115,6 +128,10 @@ def test_search_by_caption_and_image(servers, indexed, capsys):
     assert sorted(h["id"] for h in doc["hits"]) == ["boat.jpg#0", "cats.jpg#0", "dog.jpg#0", "dog.jpg#1"]
     assert all("alignment" not in h for h in doc["hits"])
     assert [h["score"] for h in doc["hits"]] == sorted((h["score"] for h in doc["hits"]), reverse=True)
+    code, out, err = run(capsys, "search", "--search", s, "--image", str(indexed["folder"] / "img0.jpg"), "--no-rerank")
+    assert code == 0, err
+    assert "-> 4 caption hits (" in out and 'dog.jpg#1  "a brown dog, wet from the sea"  score ' in out
+    assert '"text"' not in out  # shown once, not again in the metadata
 
     code, out, err = run(capsys, "search", "--search", s, "--caption", "two cats", "--filter", 'id == "img1.jpg"', "--explain")
     assert code == 0, err
@@ -164,13 +181,26 @@ def test_rpc_errors_and_bad_input(servers, indexed, capsys, tmp_path):
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
     code, _, err = run(capsys, "stats", "--search", dead, "--timeout", "5")
     assert code == 1 and err.startswith("error: UNAVAILABLE: ")
+    assert f"hint: cannot reach the search service at {dead} (is it running? start it with `python -m search_service " in err
+    assert "pass --search HOST:PORT or set TERAN_SEARCH_ADDRESS" in err
     code, _, err = run(capsys, "encode", "--encoder", dead, "--timeout", "5", "--caption", "x")
     assert code == 1 and err.startswith("error: UNAVAILABLE: ")
+    assert f"hint: cannot reach the encoder service at {dead}" in err and "--encoder HOST:PORT or set TERAN_ENCODER_ADDRESS" in err
+    # each service's address given for the other
+    code, _, err = run(capsys, "stats", "--search", servers["encoder"])
+    assert code == 1 and err.startswith("error: UNIMPLEMENTED: ")
+    assert f"hint: the service at {servers['encoder']} is not a teran.v1.SearchService (the encoder service's address, maybe?)" in err
+    code, _, err = run(capsys, "encode", "--encoder", servers["search"], "--caption", "x")
+    assert code == 1 and "is not a teran.v1.EncoderService (the search service's address, maybe?); pass --encoder" in err
     # usage / bad input: exit 2, nothing sent
     code, _, err = run(capsys, "search", "--search", dead, "--image", str(tmp_path / "missing.jpg"))
     assert code == 2 and "cannot read" in err
     code, _, err = run(capsys, "index", "--search", dead, "--images", str(tmp_path))
     assert code == 2 and "no image files" in err
+    text = indexed["folder"] / "notes.txt"
+    for argv in (("search", "--search"), ("index", "--search"), ("encode", "--encoder")):
+        code, _, err = run(capsys, *argv, dead, "--images" if argv[0] == "index" else "--image", str(text))
+        assert code == 2 and err.endswith(f": error: {text}: not a JPEG, PNG or WebP image\n"), err
     for argv in (["search"], ["search", "--caption", "a", "--image", "b"], ["index", "--images", "x", "--metadata", "[1]"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
@@ -196,3 +226,83 @@ def test_read_captions_formats(tmp_path):
     assert read_captions(path) == [("a.jpg#0", "one, with comma"), ("a.jpg#1", "two"), ("b.jpg#0", "three")]
     path.write_text("x1,first\nx2,second\n")
     assert read_captions(path) == [("x1", "first"), ("x2", "second")]
+
+
+def test_non_image_refused_by_the_encoder(servers):
+    """Past the CLI's own check (a GIF): the encoder's refusal names the accepted formats, not Pillow's buffer."""
+    with SearchClient(servers["search"]) as client, pytest.raises(SearchError) as info:
+        client.search(SearchQuery(image_bytes(fmt="GIF")))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details == "image.encoded: not a decodable image of the allowed formats JPEG/PNG/WEBP"
+
+
+def test_empty_store_hints_and_counts(servers, capsys):
+    """A search of a modality with nothing indexed says so and how to index some; counts are singular when 1."""
+    config = search_config(str(servers["dir"] / "search.db"), servers["encoder"], collection_prefix=unique_prefix("empty"))
+    image = servers["dir"] / "query.png"
+    image.write_bytes(image_bytes(fmt="PNG", seed=3))
+    with SearchThread(config) as search:
+        s = search.target
+        code, out, err = run(capsys, "search", "--search", s, "--image", str(image))
+        assert code == 0 and "-> 0 caption hits (0 candidates" in out
+        assert err == "hint: no captions are indexed in this search service; index some with `teran index --captions FILE`\n"
+        code, out, err = run(capsys, "index", "--search", s, "--captions", str(_id_csv(servers["dir"])))
+        assert code == 0 and out.startswith("indexed 1 item (0 images, 1 caption) in ") and "sent 1/1 item (100%)" in err
+        code, out, err = run(capsys, "search", "--search", s, "--image", str(image))
+        assert code == 0 and "-> 1 caption hit (1 candidate, " in out and 'tmp1  "a temporary caption"' in out and not err
+        code, out, err = run(capsys, "search", "--search", s, "--caption", "a dog", "--json")
+        assert code == 0 and json.loads(out)["hits"] == []
+        assert err == "hint: no images are indexed in this search service; index some with `teran index --images FILE_OR_DIR`\n"
+
+
+def test_closed_stdout_ends_quietly(servers, capsys, monkeypatch):
+    """`teran stats | head -3`: the reader is gone; no BrokenPipeError traceback, the status of SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        assert main(["stats", "--search", servers["search"]]) == EXIT_BROKEN_PIPE
+        print("more output")  # stdout now goes to /dev/null: writing on does not fail
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
+def test_option_typo_shows_the_command_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--topk", "5", "--caption", "a dog"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: teran search ") and "--top-k" in err.split("error:")[0]
+    assert err.rstrip().endswith("teran search: error: unrecognized arguments: --topk 5 (did you mean --top-k?)")
+
+
+@contextlib.contextmanager
+def search_logs_captured():
+    """The search service's logging set up as `python -m search_service` does, into a StringIO; then as it was."""
+    names = (LOGGING.logger_name, *LOGGING.adopted, *(name for name, _ in LOGGING.filters))
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names}
+    saved_filters = {name: logging.getLogger(name).filters[:] for name, _ in LOGGING.filters}
+    stream = io.StringIO()
+    LOGGING.setup_logging("info", "json", stream)
+    try:
+        yield stream
+    finally:
+        for name, (handlers, propagate, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        for name, filters in saved_filters.items():
+            logging.getLogger(name).filters[:] = filters
+
+
+def test_bad_filter_logs_one_json_line_without_traceback(servers, indexed, capsys):
+    """Milvus refuses the filter (past the service's own name check): the service logs the failed call as
+    one JSON line, and pymilvus's record of the failed query (a traceback) is not logged at INFO."""
+    with search_logs_captured() as logs:
+        code, _, err = run(capsys, "search", "--search", servers["search"], "--caption", "x", "--filter", 'metadata["k"] >>> 1')
+    assert code == 1 and err.startswith("error: INVALID_ARGUMENT: filter: ")
+    entries = [json.loads(line) for line in logs.getvalue().splitlines()]  # every line one JSON object
+    assert "Traceback" not in logs.getvalue()
+    assert not [e for e in entries if e["level"] == "ERROR" or e["logger"].startswith("pymilvus")]
+    failed = [e for e in entries if e.get("code") == "INVALID_ARGUMENT"]
+    assert len(failed) == 1 and failed[0]["level"] == "WARNING" and failed[0]["msg"].startswith("Search failed: INVALID_ARGUMENT filter: ")

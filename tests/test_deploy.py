@@ -269,6 +269,27 @@ def test_env_names_exist_in_service_help(rendered, name):
         assert env[prefix + "METRICS_HOST"] == "0.0.0.0"  # the scraper reaches it (the services' default is loopback)
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_webui_http_probes_and_settings(rendered, name):
+    from webui.config import build_parser as webui_parser
+
+    objs = rendered[name]
+    dep = _get(objs, "Deployment", "teran-webui")
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "webui"] and container["image"].startswith("registry.example.com/teran/search")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    env = _env(objs, dep)
+    unknown = sorted(set(env) - _help_env_names(webui_parser()))
+    assert not unknown, f"teran-webui: variables not read by the gateway: {unknown}"
+    assert env["TERAN_WEB_SEARCH_ADDRESS"].endswith("teran-search.teran.svc.cluster.local:50052")
+    assert int(env["TERAN_WEB_PORT"]) == container["ports"][0]["containerPort"]
+    assert pod["terminationGracePeriodSeconds"] > float(env["TERAN_WEB_SHUTDOWN_GRACE_S"]) + 5
+    svc = _get(objs, "Service", "teran-webui")
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
 def test_encoder_flags_in_args_exist():
     from encoder_service.config import build_parser
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -203,6 +204,34 @@ def test_images_install_without_torch_and_serve_health(tmp_path):
         search_args = ["--milvus-uri", str(tmp_path / "search.db"), "--encoder-address", f"127.0.0.1:{encoder.port}"]
         with _Service(python, outside, "search_service", search_args) as search:
             assert search.health() == "SERVING"
+            # the search image also runs the search page (deploy/base/webui.yaml): its static files are installed
+            assert _webui_page(python, outside, search.port).startswith(b"<!doctype html>")
+
+
+def _webui_page(python: str, cwd: Path, search_port: int, timeout: float = 60) -> bytes:
+    """Start `python -m webui` of the fresh venv against the search service; its page once /readyz says ready."""
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("TERAN_")}
+    command = [python, "-m", "webui", "--host", "127.0.0.1", "--port", str(port), "--search-address", f"127.0.0.1:{search_port}"]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as ready:
+                    if ready.status == 200:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                            return page.read()
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError("webui did not become ready")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 class _Service:

@@ -263,6 +263,8 @@ def test_graph_lookup_errors(tmp_path):
     with pytest.raises(ManifestError, match="no 'image_backbone' graph"):
         manifest.graph("image_backbone")
     with pytest.raises(ManifestError, match="unknown precision"):
+        manifest.graph("text_encoder").file("int4")
+    with pytest.raises(ManifestError, match="no int8 variant"):  # int8 is known (issue 15) but this directory has none
         manifest.graph("text_encoder").file("int8")
 
 

@@ -62,14 +62,15 @@ def test_settings_precedence_conversion_and_errors(tmp_path):
 
 def test_settings_help_lists_env_and_defaults():
     text = " ".join(SETTINGS.build_parser().format_help().split())
-    assert "gRPC port (0: any free port; the chosen one is logged) [env T_PORT] (default: 1)" in text
+    assert "listen port (0: any free port; the chosen one is logged) [env T_PORT] (default: 1)" in text
     assert "--buckets N,N edges [env T_BUCKETS] (default: 8,16)" in text
     assert "a directory [env T_MODEL_DIR] (required)" in text
     assert "--auth-token-file PATH file holding the bearer token(s)" in text
     assert "hidden" not in text and "a name [env T_NAME] --secret" in text
-    # the config's own settings come first, then the common ones
+    # the config's own settings come first, then the common ones: an endpoint's, then a gRPC service's
     flags = [action.option_strings[0] for action in SETTINGS.build_parser()._actions[1:]]
     assert flags[:3] == ["--name", "--secret", "--flag"] and flags.index("--model-dir") < flags.index("--host") < flags.index("--port")
+    assert flags.index("--access-log") < flags.index("--metrics-host") < flags.index("--max-request-id-chars") == len(flags) - 1
 
 
 def test_settings_need_a_kind_for_other_types():
