@@ -60,6 +60,14 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1)
 
 
+def _rsum_vs_fp32(retrieval: dict) -> dict:
+    """Per score: fp32 and int8 dev rsum and their difference."""
+    return {
+        name: {"fp32": fp32["rsum"], "int8": retrieval["int8"][name]["rsum"], "delta": retrieval["int8"][name]["rsum"] - fp32["rsum"]}
+        for name, fp32 in retrieval["fp32"].items()
+    }
+
+
 def _vector_agreement(ref, other) -> dict:
     """Cosine and max abs diff of global vectors and (masked) concepts of two encodings of the same items."""
     g = _cosines(ref[0], other[0])
@@ -100,14 +108,7 @@ def _pipeline_parity(model_dir, manifest, data, *, text_encoded, owners, mode, t
     retrieval = {p: _retrieval(images[p], text_encoded[p], owners, mode, manifest.blend_weight, hub) for p in images}
     return {
         "images": len(data.names),
-        "rsum": {
-            name: {
-                "fp32": retrieval["fp32"][name]["rsum"],
-                "int8": retrieval["int8"][name]["rsum"],
-                "delta": retrieval["int8"][name]["rsum"] - retrieval["fp32"][name]["rsum"],
-            }
-            for name in retrieval["fp32"]
-        },
+        "rsum": _rsum_vs_fp32(retrieval),
         "image": _vector_agreement(images["fp32"], images["int8"]),
     }
 
@@ -296,14 +297,7 @@ def run_parity(
     if "int8" in report:
         int8 = report["int8"]
         int8["vs_fp32"] = {
-            "rsum": {
-                name: {
-                    "fp32": retrieval["fp32"][name]["rsum"],
-                    "int8": retrieval["int8"][name]["rsum"],
-                    "delta": retrieval["int8"][name]["rsum"] - retrieval["fp32"][name]["rsum"],
-                }
-                for name in retrieval["fp32"]
-            },
+            "rsum": _rsum_vs_fp32(retrieval),
             "text": _vector_agreement(encoded["fp32"][0], encoded["int8"][0]),
             "image": _vector_agreement(encoded["fp32"][1], encoded["int8"][1]),
         }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from encoder_fixtures import Reference, image_bytes, make_config
@@ -14,8 +12,6 @@ from encoder_service.server import ServerThread
 from teran.manifest import ManifestError, load_manifest
 from teran_api.encoder_client import EncoderClient
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "artifacts" / "teran-flickr8k"
 # Measured on the shipped model (teran-flickr8k, 200 dev captions / 48 dev photos): int8 vs fp32 global
 # cosine >= 0.991 for captions and >= 0.98 for photos (backbone + encoder both int8); mean 0.995 / 0.99.
 SHIPPED_MIN_COSINE = 0.97
@@ -92,12 +88,11 @@ def test_int8_on_a_model_directory_without_int8_graphs_is_a_config_error(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHIPPED / "text_encoder.int8.onnx").is_file(), reason="the shipped model directory has no int8 graphs")
-def test_shipped_model_int8_service_is_close_to_fp32():
+def test_shipped_model_int8_service_is_close_to_fp32(shipped_model_dir):
     jpeg = image_bytes(500, 375, seed=3)
     results = {}
     for precision in ("fp32", "int8"):
-        config = make_config(SHIPPED, precision=precision, max_image_bytes=5_000_000)
+        config = make_config(shipped_model_dir, precision=precision, max_image_bytes=5_000_000)
         with ServerThread(config, warmup=False) as running, EncoderClient(running.target) as client:
             results[precision] = (client.encode_captions(CAPTIONS), client.encode_images([jpeg])[0])
     for a, b in zip(results["fp32"][0], results["int8"][0], strict=True):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +17,6 @@ from teran.manifest import MANIFEST_FILE, file_sha256, load_manifest
 
 pytestmark = pytest.mark.slow  # torch.onnx.export of every graph
 
-SHIPPED = Path(__file__).resolve().parent.parent / "artifacts" / "teran-flickr8k"
 QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
 
 
@@ -88,10 +86,10 @@ def test_int8_graphs_stay_close_to_fp32(exported):
         assert _min_cosine(results[0][0], results[1][0]) > 0.9
 
 
-@pytest.mark.skipif(not (SHIPPED / "image_backbone.int8.onnx").is_file(), reason="the shipped model has no int8 graphs")
-def test_shipped_backbone_keeps_its_first_and_last_conv_in_fp32():
-    fp32 = [n.name for n in onnx.load(str(SHIPPED / "image_backbone.fp32.onnx")).graph.node if n.op_type == "Conv"]
-    graph = onnx.load(str(SHIPPED / "image_backbone.int8.onnx")).graph
+@pytest.mark.slow  # exports the shipped model in a clean clone
+def test_shipped_backbone_keeps_its_first_and_last_conv_in_fp32(shipped_model_dir):
+    fp32 = [n.name for n in onnx.load(str(shipped_model_dir / "image_backbone.fp32.onnx")).graph.node if n.op_type == "Conv"]
+    graph = onnx.load(str(shipped_model_dir / "image_backbone.int8.onnx")).graph
     inits = {i.name for i in graph.initializer}
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
