@@ -405,6 +405,10 @@ class MilvusStore:
 
         def dry_run() -> None:
             self.client.query(name, filter=expr, output_fields=["id"], limit=1, consistency_level="Eventually")
+            # milvus-lite parses a query's filter only when the collection has rows, a search's always: an
+            # empty collection would let e.g. `id in ["a", 1]` through to fail later as a backend error.
+            check = self._filter_check_collection()
+            self.client.search(check, data=[[0.0, 0.0]], anns_field="v", limit=1, filter=expr, search_params={"metric_type": "L2"})
 
         try:
             try:

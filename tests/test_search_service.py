@@ -376,6 +376,10 @@ def test_a_malformed_filter_is_refused_before_the_first_item(milvus_uri, encoder
         expect_error(CODE.INVALID_ARGUMENT, empty.search, vectors=query, filter='metadata["a"] == "x', match="unterminated")
         assert empty.search(vectors=query, filter='metadata["n"] >= 5').hits == []  # a good filter: no hits, no error
         assert empty.stats().images == empty.stats().captions == 0  # nothing was created for the data
+        # Collections that exist but are empty (their items deleted): a filter Milvus cannot type is still refused.
+        empty.index([vector_item("gone", "captions", DIM, seed=2)])
+        empty.stub.Delete(search_pb2.DeleteRequest(modality=search_pb2.CAPTION, ids=["gone"]), timeout=60)
+        expect_error(CODE.INVALID_ARGUMENT, empty.search, vectors=query, filter='id in ["a", 1]', match="filter:")
     finally:
         empty.close()
 
