@@ -573,7 +573,7 @@ class Searcher:
             request_id=request.request_id,
         )
         if expr:
-            await self._db(store.validate_filter, target, expr)
+            await self._db(store.validate_filter, expr)
         n = min(multiplier * top_k, cfg.max_candidates) if rerank else top_k
         ranking = await self._ranking(store.model) if rerank and store.model is not None else Ranking()
         if not store.hub_field:  # collections of schema format < 3 hold no hub statistics

@@ -393,31 +393,20 @@ class MilvusStore:
         rows = self._reading(name, "count", lambda: self.client.query(name, filter="", output_fields=["count(*)"], **self._read()))
         return int(rows[0]["count(*)"])
 
-    def validate_filter(self, modality: str, expr: str) -> None:
+    def validate_filter(self, expr: str) -> None:
         """Raise BadFilter unless Milvus accepts `expr` (checked once per expression, then cached)."""
         check_filter_names(expr)
         if expr in self._valid_filters:
             return
         from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
-        # Before the first item there is no collection to try it on: an empty one with the same filterable fields.
-        name = self.name(modality) if self.model is not None else self._filter_check_collection()
-
-        def dry_run() -> None:
-            self.client.query(name, filter=expr, output_fields=["id"], limit=1, consistency_level="Eventually")
-            # milvus-lite parses a query's filter only when the collection has rows, a search's always: an
-            # empty collection would let e.g. `id in ["a", 1]` through to fail later as a backend error.
-            check = self._filter_check_collection()
-            self.client.search(check, data=[[0.0, 0.0]], anns_field="v", limit=1, filter=expr, search_params={"metric_type": "L2"})
-
+        # Tried as a search on PREFIX_filter_check (id and metadata as in the data collections, never written;
+        # created and loaded, again after a Milvus restart, by _filter_check_collection): a search parses its
+        # filter always, where milvus-lite parses a query's only over rows, so a query on an empty or emptied
+        # collection would let e.g. `id in ["a", 1]` through to fail later as a backend error.
+        check = self._filter_check_collection()
         try:
-            try:
-                dry_run()
-            except MilvusException as exc:
-                if isinstance(exc, MilvusUnavailableException) or not is_not_loaded(exc):
-                    raise
-                self._reading(name, "load", lambda: self.client.load_collection(name))  # a restarted Milvus: load, check again
-                dry_run()
+            self.client.search(check, data=[[0.0, 0.0]], anns_field="v", limit=1, filter=expr, search_params={"metric_type": "L2"})
         except MilvusUnavailableException as exc:
             raise StoreError(f"Milvus unavailable: {exc}") from exc
         except MilvusException as exc:
