@@ -54,7 +54,16 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- parser
 
 
-class CommandParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but help that cannot be written fails like any other output: argparse ignores
+    a failed write, so `teran --help | true` would exit 0; here the BrokenPipeError reaches `main`,
+    which ends with the status of SIGPIPE as for a command's output (`teran stats | head -3`)."""
+
+    def print_help(self, file=None) -> None:
+        (file or sys.stdout).write(self.format_help())
+
+
+class CommandParser(Parser):
     """A subcommand's parser. An argument it does not know is an error reported with this command's
     usage and the closest valid option; argparse's default hands it to the top-level parser, whose
     usage says nothing about the command's options."""
@@ -128,7 +137,7 @@ def _metadata(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="teran",
         description="Command-line client of the TERAN encoder and search services (gRPC).",
         epilog=(

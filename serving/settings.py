@@ -4,8 +4,8 @@ Every setting is one config dataclass field made with `setting(default, help, ..
 default, its metadata the help text and how flag text converts (the kind, inferred from the field's type
 unless given). `Settings` turns the fields into an argparse parser (variable names and defaults in --help)
 and a loader with precedence flag > environment variable > default. `EndpointSettings` declares the
-settings every endpoint has (listener, TLS, bearer tokens, shutdown, logs), `ServiceSettings` adds what every
-gRPC service has (metrics, message and concurrency limits); a service's config inherits
+settings every endpoint has, gRPC or HTTP (listener, TLS, bearer tokens, shutdown, logs, Prometheus metrics),
+`ServiceSettings` adds what every gRPC service has (message and concurrency limits); a service's config inherits
 them and gives one its own default by redeclaring the field with a plain value (`port: int = 50051`),
 which keeps the declaration's help and kind. Validation stays with the service: the dataclass's
 `validate()` is called last and returns the config.
@@ -113,8 +113,8 @@ def setting(
 @dataclass
 class EndpointSettings:
     """The settings of every network endpoint this project serves, gRPC or HTTP: listener, TLS, bearer
-    tokens, shutdown, logs. An endpoint's config inherits them and redeclares a field with a plain value
-    to give it its own default (the listener port always: each endpoint has its own)."""
+    tokens, shutdown, logs, Prometheus metrics. An endpoint's config inherits them and redeclares a field
+    with a plain value to give it its own default (the listener port always: each endpoint has its own)."""
 
     host: str = setting("0.0.0.0", "listen address")
     port: int = setting(0, "listen port (0: any free port; the chosen one is logged)")
@@ -134,6 +134,12 @@ class EndpointSettings:
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("json", "json (one object per line) or text")
     access_log: bool = setting(False, "log every call (method, code, duration; items where the service counts them) at INFO")
+    # metrics: a separate plain HTTP listener (no TLS, no token)
+    metrics_host: str = setting(
+        "127.0.0.1",
+        "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
+    )
+    metrics_port: int = setting(-1, "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port")
 
     env_prefix: ClassVar[str] = ""  # of the config's variables (e.g. TERAN_SEARCH_), named in validation messages
 
@@ -156,24 +162,19 @@ class EndpointSettings:
         self.require(tokens_ok, "auth_token", "tokens must be non-empty without spaces")
         self.require(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
         self.require(self.log_format in ("json", "text"), "log_format", f"{self.log_format!r} is not one of json, text")
+        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
 
 
 @dataclass
 class ServiceSettings(EndpointSettings):
-    """The settings every gRPC service has beyond an endpoint's: metrics, message and concurrency limits."""
+    """The settings every gRPC service has beyond an endpoint's: message and concurrency limits."""
 
-    metrics_host: str = setting(
-        "127.0.0.1",
-        "Prometheus metrics HTTP listen address; the endpoint has no auth, so loopback by default: 0.0.0.0 to let a scraper in",
-    )
-    metrics_port: int = setting(-1, "Prometheus metrics HTTP port (/metrics); -1 disables, 0 any free port")
     max_message_bytes: int = setting(64 * MIB, "LIMIT: largest gRPC message received or sent, bytes (larger: RESOURCE_EXHAUSTED)")
     max_concurrent_rpcs: int = setting(256, "LIMIT: RPCs served at once; more are refused with RESOURCE_EXHAUSTED")
     max_request_id_chars: int = setting(128, "LIMIT: characters of a client's request_id (longer: INVALID_ARGUMENT)")
 
     def check_common(self) -> None:
         super().check_common()
-        self.require(-1 <= self.metrics_port <= 65535, "metrics_port", f"{self.metrics_port} is not a TCP port (-1 disables metrics)")
         self.require(self.max_message_bytes >= 64 * 1024, "max_message_bytes", f"must be >= 65536, got {self.max_message_bytes}")
         for name in ("max_concurrent_rpcs", "max_request_id_chars"):
             self.require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")

@@ -267,6 +267,23 @@ def test_closed_stdout_ends_quietly(servers, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("args", [["--help"], ["search", "--help"]])
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_help_into_a_closed_pipe_ends_like_sigpipe(args, unbuffered):
+    """`teran --help | true`: argparse ignores a failed write of its help (exit 0); the CLI ends with
+    the status of SIGPIPE, as for a command's own output, buffered or not, without a traceback."""
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    try:
+        done = subprocess.run([sys.executable, "-m", "client_cli", *args], stdout=write_end, stderr=subprocess.PIPE, env=env, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (EXIT_BROKEN_PIPE, b"")
+
+
 def test_option_typo_shows_the_command_usage_and_a_suggestion(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["search", "--topk", "5", "--caption", "a dog"])

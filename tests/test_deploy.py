@@ -288,6 +288,14 @@ def test_webui_http_probes_and_settings(rendered, name):
     assert pod["terminationGracePeriodSeconds"] > float(env["TERAN_WEB_SHUTDOWN_GRACE_S"]) + 5
     svc = _get(objs, "Service", "teran-webui")
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    # Prometheus: the metrics port (own listener, opened to the scraper), its annotations and Service
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert env["TERAN_WEB_METRICS_HOST"] == "0.0.0.0" and int(env["TERAN_WEB_METRICS_PORT"]) == ports["metrics"] != ports["http"]
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == ports["metrics"]
+    metrics_svc = _get(objs, "Service", "teran-webui-metrics")
+    assert metrics_svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert metrics_svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_encoder_flags_in_args_exist():

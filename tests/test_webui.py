@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import ssl
 import time
 import urllib.error
@@ -211,6 +212,62 @@ def test_search_service_down_is_503_with_a_hint(services):
         server.shutdown()
 
 
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The samples of the gateway's /metrics page: {(name, sorted label pairs): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_prometheus_metrics_on_their_own_port(services, web):
+    """Requests by route and status code, their latency, refusals by reason: scraped over real HTTP from the
+    metrics port, which opens and closes with the server (and is off with the default --metrics-port -1)."""
+    assert web.metrics_port is None  # the default: no metrics listener
+    server = WebServer(web_config(services, metrics_port=0))
+    server.serve_background()
+    port = server.metrics_port
+    try:
+        assert port and port != server.httpd.server_address[1]
+        assert call(server.url + "api/v1/search", {"text": "a dog", "top_k": 2})[0] == 200
+        assert call(server.url + "api/v1/search", {"text": "a cat", "top_k": 2})[0] == 200
+        assert call(server.url + "no/such/page?x=1")[0] == 404
+        assert call(server.url + "healthz")[0] == 200
+        connection = http.client.HTTPConnection("127.0.0.1", server.httpd.server_address[1], timeout=10)
+        connection.putrequest("POST", "/api/v1/search/image")
+        connection.putheader("Content-Length", str(server.config.max_upload_bytes + 1))
+        connection.endheaders()
+        assert connection.getresponse().status == 413
+        connection.close()
+        with socket.create_connection(("127.0.0.1", server.httpd.server_address[1]), timeout=10) as raw:
+            raw.sendall(b"GET /a b HTTP/1.1\r\n\r\n")  # a space in the path: refused by http.server's parsing, before any route
+            assert raw.makefile("rb").read().startswith(b"HTTP/1.1 400")  # to the end: the server closes the connection
+        # a request is counted once its response is written, which may be just after the client has read it
+        deadline = time.monotonic() + 10
+        samples = scrape(port)
+        while sum(v for (name, _), v in samples.items() if name == "teran_web_requests_total") < 6:
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.05)
+            samples = scrape(port)
+
+        def requests(route, code):
+            return samples.get(("teran_web_requests_total", (("code", code), ("route", route))), 0)
+
+        assert requests("search", "200") == 2 and requests("other", "404") == 1 and requests("healthz", "200") == 1
+        assert requests("search_image", "413") == 1 and requests("other", "400") == 1
+        assert not any(dict(labels).get("route") == "no/such/page" for _, labels in samples)  # routes, never raw paths
+        assert samples[("teran_web_request_seconds_count", (("route", "search"),))] == 2
+        assert samples[("teran_web_request_seconds_bucket", (("le", "+Inf"), ("route", "search")))] == 2
+        assert samples[("teran_web_request_seconds_count", (("route", "stats"),))] == 0  # every route's series from the start
+        assert samples[("teran_web_refused_requests_total", (("reason", "too_large"),))] == 1
+        assert samples[("teran_web_refused_requests_total", (("reason", "busy"),))] == 0
+        assert samples[("teran_web_inflight_requests", ())] == 0
+    finally:
+        server.shutdown()
+    with pytest.raises(OSError):
+        scrape(port)  # closed with the server
+
+
 def test_config_flags_and_variables(services, tmp_path):
     config = from_args(["--search-address", "search:50052", "--port", "0"], {"TERAN_WEB_MAX_UPLOAD_BYTES": "1000"})
     assert (config.search_address, config.max_upload_bytes, config.port) == ("search:50052", 1000, 0)
@@ -218,6 +275,13 @@ def test_config_flags_and_variables(services, tmp_path):
         from_args([], {})
     with pytest.raises(Exception, match="--images-dir .*not a folder"):
         from_args(["--search-address", "x:1", "--images-dir", str(tmp_path / "none")], {})
+    # metrics: the services' settings (serving.settings.EndpointSettings), off unless a port is given
+    assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", -1)
+    config = from_args(["--search-address", "x:1", "--metrics-port", "9092"], {"TERAN_WEB_METRICS_HOST": "0.0.0.0"})
+    assert (config.metrics_host, config.metrics_port) == ("0.0.0.0", 9092)
+    assert from_args(["--search-address", "x:1"], {"TERAN_WEB_METRICS_PORT": "-1"}).metrics_port == -1
+    with pytest.raises(Exception, match=r"--metrics-port \(TERAN_WEB_METRICS_PORT\): -2 is not a TCP port"):
+        from_args(["--search-address", "x:1", "--metrics-port", "-2"], {})
 
 
 # --- the page in a real browser
@@ -279,6 +343,26 @@ def test_page_in_headless_chromium(web, browser, services):
     assert len(captions) == 4 and all(c.find_element(By.CSS_SELECTOR, ".text").text in every_caption for c in captions)
     ActionChains(browser).move_to_element(captions[0].find_elements(By.CSS_SELECTOR, ".word")[0]).perform()
     assert browser.find_elements(By.CSS_SELECTOR, "#query-photo .box.on")
+
+    # a long result list: the query photo stays in view (sticky beside the results on a wide screen), so the
+    # box of a word pointed at far down is seen; on a narrow screen it stays above the results, full width
+    browser.set_window_size(1280, 480)
+    try:
+        ActionChains(browser).move_to_element(captions[-1].find_elements(By.CSS_SELECTOR, ".word")[0]).perform()
+        photo = browser.execute_script(
+            "const r = document.getElementById('query-photo').getBoundingClientRect();"
+            "return {top: r.top, bottom: r.bottom, right: r.right, height: innerHeight, scrolled: scrollY};"
+        )
+        results_left = browser.find_element(By.ID, "results").rect["x"]
+        assert photo["scrolled"] > 0, "the page should scroll at this size"
+        assert 0 <= photo["top"] and photo["bottom"] <= photo["height"] and photo["right"] <= results_left, photo
+        assert [b for b in browser.find_elements(By.CSS_SELECTOR, "#query-photo .box.on") if b.is_displayed()]
+        browser.set_window_size(600, 900)
+        browser.execute_script("scrollTo(0, 0)")
+        query_photo, results = browser.find_element(By.ID, "query-photo").rect, browser.find_element(By.ID, "results").rect
+        assert query_photo["y"] + query_photo["height"] <= results["y"] and results["width"] > 500  # stacked, each full width
+    finally:
+        browser.set_window_size(1280, 1600)
 
     # an error path: a filter the search service refuses is shown, and no stale results remain
     browser.find_element(By.ID, "filter").send_keys('metadata["caption"] ===')

@@ -1,8 +1,8 @@
 """Settings of the search page gateway (`python -m webui --help`): flags and TERAN_WEB_* variables.
 
-The listener, TLS, bearer token and log settings are the same as the gRPC services'
-(`serving.settings.EndpointSettings`); the rest say where the search service is and what a request
-may send.
+The listener, TLS, bearer token, log and metrics settings are the same as the gRPC services'
+(`serving.settings.EndpointSettings`; metrics are off unless --metrics-port is given); the rest say where
+the search service is and what a request may send.
 """
 
 from __future__ import annotations

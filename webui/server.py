@@ -12,6 +12,9 @@ Routes:
 Limits are checked before a body is read: no Content-Length (or a chunked body) is HTTP 411, a body
 over --max-upload-bytes / --max-json-bytes is 413, more than --max-inflight-requests API calls at
 once is 429. Every refusal is JSON: {"error": {"code": "INVALID_ARGUMENT", "message": "..."}}.
+
+Prometheus metrics (`webui.metrics`) are served on their own plain HTTP port, --metrics-port
+(-1: none), bound to --metrics-host.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from teran_api.search_client import SearchClient
 from webui.config import WebConfig
 from webui.gateway import PHOTO_TYPES, ApiError, Gateway, invalid
+from webui.metrics import Metrics, route_of
 
 STATIC = Path(__file__).with_name("static")
 PAGES = {"/": "index.html", "/static/app.js": "app.js", "/static/style.css": "style.css"}
@@ -64,6 +68,8 @@ class WebServer:
         self.gateway = Gateway(self.client, config.search_address, config.images_dir, config.default_top_k)
         self.pages = {route: (STATIC / name).read_bytes() for route, name in PAGES.items()}
         self.inflight = threading.BoundedSemaphore(config.max_inflight_requests)
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None  # bound once serving (--metrics-port >= 0)
         self.httpd: ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
         self.draining = False
@@ -93,17 +99,32 @@ class WebServer:
         return context
 
     def serve_background(self) -> str:
-        """Bind, serve on a daemon thread, return the page's URL."""
-        httpd = ThreadingHTTPServer((self.config.host, self.config.port), RequestHandler)
-        httpd.daemon_threads = True
-        if self.tls:
-            # the handshake runs on the connection's own thread (first read), under the read timeout
-            httpd.socket = self._tls_context().wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+        """Bind the metrics port (--metrics-port >= 0) and the page's, serve on daemon threads, return the
+        page's URL. On failure nothing stays bound."""
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        httpd = None
+        try:
+            httpd = ThreadingHTTPServer((self.config.host, self.config.port), RequestHandler)
+            httpd.daemon_threads = True
+            if self.tls:
+                # the handshake runs on the connection's own thread (first read), under the read timeout
+                httpd.socket = self._tls_context().wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            if httpd is not None:
+                httpd.server_close()
+            self.metrics.close()
+            self.metrics_port = None
+            raise
         httpd.app = self  # type: ignore[attr-defined]
         self.httpd = httpd
         self.thread = threading.Thread(target=httpd.serve_forever, name="webui-http", daemon=True)
         self.thread.start()
-        self.log.info("serving", extra={"url": self.url, "search_address": self.config.search_address, "tls": self.tls})
+        self.log.info(
+            "serving",
+            extra={"url": self.url, "metrics_port": self.metrics_port, "search_address": self.config.search_address, "tls": self.tls,
+                   "auth": bool(self.config.auth_tokens)},
+        )  # fmt: skip
         return self.url
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -121,6 +142,7 @@ class WebServer:
             self.httpd.shutdown()
             self.httpd.server_close()
         self.client.close()
+        self.metrics.close()
         self._stopped.set()
         self.log.info("stopped")
 
@@ -144,6 +166,7 @@ class WebServer:
 
 class RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response has a Content-Length
+    in_request = False  # handle_request is answering (else a refusal comes from http.server's own parsing)
     server_version = "teran-webui"
     sys_version = ""
 
@@ -179,9 +202,29 @@ class RequestHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a malformed request line, headers too long) as JSON too."""
         self.close_connection = True
+        started = time.perf_counter()
+        if not self.in_request:
+            self.status = 0  # not the previous request's on this connection
         names = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 414: "OUT_OF_RANGE",
                  431: "OUT_OF_RANGE", 501: "UNIMPLEMENTED", 505: "UNIMPLEMENTED"}  # fmt: skip
-        self.send_api_error(ApiError(code, names.get(code, "UNKNOWN"), message or self.responses.get(code, ("error",))[0]))
+        try:
+            self.send_api_error(ApiError(code, names.get(code, "UNKNOWN"), message or self.responses.get(code, ("error",))[0]))
+        except (BrokenPipeError, ConnectionResetError):  # the client is gone
+            pass
+        finally:
+            if not self.in_request:  # refused before routing: no route to name
+                self.count("other", started)
+
+    def count(self, route: str, started: float) -> None:
+        """Record an answered request in the metrics ("aborted": the client left before its response was written)."""
+        metrics = self.app.metrics
+        metrics.requests.labels(route, str(self.status) if self.status else "aborted").inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    def refusal(self, reason: str, error: ApiError) -> ApiError:
+        """`error`, counted as a refusal for `reason` (one of webui.metrics.REFUSALS)."""
+        self.app.metrics.refused.labels(reason).inc()
+        return error
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
         self.app.log.debug(format % args)
@@ -207,10 +250,26 @@ class RequestHandler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         self.status = 0
         self.body_read = False
+        self.in_request = True
         url = urlsplit(self.path)
         path = url.path
+        self.app.metrics.inflight.inc()
         try:
-            self.route(method, path, dict(parse_qsl(url.query, keep_blank_values=True)))
+            self.answer(method, path, url.query)
+        finally:
+            self.in_request = False
+            self.app.metrics.inflight.dec()
+            self.count(route_of(path), started)
+        if self.app.config.access_log:
+            self.app.log.info(
+                "request",
+                extra={"method": self.command, "path": path, "status": self.status, "ms": round((time.perf_counter() - started) * 1000, 1)},
+            )
+
+    def answer(self, method: str, path: str, query: str) -> None:
+        """Route the request; answer an error as JSON."""
+        try:
+            self.route(method, path, dict(parse_qsl(query, keep_blank_values=True)))
         except ApiError as error:
             if not self.body_read and self.headers.get("Content-Length", "0").strip() not in ("", "0"):
                 self.close_connection = True  # the unread body would be taken for the next request
@@ -222,11 +281,6 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.app.log.exception("request failed", extra={"path": path})
             self.close_connection = True
             self.send_api_error(ApiError(500, "INTERNAL", "the gateway failed on this request; see its log"))
-        if self.app.config.access_log:
-            self.app.log.info(
-                "request",
-                extra={"method": self.command, "path": path, "status": self.status, "ms": round((time.perf_counter() - started) * 1000, 1)},
-            )
 
     def route(self, method: str, path: str, params: dict) -> None:
         if path in self.app.pages:
@@ -256,7 +310,8 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def check_token(self) -> None:
         if not self.app.authorized(self.headers.get("Authorization")):
-            raise ApiError(401, "UNAUTHENTICATED", "missing or wrong bearer token: send `Authorization: Bearer TOKEN`")
+            message = "missing or wrong bearer token: send `Authorization: Bearer TOKEN`"
+            raise self.refusal("unauthenticated", ApiError(401, "UNAUTHENTICATED", message))
 
     def readiness(self) -> None:
         if self.app.draining:
@@ -278,9 +333,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def api(self, path: str, params: dict) -> None:
         if self.app.draining:
             self.close_connection = True
-            raise ApiError(503, "UNAVAILABLE", "the gateway is shutting down; retry on another replica")
+            raise self.refusal("draining", ApiError(503, "UNAVAILABLE", "the gateway is shutting down; retry on another replica"))
         if not self.app.inflight.acquire(blocking=False):
-            raise ApiError(429, "RESOURCE_EXHAUSTED", f"too many requests in flight (limit {self.app.config.max_inflight_requests}); retry")
+            limit = self.app.config.max_inflight_requests
+            raise self.refusal("busy", ApiError(429, "RESOURCE_EXHAUSTED", f"too many requests in flight (limit {limit}); retry"))
         try:
             if path == "/api/v1/stats":
                 self.send_json(200, self.app.gateway.stats())
@@ -296,19 +352,22 @@ class RequestHandler(BaseHTTPRequestHandler):
         """The request body, refused before it is read when it has no length or is over `limit`."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # its body cannot be skipped
-            raise ApiError(411, "INVALID_ARGUMENT", "send the body with a Content-Length (chunked bodies are not accepted)")
+            message = "send the body with a Content-Length (chunked bodies are not accepted)"
+            raise self.refusal("no_length", ApiError(411, "INVALID_ARGUMENT", message))
         length_text = self.headers.get("Content-Length")
         if length_text is None or not length_text.strip().isdigit():
-            raise ApiError(411, "INVALID_ARGUMENT", "a Content-Length header is required")
+            raise self.refusal("no_length", ApiError(411, "INVALID_ARGUMENT", "a Content-Length header is required"))
         length = int(length_text)
         if length > limit:
-            raise ApiError(413, "RESOURCE_EXHAUSTED", f"the body is {length} bytes; at most {limit} are accepted ({limit_flag})")
+            message = f"the body is {length} bytes; at most {limit} are accepted ({limit_flag})"
+            raise self.refusal("too_large", ApiError(413, "RESOURCE_EXHAUSTED", message))
         try:
             body = self.rfile.read(length)
         except TimeoutError:
             self.close_connection = True
             timeout = self.app.config.read_timeout_s
-            raise ApiError(408, "DEADLINE_EXCEEDED", f"the body did not arrive within {timeout} s (--read-timeout-s)") from None
+            message = f"the body did not arrive within {timeout} s (--read-timeout-s)"
+            raise self.refusal("slow_body", ApiError(408, "DEADLINE_EXCEEDED", message)) from None
         self.body_read = True
         if len(body) != length:
             self.close_connection = True

@@ -181,9 +181,15 @@ async function run(button, request) {
   }
 }
 
+// A photo query's photo, shown beside the results (a column of its own on wide screens: style.css).
+function showQueryPhoto(shown) {
+  $("query-photo").hidden = !shown;
+  $("answer").classList.toggle("photo-query", shown);
+}
+
 $("caption-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  $("query-photo").hidden = true;
+  showQueryPhoto(false);
   run($("caption-search"), () => api("/api/v1/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
@@ -198,7 +204,7 @@ $("photo-form").addEventListener("submit", (event) => {
   const query = $("query-img");
   query.parentElement.querySelectorAll(".box").forEach((b) => b.remove());
   query.src = URL.createObjectURL(file);
-  $("query-photo").hidden = false;
+  showQueryPhoto(true);
   const o = options();
   const params = new URLSearchParams({ top_k: o.top_k, filter: o.filter, rerank: o.rerank });
   run($("photo-search"), () => api("/api/v1/search/image?" + params, {
