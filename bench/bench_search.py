@@ -422,6 +422,48 @@ def concept_vectors(data: dict) -> np.ndarray:
     return np.concatenate([data["image_concepts"].reshape(-1, data["image_concepts"].shape[-1]), *words]).astype(np.float32)
 
 
+def decoded(codec, concepts: np.ndarray) -> np.ndarray:
+    """[..., D] concepts through `codec` and back (padding rows stay zero)."""
+    flat = concepts.reshape(-1, concepts.shape[-1]).astype(np.float32)
+    out = codec.decode(codec.encode(flat)) * (np.abs(flat).sum(axis=1, keepdims=True) > 0)
+    return out.reshape(concepts.shape)
+
+
+def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served, exhaustive_t2i, exhaustive_i2t, scores) -> dict:
+    """Agreement against bytes per vector, in numpy (the service's scoring on decoded concepts, every pair: the first
+    stage keeps every exhaustive top 10 at R_m 10), and how close the exhaustive ranking's 10th and 11th scores are:
+    the score precision a set-equality agreement asks of any codec."""
+    from search_service.concept_codes import train_codec
+
+    def same(ranked, exhaustive) -> float:
+        return round(float(np.mean([set(a) == set(b) for a, b in zip(ranked, exhaustive, strict=True)])), 4)
+
+    queries, image_queries = len(exhaustive_t2i), len(exhaustive_i2t)
+    rows = []
+    for size in sizes:
+        codec = train_codec(train_vectors, size)
+        t2i, _ = reference_scores({**data, "image_concepts": decoded(codec, data["image_concepts"])}, served)
+        i2t, _ = reference_scores({**data, "caption_concepts": decoded(codec, data["caption_concepts"])}, served)
+        rows.append(
+            {
+                "bytes_per_vector": codec.bytes_per_vector,
+                "concept_bytes_per_image": codec.bytes_per_vector * int(data["image_concepts"].shape[1]),
+                "agreement_at_10": same(top10(np.ascontiguousarray(t2i[:, :queries].T)), exhaustive_t2i),
+                "agreement_at_10_i2t": same(top10(i2t[:image_queries]), exhaustive_i2t),
+            }
+        )
+        log(f"codec sweep: {rows[-1]}")
+    ordered = -np.sort(-np.ascontiguousarray(scores[:, :queries].T), axis=1)
+    gaps = ordered[:, 9] - ordered[:, 10]
+    return {
+        "by_bytes": rows,
+        "rank_10_11_gap_t2i": {f"q{int(100 * q)}": float(f"{np.quantile(gaps, q):.3g}") for q in (0.01, 0.05, 0.1, 0.5)},
+        "note": "numpy, every pair scored on decoded concepts (no ANN, no service); the gap quantiles are the exhaustive "
+        "ranking's score differences between a query's 10th and 11th image: a codec keeps the top-10 set of a query only "
+        "where its score errors stay below that query's gap",
+    }
+
+
 def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
     """Train the concept codec on the train split's concepts, serve the dev split from collections that store its
     codes (no re-rank cache), and compare with the exhaustive full-precision ranking: the top-10 sets at R_m
@@ -431,7 +473,8 @@ def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
 
     started = time.perf_counter()
     train = encode_split(args.model_dir, args.codec_train_images, "train")
-    codec = train_codec(concept_vectors(train), args.codec_bytes)
+    train_vectors = concept_vectors(train)
+    codec = train_codec(train_vectors, args.codec_bytes)
     args.concept_codec.parent.mkdir(parents=True, exist_ok=True)
     codec.save(args.concept_codec)
     log(f"codec: {codec.describe()} trained in {time.perf_counter() - started:.1f}s -> {args.concept_codec}")
@@ -506,7 +549,11 @@ def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
         ),
         "explanations_unchanged": round(same_words / max(words, 1), 4),
         "explained_words": words,
-    }
+    } | (
+        {"sweep": codec_sweep(data, train_vectors, args.codec_sweep, served, exhaustive_t2i, exhaustive_i2t, scores)}
+        if args.codec_sweep
+        else {}
+    )
 
 
 def summary(direction: str, result: dict, multiplier: int) -> str:
@@ -741,6 +788,37 @@ def wait_indexed(store, timeout: float = 1800.0) -> float:
     return time.perf_counter() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def settle(store, server_pid: int | None, base: dict, window_s: float = 30.0, idle_cores: float = 0.1, timeout_s: float = 3600.0) -> None:
+    """After the index build, let the server reach its steady state before queries are timed: compact the image
+    collection (Milvus merges the small sealed segments of a bulk load, then indexes the merged ones: minutes of
+    CPU on 2 cores, which otherwise lands in the latency tail), wait for the new segments' index, then until the
+    server uses under `idle_cores` of a core over `window_s`. Records compact_s and settle_s in `base`."""
+    if server_pid is None:  # milvus-lite: no background work
+        return
+    started = time.perf_counter()
+    name = store.name("images")
+    job = store.client.compact(name)
+    while store.client.get_compaction_state(job) == "Executing" and time.perf_counter() - started < timeout_s:
+        time.sleep(5)
+    base["compact_s"] = round(time.perf_counter() - started, 1)
+    wait_indexed(store, timeout_s)
+    while time.perf_counter() - started < timeout_s:
+        before = cpu_seconds(server_pid)
+        time.sleep(window_s)
+        busy = (cpu_seconds(server_pid) - before) / window_s
+        if busy < idle_cores:
+            break
+        log(f"  settle: milvus busy at {busy:.2f} cores ({time.perf_counter() - started:.0f}s)")
+    base["settle_s"] = round(time.perf_counter() - started, 1)
+    log(f"  settled in {base['settle_s']}s (compaction {base['compact_s']}s)")
+
+
 def seal(store, base: dict) -> float:
     """Flush both collections, wait for their indexes and record the index settings in `base`; returns the flush seconds."""
     started = time.perf_counter()
@@ -792,6 +870,7 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
                 log(f"  scale {backend}: wrote {start + len(src)}/{n_items} ({time.perf_counter() - started:.0f}s)")
         index_s = time.perf_counter() - started
         flush_s = seal(store, base)
+        settle(store, server_pid, base)
         concept_bytes(store, base)
         log(f"scale {backend}: wrote {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), {base['concept_encoding']}")
     finally:
@@ -838,6 +917,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-backend", default="server")
     parser.add_argument("--scale-concepts", type=int, default=1, help="concept vectors per item of the scale part")
     parser.add_argument("--codec-bytes", type=int, default=80, help="codec part: bytes per concept vector (default 80)")
+    parser.add_argument(
+        "--codec-sweep",
+        type=lambda text: [int(x) for x in text.split(",") if x],
+        default=[80, 120, 160, 240],
+        help="codec part: bytes per vector of the agreement sweep (numpy, comma separated; empty: none)",
+    )
     parser.add_argument("--codec-train-images", type=int, default=2000, help="codec part: train photos (and their captions) fitted")
     parser.add_argument(
         "--concept-codec",

@@ -150,3 +150,33 @@ def test_agreement_refuses_a_service_ranking_other_than_the_reference(bench, tmp
     data = synthetic(n_images=4, per_image=2)
     with pytest.raises(RuntimeError, match="ranked by 'MrSw'"):
         bench.agreement(data, [1], 2, tmp_path, [], (Ranking(0.3), "mrsw"))
+
+
+def test_codec_sweep_scores_decoded_concepts_and_reports_the_boundary_gaps(bench):
+    data = synthetic(n_images=30, per_image=2, regions=4, dim=16)
+    served = Ranking(0.3)
+    scores, _ = bench.reference_scores(data, served)
+    exhaustive_t2i = bench.top10(np.ascontiguousarray(scores.T))
+    exhaustive_i2t = bench.top10(scores)
+    train = unit(np.random.default_rng(5).normal(size=(4096, 16)))
+    sweep = bench.codec_sweep(data, train, [2, 20], served, exhaustive_t2i, exhaustive_i2t, scores)
+    coarse, fine = sweep["by_bytes"]
+    assert (coarse["bytes_per_vector"], fine["bytes_per_vector"]) == (2, 20)
+    assert fine["concept_bytes_per_image"] == 20 * 4
+    # 20 bytes = 10 bits for each of the 16 dimensions: the top-10 sets survive; 2 bytes keep 16 bits in all
+    assert fine["agreement_at_10"] >= 0.95 and fine["agreement_at_10_i2t"] >= 0.95
+    assert coarse["agreement_at_10"] < fine["agreement_at_10"]
+    gaps = list(sweep["rank_10_11_gap_t2i"].values())
+    assert gaps == sorted(gaps) and gaps[0] >= 0
+
+
+def test_decoded_keeps_padding_rows_zero(bench):
+    from search_service.concept_codes import train_codec
+
+    codec = train_codec(unit(np.random.default_rng(1).normal(size=(2048, 16))), 8)
+    concepts = np.zeros((2, 3, 16), np.float32)
+    concepts[0, :2] = unit(np.ones((2, 16)))
+    out = bench.decoded(codec, concepts)
+    assert out.shape == concepts.shape
+    assert not out[0, 2].any() and not out[1].any()
+    assert np.all(np.linalg.norm(out[0, :2], axis=1) > 0.5)
