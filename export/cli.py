@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--int8-image-encoder",
-        default="dynamic",
-        choices=["dynamic", "static"],
-        help="int8 recipe of the image_encoder graph: dynamic (default; within 0.2 dev rsum of fp32, 1.3x) or static QDQ "
-        "calibrated on the backbone's regions (2x, -1.3 rsum); see export/quantize.py",
+        default="mixed",
+        choices=["mixed", "dynamic", "static"],
+        help="int8 recipe of the image_encoder graph: mixed (default: static QDQ convs except the depthwise ones, "
+        "calibrated on the backbone's regions, + dynamic MatMul), dynamic (MatMul only; slower) or static QDQ of every op "
+        "(fastest, least accurate); see export/quantize.py",
     )
     parser.add_argument(
         "--data-dir", default=None, help="Flickr8k-style folder for calibration (default: $TERAN_FLICKR8K_DIR or ../shared/data/flickr8k)"

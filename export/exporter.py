@@ -45,6 +45,8 @@ ORT_LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
 }
+# int8 recipes of the image_encoder graph (export/quantize.py); the first is the default
+INT8_IMAGE_ENCODER_RECIPES = ("mixed", "dynamic", "static")
 # Ops kept in fp32 in the fp16 graphs (numerically sensitive reductions), on top of
 # onnxruntime's own list of ops without fp16 kernels.
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf"]
@@ -279,7 +281,7 @@ def _quantize_all(
     pixels: np.ndarray | None,
     note: str | None,
     say: Progress,
-    image_encoder: str = "dynamic",
+    image_encoder: str = "mixed",
 ) -> dict:
     """Write `<graph>.int8.onnx` beside each fp32 graph (export.quantize recipes); fills entries / checks."""
     from export import quantize
@@ -293,20 +295,24 @@ def _quantize_all(
         t0 = time.monotonic()
         src, dst = tmp / entry.fp32, tmp / f"{graph_name}.int8.onnx"
         if graph_name == "text_encoder":
-            quantize.quantize_dynamic_graph(src, dst)
+            quantize.quantize_dynamic_graph(src, dst, exclude=quantize.text_fp32_matmuls(src))
             recipe = quantize.RECIPES["text_encoder"]
         elif graph_name == "image_backbone" and pixels is not None:
-            exclude = quantize.first_and_last_convs(src)
+            exclude = quantize.backbone_fp32_convs(src)
             quantize.quantize_static_graph(src, dst, quantize.backbone_feeds(pixels), exclude=exclude, percentile=True)
             recipe = quantize.RECIPES["image_backbone"]
-        elif graph_name == "image_encoder" and image_encoder == "static" and pixels is not None and "image_backbone" in entries:
+        elif graph_name == "image_encoder" and image_encoder != "dynamic" and pixels is not None and "image_backbone" in entries:
             names = [t.name for t in entry.inputs]
             feeds = quantize.encoder_feeds_from_backbone(tmp / entries["image_backbone"].fp32, pixels, names)
-            quantize.quantize_static_graph(src, dst, feeds)
-            recipe = quantize.RECIPES["image_encoder (static)"]
+            if image_encoder == "static":
+                quantize.quantize_static_graph(src, dst, feeds)
+                recipe = quantize.RECIPES["image_encoder (static)"]
+            else:
+                quantize.quantize_mixed_encoder(src, dst, feeds)
+                recipe = quantize.RECIPES["image_encoder"]
         else:  # image_encoder: dynamic (also without a backbone to calibrate with)
             quantize.quantize_dynamic_graph(src, dst, op_types=["MatMul", "Gemm"])
-            recipe = quantize.RECIPES["image_encoder"]
+            recipe = quantize.RECIPES["image_encoder (dynamic)"]
         onnx.checker.check_model(str(dst))
         diff, scaled = check_graph(source.graphs[graph_name], dst)
         if not np.isfinite(scaled):
@@ -347,7 +353,7 @@ def export_model_dir(
     int8: bool = True,
     calibration_pixels: np.ndarray | None = None,
     calibration_note: str | None = None,
-    int8_image_encoder: str = "dynamic",
+    int8_image_encoder: str = "mixed",
 ) -> Manifest:
     """Write a complete model directory at `out` (atomically) and return its manifest.
 
@@ -367,8 +373,8 @@ def export_model_dir(
         raise ExportError(f"model version must be an integer >= 1 (Triton version folder), got {version!r}")
     if max_batch < 1:
         raise ExportError(f"max batch must be >= 1, got {max_batch}")
-    if int8_image_encoder not in ("dynamic", "static"):
-        raise ExportError(f"int8 image encoder recipe must be 'dynamic' or 'static', got {int8_image_encoder!r}")
+    if int8_image_encoder not in INT8_IMAGE_ENCODER_RECIPES:
+        raise ExportError(f"int8 image encoder recipe must be one of {', '.join(INT8_IMAGE_ENCODER_RECIPES)}, got {int8_image_encoder!r}")
     if ort_level not in ORT_LEVELS:
         raise ExportError(f"unknown ORT optimisation level {ort_level!r}; choose one of {sorted(ORT_LEVELS)}")
     if not source.tokenizer_file.is_file():

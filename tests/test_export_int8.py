@@ -57,7 +57,7 @@ def test_int8_graphs_are_listed_with_checksums(exported):
     info = manifest.extra["int8"]
     assert info["recipes"]["text_encoder"]["method"] == "dynamic"
     assert info["recipes"]["image_backbone"]["method"] == "static" and info["recipes"]["image_backbone"]["format"] == "QDQ"
-    assert info["recipes"]["image_encoder"]["method"] == "dynamic"  # the default (export --int8-image-encoder)
+    assert info["recipes"]["image_encoder"]["method"] == "mixed"  # the default (export --int8-image-encoder)
     assert "synthetic" in info["calibration"]  # no calibration photos passed: the graphs' own example inputs
 
 
@@ -87,15 +87,37 @@ def test_int8_graphs_stay_close_to_fp32(exported):
 
 
 @pytest.mark.slow  # exports the shipped model in a clean clone
-def test_shipped_backbone_keeps_its_first_and_last_conv_in_fp32(shipped_model_dir):
-    fp32 = [n.name for n in onnx.load(str(shipped_model_dir / "image_backbone.fp32.onnx")).graph.node if n.op_type == "Conv"]
+def test_shipped_backbone_keeps_its_sensitive_convs_in_fp32(shipped_model_dir):
+    """The stem, the first depthwise conv, the first two blocks' projection convs and the last conv stay fp32."""
+    fp32 = onnx.load(str(shipped_model_dir / "image_backbone.fp32.onnx")).graph
+    convs32 = [n for n in fp32.node if n.op_type == "Conv"]
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1) for n in convs32]
+    depthwise = [i for i, g in enumerate(groups) if g > 1]
+    assert len(depthwise) >= 2
+    projections = [next(convs32[j].name for j in range(i + 1, len(convs32)) if groups[j] == 1) for i in depthwise[:2]]
+    keep = {convs32[0].name, convs32[depthwise[0]].name, *projections, convs32[-1].name}
+    assert len(keep) == 5
     graph = onnx.load(str(shipped_model_dir / "image_backbone.int8.onnx")).graph
     inits = {i.name for i in graph.initializer}
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
-    for name in (fp32[0], fp32[-1]):
+    for name in keep:
         assert name in convs and convs[name].input[1] not in dequantized, f"{name} should keep fp32 weights"
-    assert sum(n.input[1] in dequantized for n in convs.values()) == len(fp32) - 2  # every other conv is int8
+    assert sum(n.input[1] in dequantized for n in convs.values()) == len(convs32) - len(keep)  # every other conv is int8
+
+
+@pytest.mark.slow  # exports the shipped model in a clean clone
+def test_shipped_image_encoder_is_mixed(shipped_model_dir):
+    """Static QDQ on the pointwise convs (depthwise convs fp32), dynamic int8 MatMuls."""
+    graph = onnx.load(str(shipped_model_dir / "image_encoder.int8.onnx")).graph
+    inits = {i.name for i in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    grouped = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) > 1 for n in convs}
+    assert any(grouped.values()) and not all(grouped.values())
+    for n in convs:
+        assert (n.input[1] in dequantized) == (not grouped[n.name]), n.name
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in graph.node}
 
 
 def test_no_int8_export_and_calibration_photos(tmp_path):
