@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import ssl
 import threading
 import time
@@ -52,8 +53,6 @@ class WebServer:
     `serve_background`/`shutdown` do the same without asyncio (the demo, tests)."""
 
     def __init__(self, config: WebConfig, log=None, client: SearchClient | None = None):
-        import logging
-
         self.config = config
         self.log = log or logging.getLogger("webui")
         self.client = client or SearchClient(
