@@ -819,6 +819,15 @@ def settle(store, server_pid: int | None, base: dict, window_s: float = 30.0, id
     log(f"  settled in {base['settle_s']}s (compaction {base['compact_s']}s)")
 
 
+def record_segments(store, base: dict, args) -> None:
+    """The server's segment size setting and the image collection's loaded segments (each search visits every one)."""
+    base["segment_max_mb"] = args.segment_max_mb
+    try:
+        base["segments"] = len(store.client.list_loaded_segments(store.name("images")))
+    except Exception as exc:  # noqa: BLE001 - diagnostic only (milvus-lite has no segment listing)
+        log(f"  segments of {store.name('images')}: not listed ({exc})")
+
+
 def seal(store, base: dict) -> float:
     """Flush both collections, wait for their indexes and record the index settings in `base`; returns the flush seconds."""
     started = time.perf_counter()
@@ -871,6 +880,8 @@ def scale(data: dict, backend: str, uri: str, n_items: int, queries: int, server
         index_s = time.perf_counter() - started
         flush_s = seal(store, base)
         settle(store, server_pid, base)
+        if server_pid is not None:
+            record_segments(store, base, args)
         concept_bytes(store, base)
         log(f"scale {backend}: wrote {n_items} items in {index_s:.1f}s (flush {flush_s:.1f}s), {base['concept_encoding']}")
     finally:
@@ -915,6 +926,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scale-sizes", default="1000000")
     parser.add_argument("--scale-backend", default="server")
+    parser.add_argument(
+        "--segment-max-mb",
+        type=int,
+        default=1024,
+        help="Milvus server: dataCoord.segment.maxSize in MB (default 1024, as Milvus 2.4+; the package's 2.3: 512)",
+    )
     parser.add_argument("--scale-concepts", type=int, default=1, help="concept vectors per item of the scale part")
     parser.add_argument("--codec-bytes", type=int, default=80, help="codec part: bytes per concept vector (default 80)")
     parser.add_argument(
@@ -1006,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.scale_backend == "server":
                 from demo.milvus_standalone import MilvusStandalone
 
-                standalone = MilvusStandalone(workdir / "milvus-scale")
+                standalone = MilvusStandalone(workdir / "milvus-scale", segment_max_mb=args.segment_max_mb)
                 uri, pid = standalone.uri, standalone.pid
             else:
                 uri, pid = str(workdir / "scale.db"), None
@@ -1027,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "server":
                     from demo.milvus_standalone import MilvusStandalone
 
-                    standalone = MilvusStandalone(workdir / "milvus")
+                    standalone = MilvusStandalone(workdir / "milvus", segment_max_mb=args.segment_max_mb)
                     uri, pid = standalone.uri, standalone.pid
                 else:
                     uri, pid = str(workdir / "latency.db"), None

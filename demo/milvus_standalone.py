@@ -19,7 +19,10 @@ class MilvusStandalone:
     Stopped with the package's stop() (SIGTERM, then SIGKILL after 1 s); the process group is killed
     as a last resort."""
 
-    def __init__(self, base_dir: Path, start_timeout_s: float = 120.0):
+    def __init__(self, base_dir: Path, start_timeout_s: float = 120.0, segment_max_mb: int | None = None):
+        """`segment_max_mb`: the size at which sealed segments stop growing (dataCoord.segment.maxSize; None: the
+        package's 512 MB). Every search visits every segment, so a large collection answers faster from fewer,
+        larger ones (Milvus 2.4 and later default to 1024 MB)."""
         from milvus import MilvusServer, MilvusServerConfig
 
         # The embedded etcd would listen on its fixed default ports (client 2379, peer 2380), so a
@@ -42,7 +45,13 @@ class MilvusStandalone:
         anchor = "  use:\n    embed: true"
         if anchor not in template:
             raise RuntimeError("the milvus package's config template changed: update MilvusStandalone")
-        self.server.config.template_text = template.replace(anchor, f"  config:\n    path: {etcd_config}\n{anchor}", 1)
+        template = template.replace(anchor, f"  config:\n    path: {etcd_config}\n{anchor}", 1)
+        if segment_max_mb is not None:
+            line = "    maxSize: 512 # Maximum size of a segment in MB"
+            if line not in template:
+                raise RuntimeError("the milvus package's config template changed: update MilvusStandalone (segment maxSize)")
+            template = template.replace(line, f"    maxSize: {int(segment_max_mb)} # Maximum size of a segment in MB", 1)
+        self.server.config.template_text = template
         self.server.start()
         self.pid = self.server.server_proc.pid
         try:

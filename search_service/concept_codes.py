@@ -46,7 +46,7 @@ class ConceptCodec:
     def dimension(self) -> int:
         return self.mean.shape[0]
 
-    @property
+    @functools.cached_property
     def bytes_per_vector(self) -> int:
         return sum(-(-int((self.bits == b).sum()) * b // 8) for b in range(1, MAX_BITS + 1))
 
@@ -63,12 +63,39 @@ class ConceptCodec:
         )
 
     @functools.cached_property
-    def _powers(self) -> dict[int, np.ndarray]:
-        return {b: (2.0 ** np.arange(b)).astype(np.float32) for b in range(1, MAX_BITS + 1)}
+    def _group_list(self) -> list[tuple[int, np.ndarray]]:
+        return [(b, np.flatnonzero(self.bits == b)) for b in range(1, MAX_BITS + 1) if (self.bits == b).any()]
 
     def _groups(self):
         """(bits, component indices) for each bit width in use, in the order their fields are packed."""
-        return [(b, np.flatnonzero(self.bits == b)) for b in range(1, MAX_BITS + 1) if (self.bits == b).any()]
+        return self._group_list
+
+    @functools.cached_property
+    def _field_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Where each coded component's field lies in the codes: (first byte, bit shift, mask, level index base),
+        one entry per component with bits, in packing order (`_coded_dims`). A field of b <= 10 bits starting at bit s <= 7 of its
+        first byte lies within that byte and the next two."""
+        first, shift, mask, base = [], [], [], []
+        offset = offset_fields = 0
+        for b, dims in self._groups():
+            starts = offset * 8 + np.arange(len(dims)) * b  # bit positions in the codes (little-endian bit order)
+            first.append(starts // 8)
+            shift.append(starts % 8)
+            mask.append(np.full(len(dims), (1 << b) - 1))
+            base.append((offset_fields + np.arange(len(dims))) * self.levels.shape[1])
+            offset_fields += len(dims)
+            offset += -(-len(dims) * b // 8)
+        return tuple(np.concatenate(a).astype(np.intp if i in (0, 3) else np.uint32) for i, a in enumerate((first, shift, mask, base)))
+
+    @functools.cached_property
+    def _coded_dims(self) -> np.ndarray:
+        """The components with bits, in packing order."""
+        return np.concatenate([dims for _, dims in self._groups()])
+
+    @functools.cached_property
+    def _coded_levels(self) -> np.ndarray:
+        """The coded components' level tables, flat: component k's levels start at k * 2^MAX_BITS."""
+        return np.ascontiguousarray(self.levels[self._coded_dims]).reshape(-1)
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         """[N, D] -> uint8 codes [N, bytes_per_vector]."""
@@ -89,34 +116,34 @@ class ConceptCodec:
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """uint8 codes [..., bytes_per_vector] -> float32 vectors [..., D]."""
         y = self.decode_principal(codes)
-        return y[..., :-1] @ self.basis + self.mean
+        return y[..., :-1] @ self.basis[self._coded_dims] + self.mean
 
     def decode_principal(self, codes: np.ndarray) -> np.ndarray:
-        """uint8 codes [..., bytes_per_vector] -> [..., D + 1]: the principal coefficients, then 1. With
-        `principal_query`, dot products equal those with the decoded vectors without rotating each one back
-        (the re-rank's inner products, at the cost of a lookup): principal_query(q) . decode_principal(c) =
-        q . decode(c)."""
+        """uint8 codes [..., bytes_per_vector] -> [..., K + 1]: the K coded principal coefficients (the components
+        with bits, in packing order; the others decode to 0), then 1. With `principal_query`, dot products equal
+        those with the decoded vectors without rotating each one back (the re-rank's inner products, at the cost of
+        a lookup): principal_query(q) . decode_principal(c) = q . decode(c)."""
         codes = np.asarray(codes, np.uint8)
         lead = codes.shape[:-1]
         flat = codes.reshape(-1, codes.shape[-1])
-        y = np.zeros((len(flat), self.dimension + 1), np.float32)
+        if flat.shape[1] != self.bytes_per_vector:
+            raise ValueError(f"expected codes [..., {self.bytes_per_vector}], got {list(codes.shape)}")
+        first, shift, mask, base = self._field_layout
+        # every byte with the two after it as one little-endian 24-bit word; each field is then one shift and mask
+        padded = np.zeros((len(flat), flat.shape[1] + 2), np.uint32)
+        padded[:, : flat.shape[1]] = flat
+        words = padded[:, :-2] | (padded[:, 1:-1] << 8) | (padded[:, 2:] << 16)
+        fields = (words[:, first] >> shift) & mask
+        y = np.empty((len(flat), len(first) + 1), np.float32)
+        y[:, :-1] = self._coded_levels[base + fields]
         y[:, -1] = 1.0
-        levels = self.levels.reshape(-1)
-        offset = 0
-        for b, dims in self._groups():
-            width = -(-len(dims) * b // 8)
-            bits = np.unpackbits(flat[:, offset : offset + width], axis=1, bitorder="little")[:, : len(dims) * b]
-            # each field's value from its bits: a float32 matmul with the powers of two (exact below 2^24, and BLAS-fast)
-            fields = (bits.reshape(len(flat), len(dims), b).astype(np.float32) @ self._powers[b]).astype(np.intp)
-            y[:, dims] = np.take(levels, dims * self.levels.shape[1] + fields)
-            offset += width
-        return y.reshape(*lead, self.dimension + 1)
+        return y.reshape(*lead, len(first) + 1)
 
     def principal_query(self, vectors: np.ndarray) -> np.ndarray:
-        """Full-precision vectors [N, D] -> [N, D + 1]: rotated into the principal basis, then their dot
-        product with the mean (see `decode_principal`)."""
+        """Full-precision vectors [N, D] -> [N, K + 1]: their coefficients along the coded principal directions,
+        then their dot product with the mean (see `decode_principal`)."""
         q = np.asarray(vectors, np.float32)
-        return np.concatenate([q @ self.basis.T, (q @ self.mean)[:, None]], axis=1)
+        return np.concatenate([q @ self.basis[self._coded_dims].T, (q @ self.mean)[:, None]], axis=1)
 
     def to_bytes(self) -> bytes:
         """The .npz file's bytes (what `save` writes and `codec_from_bytes` reads)."""

@@ -62,6 +62,18 @@ def test_codes_have_the_promised_size_and_decode_close_to_the_vectors(codec):
         np.testing.assert_allclose(mrsw_scores(q, True, decoded_candidates), mrsw_scores(q, True, candidates), atol=0.05)
 
 
+def test_fields_of_every_width_unpack_at_any_bit_offset():
+    """Widths 1..10 packed back to back (fields straddle bytes at every shift): decoding returns each field's level."""
+    bits = np.array([10, 10, 7, 9, 1, 3, 5, 2, 10, 6, 4, 8, 0, 9, 7, 3])
+    levels = np.tile(np.arange(1 << MAX_BITS, dtype=np.float32), (DIM, 1))  # level k of every component is k
+    codec = check_codec(np.zeros(DIM), np.eye(DIM), bits, levels)
+    rng = np.random.default_rng(4)
+    fields = rng.integers(0, 1 << bits, size=(300, DIM)).astype(np.float32)  # component i: 0 .. 2^bits[i] - 1
+    codes = codec.encode(fields)
+    np.testing.assert_array_equal(codec.decode(codes), fields)
+    assert codes.shape[1] == codec.bytes_per_vector == sum(-(-int((bits == b).sum()) * b // 8) for b in range(1, MAX_BITS + 1))
+
+
 def test_save_load_and_bad_codecs(codec, tmp_path):
     path = tmp_path / "codec.bin"
     codec.save(path)  # the exact name
