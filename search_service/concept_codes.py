@@ -1,9 +1,9 @@
 """Concept vectors as compact codes: transform coding in the concepts' principal basis.
 
 A vector x [D] is centred and rotated into the principal basis of training concepts (PCA: y = (x - mean)
-@ basis.T); component i is replaced by the nearest of 2^b_i levels (one-dimensional Lloyd-Max levels
-fitted to that component), with the bits b_i (0..10, summing to a byte budget) allocated by reverse
-water-filling: b_i ~ log2(variance_i), so the components where concepts (and the queries they are
+@ basis.T); component i is replaced by the nearest of 2^b_i levels (spread over that component's
+training range, denser where its values are: `companded_levels`), with the bits b_i (0..10, summing to a
+byte budget) allocated by reverse water-filling: b_i ~ log2(variance_i), so the components where concepts (and the queries they are
 scored against, which live in the same space) vary most are kept most precisely, and the weakest get
 no bits (their training mean). The codes of a vector are its b_i-bit fields bit-packed into
 `bytes_per_vector` bytes. Decoding looks the levels up and rotates back; the re-rank scores decoded
@@ -32,7 +32,10 @@ import numpy as np
 from teran.errors import TeranInputError, run_tool
 
 MAX_BITS = 10  # per component (the strongest components need more than a byte)
-LLOYD_ITERATIONS = 25
+# the spacing of each component's levels (companded_levels), chosen on the training split: top-10 agreement with the
+# exhaustive full-precision ranking of 1,000 training photos at 80 bytes per vector: Lloyd-Max levels 0.933,
+# power 1/3 0.939, 1/2 0.946, 2/3 0.945, 0.8 0.938
+COMPANDING_POWER = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,9 +75,9 @@ class ConceptCodec:
 
     @functools.cached_property
     def _field_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Where each coded component's field lies in the codes: (first byte, bit shift, mask, level index base),
-        one entry per component with bits, in packing order (`_coded_dims`). A field of b <= 10 bits starting at bit s <= 7 of its
-        first byte lies within that byte and the next two."""
+        """Where each coded component's field lies in the codes: (first byte, bit shift, mask, index of its first level
+        in `_coded_levels`), one entry per component with bits, in packing order (`_coded_dims`). A field of b <= 10
+        bits starting at bit s <= 7 of its first byte lies within that byte and the next two."""
         first, shift, mask, base = [], [], [], []
         offset = offset_fields = 0
         for b, dims in self._groups():
@@ -83,9 +86,14 @@ class ConceptCodec:
             shift.append(starts % 8)
             mask.append(np.full(len(dims), (1 << b) - 1))
             base.append((offset_fields + np.arange(len(dims))) * self.levels.shape[1])
-            offset_fields += len(dims)
             offset += -(-len(dims) * b // 8)
-        return tuple(np.concatenate(a).astype(np.intp if i in (0, 3) else np.uint32) for i, a in enumerate((first, shift, mask, base)))
+            offset_fields += len(dims)
+        return (
+            np.concatenate(first).astype(np.intp),
+            np.concatenate(shift).astype(np.uint32),
+            np.concatenate(mask).astype(np.uint32),
+            np.concatenate(base).astype(np.intp),
+        )
 
     @functools.cached_property
     def _coded_dims(self) -> np.ndarray:
@@ -208,15 +216,25 @@ def allocate_bits(variances: np.ndarray, budget_bits: int) -> np.ndarray:
     return bits_for(high)
 
 
-def lloyd_levels(values: np.ndarray, count: int, iterations: int = LLOYD_ITERATIONS) -> np.ndarray:
-    """`count` levels minimising the squared error of `values` (1-D Lloyd-Max, from its quantiles), ascending."""
-    levels = np.quantile(values, (np.arange(count) + 0.5) / count)
-    for _ in range(iterations):
-        nearest = np.searchsorted((levels[1:] + levels[:-1]) / 2, values)
-        sums = np.bincount(nearest, values, minlength=count)
-        counts = np.bincount(nearest, minlength=count)
-        levels = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), levels))
-    return levels
+def companded_levels(values: np.ndarray, count: int, power: float = COMPANDING_POWER, bins: int = 2048) -> np.ndarray:
+    """`count` levels over the range of `values`, ascending, spaced with a point density proportional to the values'
+    (smoothed histogram) density raised to `power`: the k-th level at the (k + 1/2) / count quantile of that density.
+
+    Power 0 spaces the levels evenly, 1/3 is the high-resolution least-squares spacing. Why not Lloyd-Max levels
+    (the least squared error over all training values): MrSw sees the error of each word's best region, a max over
+    an image's regions, not the average error of a vector, and on the training split Lloyd-Max levels kept fewer
+    exhaustive top-10 sets (see COMPANDING_POWER). The smoothing keeps sparse tails from placing levels on single
+    training values."""
+    values = np.asarray(values, np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.full(count, low)
+    histogram, edges = np.histogram(values, bins=bins, range=(low, high))
+    kernel = np.exp(-0.5 * (np.arange(-8, 9) / 3.0) ** 2)  # a Gaussian of 3 bins: the density, not the sample's noise
+    density = np.convolve(histogram.astype(np.float64), kernel / kernel.sum(), mode="same") + 1e-3
+    weight = density**power
+    cdf = np.concatenate([[0.0], np.cumsum(weight)]) / weight.sum()
+    return np.interp((np.arange(count) + 0.5) / count, cdf, edges)
 
 
 def train_codec(vectors: np.ndarray, bytes_per_vector: int, *, sample: int = 200000, seed: int = 0) -> ConceptCodec:
@@ -240,7 +258,7 @@ def train_codec(vectors: np.ndarray, bytes_per_vector: int, *, sample: int = 200
     levels = np.zeros((dim, 1 << MAX_BITS), np.float32)
     for i in np.flatnonzero(bits):
         count = 1 << int(bits[i])
-        levels[i, :count] = lloyd_levels(y[:, i].astype(np.float64), count)
+        levels[i, :count] = companded_levels(y[:, i], count)
         levels[i, count:] = levels[i, count - 1]
     return check_codec(mean, basis, bits, levels)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from search_fixtures import ROOT, DirectSearch, unique_prefix, vectors_value
 
-from search_service.concept_codes import MAX_BITS, allocate_bits, check_codec, load_codec, train_codec
+from search_service.concept_codes import MAX_BITS, allocate_bits, check_codec, companded_levels, load_codec, train_codec
 from search_service.layout import CodecMismatch
 from search_service.ranking import mrsw_scores
 from teran.errors import TeranInputError
@@ -38,6 +38,18 @@ def test_bits_follow_the_variance_within_the_budget():
     assert bits.sum() <= 12 and list(bits) == sorted(bits, reverse=True) and bits[-1] == 0
     assert bits[0] - bits[3] == 3  # one bit per doubling of the variance
     assert allocate_bits(np.ones(4), 100).tolist() == [MAX_BITS] * 4
+
+
+def test_levels_follow_the_density_within_the_range():
+    values = np.random.default_rng(5).standard_normal(100000)
+    even = companded_levels(values, 16, power=0.0)  # power 0: evenly spaced over the range
+    np.testing.assert_allclose(np.diff(even), (values.max() - values.min()) / 16, rtol=0.02)
+    levels = companded_levels(values, 64)
+    gaps = np.diff(levels)
+    assert (gaps > 0).all() and values.min() <= levels[0] and levels[-1] <= values.max()
+    assert gaps[31] < gaps[5] and gaps[31] < gaps[-6]  # denser where the values are
+    assert 2 < gaps[5] / gaps[31] < 4  # but flatter than the density itself (about 6x thinner there: level 5 lies near -1.9)
+    assert np.all(companded_levels(np.full(50, 0.25), 4) == 0.25)
 
 
 def test_codes_have_the_promised_size_and_decode_close_to_the_vectors(codec):
