@@ -2,10 +2,10 @@
 
 A vector x [D] is centred and rotated into the principal basis of training concepts (PCA: y = (x - mean)
 @ basis.T); component i is replaced by the nearest of 2^b_i levels (spread over that component's
-training range, denser where its values are: `companded_levels`), with the bits b_i (0..10, summing to a
-byte budget) allocated by reverse water-filling: b_i ~ log2(variance_i), so the components where concepts (and the queries they are
-scored against, which live in the same space) vary most are kept most precisely, and the weakest get
-no bits (their training mean). The codes of a vector are its b_i-bit fields bit-packed into
+training range, denser where its values are: `companded_levels`), with the bits b_i (0..10, summing to
+a byte budget) allocated by reverse water-filling: b_i ~ log2(variance_i), so the components where
+concepts (and the queries they are scored against, which live in the same space) vary most are kept
+most precisely, and the weakest get no bits (their training mean). The codes of a vector are its b_i-bit fields bit-packed into
 `bytes_per_vector` bytes. Decoding looks the levels up and rotates back; the re-rank scores decoded
 candidates against the query's full-precision concepts (asymmetric).
 
@@ -66,12 +66,9 @@ class ConceptCodec:
         )
 
     @functools.cached_property
-    def _group_list(self) -> list[tuple[int, np.ndarray]]:
-        return [(b, np.flatnonzero(self.bits == b)) for b in range(1, MAX_BITS + 1) if (self.bits == b).any()]
-
-    def _groups(self):
+    def _groups(self) -> list[tuple[int, np.ndarray]]:
         """(bits, component indices) for each bit width in use, in the order their fields are packed."""
-        return self._group_list
+        return [(b, np.flatnonzero(self.bits == b)) for b in range(1, MAX_BITS + 1) if (self.bits == b).any()]
 
     @functools.cached_property
     def _field_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -80,7 +77,7 @@ class ConceptCodec:
         bits starting at bit s <= 7 of its first byte lies within that byte and the next two."""
         first, shift, mask, base = [], [], [], []
         offset = offset_fields = 0
-        for b, dims in self._groups():
+        for b, dims in self._groups:
             starts = offset * 8 + np.arange(len(dims)) * b  # bit positions in the codes (little-endian bit order)
             first.append(starts // 8)
             shift.append(starts % 8)
@@ -98,7 +95,12 @@ class ConceptCodec:
     @functools.cached_property
     def _coded_dims(self) -> np.ndarray:
         """The components with bits, in packing order."""
-        return np.concatenate([dims for _, dims in self._groups()])
+        return np.concatenate([dims for _, dims in self._groups])
+
+    @functools.cached_property
+    def _coded_basis(self) -> np.ndarray:
+        """The principal directions of the coded components [K, D], in packing order."""
+        return np.ascontiguousarray(self.basis[self._coded_dims])
 
     @functools.cached_property
     def _coded_levels(self) -> np.ndarray:
@@ -112,7 +114,7 @@ class ConceptCodec:
             raise ValueError(f"expected vectors [N, {self.dimension}], got {list(x.shape)}")
         y = (x - self.mean) @ self.basis.T
         packed = []
-        for b, dims in self._groups():
+        for b, dims in self._groups:
             fields = np.empty((len(x), len(dims)), np.uint16)
             for j, i in enumerate(dims):
                 levels = self.levels[i, : 1 << b]
@@ -124,7 +126,7 @@ class ConceptCodec:
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """uint8 codes [..., bytes_per_vector] -> float32 vectors [..., D]."""
         y = self.decode_principal(codes)
-        return y[..., :-1] @ self.basis[self._coded_dims] + self.mean
+        return y[..., :-1] @ self._coded_basis + self.mean
 
     def decode_principal(self, codes: np.ndarray) -> np.ndarray:
         """uint8 codes [..., bytes_per_vector] -> [..., K + 1]: the K coded principal coefficients (the components
@@ -151,7 +153,7 @@ class ConceptCodec:
         """Full-precision vectors [N, D] -> [N, K + 1]: their coefficients along the coded principal directions,
         then their dot product with the mean (see `decode_principal`)."""
         q = np.asarray(vectors, np.float32)
-        return np.concatenate([q @ self.basis[self._coded_dims].T, (q @ self.mean)[:, None]], axis=1)
+        return np.concatenate([q @ self._coded_basis.T, (q @ self.mean)[:, None]], axis=1)
 
     def to_bytes(self) -> bytes:
         """The .npz file's bytes (what `save` writes and `codec_from_bytes` reads)."""
