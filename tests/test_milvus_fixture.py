@@ -1,6 +1,6 @@
 """The Milvus standalone test fixture: a second server starts while one runs (as in two test runs at
 once on one machine), each on its own ports, the embedded etcd's included (it used to take the fixed
-2379/2380 and crash the second server)."""
+2379/2380 and crash the second server); a segment size asked for lands in the server's config."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("milvus")
 def test_two_standalone_servers_run_side_by_side(tmp_path):
     servers = [MilvusStandalone(tmp_path / "a")]
     try:
-        servers.append(MilvusStandalone(tmp_path / "b"))
+        servers.append(MilvusStandalone(tmp_path / "b", segment_max_mb=1024))
         from pymilvus import MilvusClient
 
         assert servers[0].uri != servers[1].uri
@@ -25,6 +25,10 @@ def test_two_standalone_servers_run_side_by_side(tmp_path):
             client.close()
             config = (server.base_dir / "configs" / "milvus.yaml").read_text()
             assert f"path: {server.base_dir / 'embedded-etcd.yaml'}" in config
+        segment_sizes = [
+            (s.base_dir / "configs" / "milvus.yaml").read_text().split("  segment:\n    maxSize: ")[1].split()[0] for s in servers
+        ]
+        assert segment_sizes == ["512", "1024"]  # the package's default, and the one asked for
         peers = [(s.base_dir / "embedded-etcd.yaml").read_text().split("listen-peer-urls: ")[1].split()[0] for s in servers]
         assert peers[0] != peers[1] and not any(p.endswith(":2380") for p in peers)
     finally:
