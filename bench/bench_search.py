@@ -429,9 +429,22 @@ def decoded(codec, concepts: np.ndarray) -> np.ndarray:
     return out.reshape(concepts.shape)
 
 
+def best_regions_kept(data: dict, decoded_regions: np.ndarray, exhaustive_t2i: list[list[int]]) -> float:
+    """Over each caption query's exhaustive top-10 photos, the share of its word pieces whose best region (the
+    explanation's, word piece by word piece) is the same on `decoded_regions` as on the stored fp16 regions."""
+    regions = data["image_concepts"].astype(np.float16).astype(np.float32)
+    kept = total = 0
+    for q, hits in enumerate(exhaustive_t2i):
+        words = data["caption_concepts"][q, : int(data["caption_lengths"][q])].astype(np.float16).astype(np.float32)
+        best = (regions[hits] @ words.T).argmax(axis=1)  # [10, words]
+        kept += int((best == (decoded_regions[hits] @ words.T).argmax(axis=1)).sum())
+        total += best.size
+    return round(kept / max(total, 1), 4)
+
+
 def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served, exhaustive_t2i, exhaustive_i2t, scores) -> dict:
-    """Agreement against bytes per vector, in numpy (the service's scoring on decoded concepts, every pair: the first
-    stage keeps every exhaustive top 10 at R_m 10), and how close the exhaustive ranking's 10th and 11th scores are:
+    """Agreement and explanations kept against bytes per vector, in numpy (the service's scoring on decoded concepts,
+    every pair: the first stage keeps every exhaustive top 10 at R_m 10), and how close the exhaustive ranking's 10th and 11th scores are:
     the score precision a set-equality agreement asks of any codec."""
     from search_service.concept_codes import train_codec
 
@@ -442,7 +455,8 @@ def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served,
     rows = []
     for size in sizes:
         codec = train_codec(train_vectors, size)
-        t2i, _ = reference_scores({**data, "image_concepts": decoded(codec, data["image_concepts"])}, served)
+        regions = decoded(codec, data["image_concepts"])
+        t2i, _ = reference_scores({**data, "image_concepts": regions}, served)
         i2t, _ = reference_scores({**data, "caption_concepts": decoded(codec, data["caption_concepts"])}, served)
         rows.append(
             {
@@ -450,6 +464,7 @@ def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served,
                 "concept_bytes_per_image": codec.bytes_per_vector * int(data["image_concepts"].shape[1]),
                 "agreement_at_10": same(top10(np.ascontiguousarray(t2i[:, :queries].T)), exhaustive_t2i),
                 "agreement_at_10_i2t": same(top10(i2t[:image_queries]), exhaustive_i2t),
+                "explanations_unchanged": best_regions_kept(data, regions, exhaustive_t2i),
             }
         )
         log(f"codec sweep: {rows[-1]}")

@@ -166,8 +166,17 @@ def test_codec_sweep_scores_decoded_concepts_and_reports_the_boundary_gaps(bench
     # 20 bytes = 10 bits for each of the 16 dimensions: the top-10 sets survive; 2 bytes keep 16 bits in all
     assert fine["agreement_at_10"] >= 0.95 and fine["agreement_at_10_i2t"] >= 0.95
     assert coarse["agreement_at_10"] < fine["agreement_at_10"]
+    assert fine["explanations_unchanged"] >= 0.95 and coarse["explanations_unchanged"] < fine["explanations_unchanged"]
     gaps = list(sweep["rank_10_11_gap_t2i"].values())
     assert gaps == sorted(gaps) and gaps[0] >= 0
+
+
+def test_best_regions_kept_compares_each_word_pieces_best_region(bench):
+    data = synthetic(n_images=3, per_image=1, regions=4, dim=16)
+    hits = [[0, 1, 2]] * 3
+    assert bench.best_regions_kept(data, data["image_concepts"], hits) == 1.0
+    shuffled = data["image_concepts"][:, ::-1]  # every photo's regions in reverse order: each best region moves
+    assert bench.best_regions_kept(data, shuffled, hits) == 0.0
 
 
 def test_decoded_keeps_padding_rows_zero(bench):
