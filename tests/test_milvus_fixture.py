@@ -19,15 +19,14 @@ def test_two_standalone_servers_run_side_by_side(tmp_path):
         from pymilvus import MilvusClient
 
         assert servers[0].uri != servers[1].uri
+        segment_sizes = []
         for server in servers:
             client = MilvusClient(uri=server.uri, timeout=10)
             assert isinstance(client.list_collections(), list)
             client.close()
             config = (server.base_dir / "configs" / "milvus.yaml").read_text()
             assert f"path: {server.base_dir / 'embedded-etcd.yaml'}" in config
-        segment_sizes = [
-            (s.base_dir / "configs" / "milvus.yaml").read_text().split("  segment:\n    maxSize: ")[1].split()[0] for s in servers
-        ]
+            segment_sizes.append(config.split("  segment:\n    maxSize: ")[1].split()[0])
         assert segment_sizes == ["512", "1024"]  # the package's default, and the one asked for
         peers = [(s.base_dir / "embedded-etcd.yaml").read_text().split("listen-peer-urls: ")[1].split()[0] for s in servers]
         assert peers[0] != peers[1] and not any(p.endswith(":2380") for p in peers)
