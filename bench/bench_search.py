@@ -41,6 +41,7 @@ Bag-of-Concepts (--boc SIZE:TOP,...) first stages.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from serving.runner import freeze_startup_heap  # noqa: E402
 from teran.alignment_numpy import blend_scores  # noqa: E402
 from teran_api.types import IndexItem, Modality, ModelRef, SearchQuery, Vectors  # noqa: E402
 
@@ -190,6 +192,7 @@ class Service:
         values.update(overrides)
         self.thread = ServerThread(SearchConfig(**values).validate())
         self.client = SearchClient(self.thread.target, timeout=7200, max_message_bytes=256 << 20)
+        freeze_startup_heap()  # as `python -m search_service` does once serving (this process hosts the service)
 
     def index(self, data: dict, n_items: int, noise: float = 0.0, batch: int = 128) -> float:
         rng = np.random.default_rng(0)
@@ -257,6 +260,7 @@ class Service:
     def close(self) -> None:
         self.client.close()
         self.thread.stop()
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------------- parts
@@ -442,6 +446,36 @@ def best_regions_kept(data: dict, decoded_regions: np.ndarray, exhaustive_t2i: l
     return round(kept / max(total, 1), 4)
 
 
+def grounding_kept(codec, model_dir: Path) -> dict:
+    """The pointing game (teran.grounding: Flickr30k Entities dev phrases, hit when the best region's centre lies in
+    a phrase box) of the explanations coded collections give, against those of fp16 ones: each phrase's best region
+    on its photo's decoded regions, the caption (the query) at full precision. Explanations go word piece by word
+    piece; the pointing game scores the same argmax for phrases of one or more pieces, against ground-truth boxes:
+    where a code moves a word to another region, whether it still points at the named thing."""
+    from teran import grounding
+    from teran.exported import ExportedModel
+
+    captions = grounding.load_phrase_captions("dev")
+    photos, index = grounding._dev_photos("dev", None, captions)
+    exported = ExportedModel(model_dir, "fp32")
+    regions, words, boxes = grounding.exported_concepts(exported, photos, [c.caption for c in captions])
+    phrases = grounding.build_phrase_set(captions, index, boxes, exported.tokenizer)
+    words = words.astype(np.float16).astype(np.float32)  # as sent
+    stored_scores = grounding.phrase_region_scores(regions.astype(np.float16), words, phrases)
+    coded_scores = grounding.phrase_region_scores(decoded(codec, regions), words, phrases)
+    stored, coded = grounding.pointing_game(stored_scores, phrases), grounding.pointing_game(coded_scores, phrases)
+    return {
+        "phrases": stored["phrases"],
+        "pointing_fp16": round(stored["pointing"], 4),
+        "pointing_codes": round(coded["pointing"], 4),
+        "same_best_region": round(float((stored_scores.argmax(1) == coded_scores.argmax(1)).mean()), 4),
+        "same_outcome": round(float((stored["hits"] == coded["hits"]).mean()), 4),
+        "note": "pointing game of the phrases' best regions on fp16 regions and on the codec's decoded regions (captions "
+        "as sent, fp16); same_best_region: phrases whose best region is unchanged; same_outcome: phrases hit (or missed) "
+        "on both",
+    }
+
+
 def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served, exhaustive_t2i, exhaustive_i2t, scores) -> dict:
     """Agreement and explanations kept against bytes per vector, in numpy (the service's scoring on decoded concepts,
     every pair: the first stage keeps every exhaustive top 10 at R_m 10), and how close the exhaustive ranking's 10th and 11th scores are:
@@ -564,6 +598,7 @@ def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
         ),
         "explanations_unchanged": round(same_words / max(words, 1), 4),
         "explained_words": words,
+        "grounding": grounding_kept(codec, args.model_dir),
     } | (
         {"sweep": codec_sweep(data, train_vectors, args.codec_sweep, served, exhaustive_t2i, exhaustive_i2t, scores)}
         if args.codec_sweep
@@ -660,16 +695,81 @@ def percentiles(times: list[float]) -> dict:
     }
 
 
+class QueryTrace:
+    """Where each query's time went: the searcher's stage timings (the ones its Prometheus histogram gets) and the
+    interpreter's garbage-collection pauses, per query, so that a latency tail can be laid at a stage's door."""
+
+    def __init__(self, searcher):
+        self.searcher, self.stages, self.gc_ms, self.full_collections, self._gc_started = searcher, {}, 0.0, 0, 0.0
+        self._observe = searcher._observe
+
+        def observe(stage: str, started: float) -> None:
+            self.stages[stage] = self.stages.get(stage, 0.0) + 1000 * (time.perf_counter() - started)
+            self._observe(stage, started)
+
+        searcher._observe = observe
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_ms += 1000 * (time.perf_counter() - self._gc_started)
+            self.full_collections += info["generation"] == 2
+
+    def start(self) -> None:
+        self.stages, self.gc_ms, self.full_collections = {}, 0.0, 0
+
+    def record(self, total_ms: float, at_s: float) -> dict:
+        known = sum(self.stages.values())
+        stages = {**self.stages, "gc": self.gc_ms, "outside_stages": total_ms - known}
+        return {"total_ms": total_ms, "at_s": at_s, "gc_full": self.full_collections, **{k: round(v, 2) for k, v in stages.items()}}
+
+    def close(self) -> None:
+        self.searcher._observe = self._observe
+        gc.callbacks.remove(self._on_gc)
+
+
+def tail_profile(traces: list[dict]) -> dict:
+    """Median stage times of all queries against those of the slowest 1%, and when the slow ones ran: a tail from
+    one stage shows there; slow queries bunched in time point at something else on the machine."""
+    totals = np.array([t["total_ms"] for t in traces])
+    slow = [t for t in traces if t["total_ms"] >= np.percentile(totals, 99)]
+    stages = sorted({k for t in traces for k in t} - {"total_ms", "at_s", "gc_full"})
+
+    def medians(group: list[dict]) -> dict:
+        return {k: round(float(np.median([t.get(k, 0.0) for t in group])), 2) for k in stages}
+
+    return {
+        "stage_median_ms_all": medians(traces),
+        "stage_median_ms_slowest_1pct": medians(slow),
+        "gc_full_collections": int(sum(t["gc_full"] for t in traces)),
+        "gc_tracked_objects": len(gc.get_objects()),
+        "slowest_1pct": sorted(({k: round(v, 2) for k, v in t.items()} for t in slow), key=lambda t: -t["total_ms"]),
+        "note": "per query: the searcher's stage timings (encode, first_stage, concepts, rerank), garbage-collection "
+        "pauses of the benchmark process (client and service share it; gc_full: full collections; a pause falls within "
+        "whichever stage it interrupts), and the time outside the stages (gRPC, explanations, client); at_s: seconds into "
+        "the timed queries",
+    }
+
+
 def measure(service: Service, data: dict, queries: int) -> dict:
     for q in range(5):  # warm-up
         service.search(data, q, 10, 10)
-    times = []
-    for q in range(queries):
-        started = time.perf_counter()
-        response = service.search(data, q % len(data["caption_global"]), 10, 10)
-        times.append(1000 * (time.perf_counter() - started))
-        assert len(response.hits) == 10
-    return percentiles(times)
+    times, traces = [], []
+    trace = QueryTrace(service.thread.server.searcher)
+    began = time.perf_counter()
+    try:
+        for q in range(queries):
+            trace.start()
+            started = time.perf_counter()
+            response = service.search(data, q % len(data["caption_global"]), 10, 10)
+            times.append(1000 * (time.perf_counter() - started))
+            traces.append(trace.record(times[-1], started - began))
+            assert len(response.hits) == 10
+    finally:
+        trace.close()
+    return {**percentiles(times), "tail": tail_profile(traces)}
 
 
 def cache_stats(service: Service) -> dict:

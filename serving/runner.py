@@ -7,6 +7,7 @@ raised TeranInputError: printed to stderr), otherwise as mapped by `startup_erro
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -33,8 +34,20 @@ async def serve(server, log) -> int:
         if not server.stopping:
             await server.stop(0)
         raise
+    freeze_startup_heap()
     await server.wait()
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Once the server is up, move every object then alive (modules, the model, clients, caches: about 115,000 in
+    the search service) to the collector's permanent generation. A full collection walks every tracked object and
+    holds the GIL while it does: with the startup heap in it, one took 55-125 ms in the search service process,
+    pausing whichever requests it fell in (the latency tail); afterwards it walks only what requests left behind.
+    Frozen objects are still freed when their last reference goes, only cycles among them are never collected: the
+    startup heap lives as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
 
 
 MMAP_THRESHOLD_BYTES = 1 << 20

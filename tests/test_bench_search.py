@@ -189,3 +189,46 @@ def test_decoded_keeps_padding_rows_zero(bench):
     assert out.shape == concepts.shape
     assert not out[0, 2].any() and not out[1].any()
     assert np.all(np.linalg.norm(out[0, :2], axis=1) > 0.5)
+
+
+def test_query_trace_splits_each_query_into_stages_and_collections(bench):
+    import gc
+    import time
+
+    class Searcher:  # the one method QueryTrace wraps
+        def __init__(self):
+            self.observed = []
+
+        def _observe(self, stage, started):
+            self.observed.append(stage)
+
+    searcher = Searcher()
+    original = searcher._observe
+    trace = bench.QueryTrace(searcher)
+    try:
+        trace.start()
+        started = time.perf_counter()
+        searcher._observe("first_stage", started - 0.004)
+        searcher._observe("rerank", started - 0.002)
+        gc.collect()
+        first = trace.record(20.0, 1.5)
+        trace.start()
+        second = trace.record(3.0, 2.0)
+    finally:
+        trace.close()
+    assert searcher.observed == ["first_stage", "rerank"]  # the service's own metrics still get every stage
+    assert searcher._observe == original and trace._on_gc not in gc.callbacks
+    assert first["first_stage"] >= 4.0 and first["rerank"] >= 2.0 and first["gc_full"] == 1 and first["gc"] > 0
+    # a collection pauses whichever stage it falls in: "gc" overlaps the stages, "outside_stages" does not
+    assert abs(first["outside_stages"] - (20.0 - first["first_stage"] - first["rerank"])) < 0.02
+    assert second == {"total_ms": 3.0, "at_s": 2.0, "gc_full": 0, "gc": 0.0, "outside_stages": 3.0}
+
+
+def test_tail_profile_compares_the_slowest_percent_with_all_queries(bench):
+    traces = [{"total_ms": 10.0, "at_s": float(i), "gc_full": 0, "first_stage": 6.0, "rerank": 2.0} for i in range(198)]
+    traces += [{"total_ms": 90.0, "at_s": 7.5, "gc_full": 1, "first_stage": 70.0, "rerank": 2.0}] * 2
+    profile = bench.tail_profile(traces)
+    assert profile["stage_median_ms_all"] == {"first_stage": 6.0, "rerank": 2.0}
+    assert profile["stage_median_ms_slowest_1pct"] == {"first_stage": 70.0, "rerank": 2.0}
+    assert [t["total_ms"] for t in profile["slowest_1pct"]] == [90.0, 90.0]
+    assert profile["gc_full_collections"] == 2

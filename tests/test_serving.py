@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 from dataclasses import dataclass
@@ -142,10 +143,17 @@ class _Server:
         return None
 
 
+@pytest.fixture
+def thawed_afterwards():
+    """run() freezes the heap once the server is up; this process's heap goes back to the collector afterwards."""
+    yield
+    gc.unfreeze()
+
+
 @pytest.mark.parametrize(
     ("error", "code"), [(None, 0), (TeranInputError("bad model"), 2), (OSError("port taken"), 1), (RuntimeError("x"), 3)]
 )
-def test_runner_exit_codes(error, code):
+def test_runner_exit_codes(error, code, thawed_afterwards):
     logs = ServiceLogging("serving_test_runner")
     result = run(
         [],
@@ -163,3 +171,19 @@ def test_runner_config_error(capsys):
 
     assert run([], load_config=load, make_server=None, logs=ServiceLogging("x"), startup_errors=()) == 2
     assert "error: --port: nope" in capsys.readouterr().err
+
+
+def test_runner_freezes_the_startup_heap_once_the_server_is_up(thawed_afterwards):
+    frozen = {}
+
+    class Server(_Server):
+        async def start(self) -> None:
+            frozen["at_start"] = gc.get_freeze_count()
+
+        async def wait(self) -> None:  # serving
+            frozen["serving"] = gc.get_freeze_count()
+
+    gc.unfreeze()
+    assert run([], load_config=lambda argv: _Config(), make_server=lambda c: Server(None), logs=ServiceLogging("t"), startup_errors=()) == 0
+    assert frozen["at_start"] == 0
+    assert frozen["serving"] > 1000  # the modules, the config, the server: everything alive once it started
