@@ -49,6 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -695,19 +696,44 @@ def percentiles(times: list[float]) -> dict:
     }
 
 
+class TimedSearches:
+    """A Milvus client whose `search` calls are timed (`on_search(ms)`); every other attribute is the client's."""
+
+    def __init__(self, client, on_search: Callable[[float], None]):
+        self._client, self._on_search = client, on_search
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def search(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self._client.search(*args, **kwargs)
+        finally:
+            self._on_search(1000 * (time.perf_counter() - started))
+
+
 class QueryTrace:
     """Where each query's time went: the searcher's stage timings (the ones its Prometheus histogram gets) and the
-    interpreter's garbage-collection pauses, per query, so that a latency tail can be laid at a stage's door."""
+    interpreter's garbage-collection pauses, per query, so that a latency tail can be laid at a stage's door. With
+    `store`, also `milvus_search`: the pymilvus search call alone, inside first_stage (the rest of that stage is the
+    hop to the service's database thread and turning the rows into candidates)."""
 
-    def __init__(self, searcher):
+    def __init__(self, searcher, store=None):
         self.searcher, self.stages, self.gc_ms, self.full_collections, self._gc_started = searcher, {}, 0.0, 0, 0.0
-        self._observe = searcher._observe
+        self._observe, self.store = searcher._observe, store
 
         def observe(stage: str, started: float) -> None:
             self.stages[stage] = self.stages.get(stage, 0.0) + 1000 * (time.perf_counter() - started)
             self._observe(stage, started)
 
+        def on_search(ms: float) -> None:
+            self.stages["milvus_search"] = self.stages.get("milvus_search", 0.0) + ms
+
         searcher._observe = observe
+        if store is not None:
+            self._client = store.client
+            store.client = TimedSearches(store.client, on_search)
         gc.callbacks.append(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict) -> None:
@@ -721,12 +747,14 @@ class QueryTrace:
         self.stages, self.gc_ms, self.full_collections = {}, 0.0, 0
 
     def record(self, total_ms: float, at_s: float) -> dict:
-        known = sum(self.stages.values())
+        known = sum(v for k, v in self.stages.items() if k != "milvus_search")  # milvus_search lies within first_stage
         stages = {**self.stages, "gc": self.gc_ms, "outside_stages": total_ms - known}
         return {"total_ms": total_ms, "at_s": at_s, "gc_full": self.full_collections, **{k: round(v, 2) for k, v in stages.items()}}
 
     def close(self) -> None:
         self.searcher._observe = self._observe
+        if self.store is not None:
+            self.store.client = self._client
         gc.callbacks.remove(self._on_gc)
 
 
@@ -746,7 +774,8 @@ def tail_profile(traces: list[dict]) -> dict:
         "gc_full_collections": int(sum(t["gc_full"] for t in traces)),
         "gc_tracked_objects": len(gc.get_objects()),
         "slowest_1pct": sorted(({k: round(v, 2) for k, v in t.items()} for t in slow), key=lambda t: -t["total_ms"]),
-        "note": "per query: the searcher's stage timings (encode, first_stage, concepts, rerank), garbage-collection "
+        "note": "per query: the searcher's stage timings (encode, first_stage, concepts, rerank; milvus_search: the "
+        "pymilvus search call alone, inside first_stage), garbage-collection "
         "pauses of the benchmark process (client and service share it; gc_full: full collections; a pause falls within "
         "whichever stage it interrupts), and the time outside the stages (gRPC, explanations, client); at_s: seconds into "
         "the timed queries",
@@ -757,7 +786,7 @@ def measure(service: Service, data: dict, queries: int) -> dict:
     for q in range(5):  # warm-up
         service.search(data, q, 10, 10)
     times, traces = [], []
-    trace = QueryTrace(service.thread.server.searcher)
+    trace = QueryTrace(service.thread.server.searcher, service.thread.server.store)
     began = time.perf_counter()
     try:
         for q in range(queries):
@@ -770,6 +799,40 @@ def measure(service: Service, data: dict, queries: int) -> dict:
     finally:
         trace.close()
     return {**percentiles(times), "tail": tail_profile(traces)}
+
+
+def first_stage_probe(store, data: dict, queries: int) -> dict:
+    """The first stage's Milvus calls from this thread, three ways interleaved per query (caption vectors, 100
+    candidates as at top_k 10, R_m 10): the store's search with the candidates' fields and concepts, an ids-only
+    search, and an ids-only search followed by one query by primary key for those fields. Whether fetching the
+    fields apart would shorten the tail, measured on the same collections as the row."""
+    from search_service.filters import id_filter
+
+    name, fields, read = store.name("images"), store._fields(True, False), store._read()
+    search_params = {"metric_type": "IP", "params": {"ef": 100} if store.index_type == "HNSW" else {}}
+    times: dict[str, list[float]] = {"search_with_fields": [], "search_ids_only": [], "ids_then_query_by_id": []}
+
+    def search(vector: list, output_fields: list[str]) -> list:
+        options = dict(anns_field="global_vector", limit=100, output_fields=output_fields, search_params=search_params)
+        return store.client.search(name, data=[vector], **options, **read)[0]
+
+    for q in range(queries):
+        vector = np.asarray(data["caption_global"][q % len(data["caption_global"])], np.float32).tolist()
+        started = time.perf_counter()
+        search(vector, fields)
+        times["search_with_fields"].append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        search(vector, ["id"])
+        times["search_ids_only"].append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        ids = [hit["id"] for hit in search(vector, ["id"])]
+        rows = store.client.query(name, filter=id_filter(ids), output_fields=fields, **read)
+        times["ids_then_query_by_id"].append(1000 * (time.perf_counter() - started))
+        assert len(rows) == len(ids)
+    return {way: {**percentiles(ms), "max_ms": round(max(ms), 2)} for way, ms in times.items()} | {
+        "queries": queries,
+        "note": "pymilvus calls from the benchmark's thread, not through the service; the three ways interleaved per query",
+    }
 
 
 def cache_stats(service: Service) -> dict:
@@ -845,6 +908,8 @@ def measure_without_cache(data: dict, uri: str, prefix: str, base: dict, queries
     service = Service(uri, rerank_cache_mb=0, **service_settings(prefix, args))
     try:
         timing = measure(service, data, queries)
+        if args.probe_first_stage:
+            timing["first_stage_probe"] = first_stage_probe(service.thread.server.store, data, queries)
         entry = {
             **base,
             "rerank_cache": False,
@@ -1074,6 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-params", type=json.loads, default={}, help="JSON build parameters (search service --index-params)")
     parser.add_argument("--rerank-cache-mb", type=float, default=8192, help="re-rank cache limit of the latency runs")
     parser.add_argument("--no-compare", dest="compare_no_cache", action="store_false", help="skip the run without the cache")
+    parser.add_argument(
+        "--probe-first-stage",
+        action="store_true",
+        help="runs without the re-rank cache: after the timed queries, time the first stage's Milvus calls from the "
+        "benchmark (search with fields, ids only, ids then a query by id; the row's first_stage_probe)",
+    )
     parser.add_argument("--keep", dest="drop", action="store_false", help="keep the latency collections")
     parser.add_argument("--merge", action="store_true", help="update --output in place: keep the parts and entries not re-run")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "bench-search.json")

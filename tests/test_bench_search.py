@@ -232,3 +232,75 @@ def test_tail_profile_compares_the_slowest_percent_with_all_queries(bench):
     assert profile["stage_median_ms_slowest_1pct"] == {"first_stage": 70.0, "rerank": 2.0}
     assert [t["total_ms"] for t in profile["slowest_1pct"]] == [90.0, 90.0]
     assert profile["gc_full_collections"] == 2
+
+
+def test_query_trace_times_the_milvus_search_inside_the_first_stage(bench):
+    import time
+
+    class Client:
+        def search(self, *args, **kwargs):
+            time.sleep(0.003)
+            return [["hit"]]
+
+        def query(self, *args, **kwargs):
+            return []
+
+    class Store:
+        client = Client()
+
+    class Searcher:
+        def _observe(self, stage, started):
+            pass
+
+    store, searcher = Store(), Searcher()
+    real = store.client
+    trace = bench.QueryTrace(searcher, store)
+    try:
+        trace.start()
+        started = time.perf_counter()
+        assert store.client.search("images") == [["hit"]] and store.client.query("images") == []  # calls pass through
+        searcher._observe("first_stage", started)
+        record = trace.record(10.0, 0.0)
+    finally:
+        trace.close()
+    assert store.client is real
+    assert 3.0 <= record["milvus_search"] <= record["first_stage"]
+    # the Milvus call lies within first_stage: counted once in the time outside the stages
+    assert abs(record["outside_stages"] - (10.0 - record["first_stage"])) < 0.02
+
+
+def test_first_stage_probe_times_three_ways_of_fetching_the_candidates(bench):
+    calls = []
+
+    class Client:
+        def search(self, name, data, anns_field, limit, output_fields, search_params, **read):
+            calls.append(("search", tuple(output_fields), limit))
+            return [[{"id": f"i{k}", "distance": 1.0} for k in range(3)]]
+
+        def query(self, name, filter, output_fields, **read):
+            calls.append(("query", filter))
+            return [{"id": f"i{k}"} for k in range(3)]
+
+    class Store:
+        client, index_type = Client(), "HNSW"
+
+        def name(self, modality):
+            return f"bench_{modality}"
+
+        def _fields(self, concepts, global_vector):
+            return ["id", "concepts_0"]
+
+        def _read(self):
+            return {"consistency_level": "Bounded"}
+
+    data = {"caption_global": np.eye(4, dtype=np.float32)}
+    probe = bench.first_stage_probe(Store(), data, 2)
+    assert calls[:4] == [
+        ("search", ("id", "concepts_0"), 100),
+        ("search", ("id",), 100),
+        ("search", ("id",), 100),
+        ("query", 'id in ["i0", "i1", "i2"]'),
+    ]
+    assert len(calls) == 8 and probe["queries"] == 2
+    for way in ("search_with_fields", "search_ids_only", "ids_then_query_by_id"):
+        assert 0 <= probe[way]["p50_ms"] <= probe[way]["p99_ms"] <= probe[way]["max_ms"]
