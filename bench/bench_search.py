@@ -809,7 +809,7 @@ def first_stage_probe(store, data: dict, queries: int) -> dict:
     from search_service.filters import id_filter
 
     name, fields, read = store.name("images"), store._fields(True, False), store._read()
-    search_params = {"metric_type": "IP", "params": {"ef": 100} if store.index_type == "HNSW" else {}}
+    search_params = {"metric_type": "IP", "params": store.dense_search_params(100)}
     times: dict[str, list[float]] = {"search_with_fields": [], "search_ids_only": [], "ids_then_query_by_id": []}
 
     def search(vector: list, output_fields: list[str]) -> list:

@@ -303,6 +303,13 @@ class MilvusStore:
                 if self.client.has_collection(name):
                     self.client.load_collection(name)
 
+    def dense_search_params(self, limit: int) -> dict:
+        """The dense first stage's index parameters for `limit` candidates (HNSW searches at least `limit` deep)."""
+        params = dict(self.search_params)
+        if self.index_type == "HNSW":
+            params["ef"] = max(int(params.get("ef", 64)), limit)
+        return params
+
     def _fields(self, concepts: bool, global_vector: bool) -> list[str]:
         names = ["id", "num_concepts", "labels", "boxes", "metadata", "model"] + (["stamp"] if self.stamped else [])
         names += ["hub"] if self.hub_field else []
@@ -439,9 +446,7 @@ class MilvusStore:
         if self.model is None:
             return []
         if first_stage == "dense":
-            params = dict(self.search_params)
-            if self.index_type == "HNSW":
-                params["ef"] = max(int(params.get("ef", 64)), limit)
+            params = self.dense_search_params(limit)
             data, field = [np.asarray(vector, dtype=np.float32).tolist()], "global_vector"
         elif first_stage == BOC:
             if self.codebook is None:

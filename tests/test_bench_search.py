@@ -274,6 +274,7 @@ def test_first_stage_probe_times_three_ways_of_fetching_the_candidates(bench):
 
     class Client:
         def search(self, name, data, anns_field, limit, output_fields, search_params, **read):
+            assert search_params == {"metric_type": "IP", "params": {"ef": 100}}
             calls.append(("search", tuple(output_fields), limit))
             return [[{"id": f"i{k}", "distance": 1.0} for k in range(3)]]
 
@@ -282,7 +283,10 @@ def test_first_stage_probe_times_three_ways_of_fetching_the_candidates(bench):
             return [{"id": f"i{k}"} for k in range(3)]
 
     class Store:
-        client, index_type = Client(), "HNSW"
+        client = Client()
+
+        def dense_search_params(self, limit):
+            return {"ef": limit}
 
         def name(self, modality):
             return f"bench_{modality}"
