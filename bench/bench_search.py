@@ -427,8 +427,17 @@ def concept_vectors(data: dict) -> np.ndarray:
     return np.concatenate([data["image_concepts"].reshape(-1, data["image_concepts"].shape[-1]), *words]).astype(np.float32)
 
 
-def decoded(codec, concepts: np.ndarray) -> np.ndarray:
-    """[..., D] concepts through `codec` and back (padding rows stay zero)."""
+def word_vectors(data: dict) -> np.ndarray:
+    """Every caption word piece of a split (no padding)."""
+    return concept_vectors(data)[data["image_concepts"].shape[0] * data["image_concepts"].shape[1] :]
+
+
+def decoded(codec, concepts: np.ndarray, images: bool = False) -> np.ndarray:
+    """[..., D] concepts through `codec` and back (padding rows stay zero); `images`: [N, R, D] images' regions as a
+    collection stores them (ConceptCodec.encode_images: the salient ones kept)."""
+    if images:
+        block = codec.decode_images(codec.encode_images(list(np.asarray(concepts, np.float32))), [concepts.shape[1]] * len(concepts))
+        return codec.image_vectors(block)
     flat = concepts.reshape(-1, concepts.shape[-1]).astype(np.float32)
     out = codec.decode(codec.encode(flat)) * (np.abs(flat).sum(axis=1, keepdims=True) > 0)
     return out.reshape(concepts.shape)
@@ -463,7 +472,7 @@ def grounding_kept(codec, model_dir: Path) -> dict:
     phrases = grounding.build_phrase_set(captions, index, boxes, exported.tokenizer)
     words = words.astype(np.float16).astype(np.float32)  # as sent
     stored_scores = grounding.phrase_region_scores(regions.astype(np.float16), words, phrases)
-    coded_scores = grounding.phrase_region_scores(decoded(codec, regions), words, phrases)
+    coded_scores = grounding.phrase_region_scores(decoded(codec, regions, images=True), words, phrases)
     stored, coded = grounding.pointing_game(stored_scores, phrases), grounding.pointing_game(coded_scores, phrases)
     return {
         "phrases": stored["phrases"],
@@ -477,7 +486,18 @@ def grounding_kept(codec, model_dir: Path) -> dict:
     }
 
 
-def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served, exhaustive_t2i, exhaustive_i2t, scores) -> dict:
+def codec_sweep(
+    data: dict,
+    train: dict,
+    sizes: list[int],
+    salient: list[int],
+    image_bytes: int,
+    word_bytes: int,
+    served,
+    exhaustive_t2i,
+    exhaustive_i2t,
+    scores,
+) -> dict:
     """Agreement and explanations kept against bytes per vector, in numpy (the service's scoring on decoded concepts,
     every pair: the first stage keeps every exhaustive top 10 at R_m 10), and how close the exhaustive ranking's 10th and 11th scores are:
     the score precision a set-equality agreement asks of any codec."""
@@ -487,7 +507,29 @@ def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served,
         return round(float(np.mean([set(a) == set(b) for a, b in zip(ranked, exhaustive, strict=True)])), 4)
 
     queries, image_queries = len(exhaustive_t2i), len(exhaustive_i2t)
-    rows = []
+    train_vectors = concept_vectors(train)
+    rows, salient_rows = [], []
+    for count in salient:
+        codec = train_codec(
+            train_vectors,
+            word_bytes,
+            words=word_vectors(train),
+            salient=count,
+            image_bytes=image_bytes,
+            regions=train["image_concepts"].shape[1],
+        )
+        regions = decoded(codec, data["image_concepts"], images=True)
+        t2i, _ = reference_scores({**data, "image_concepts": regions}, served)
+        salient_rows.append(
+            {
+                "salient_regions": count,
+                "region_bytes": codec.region_codec.bytes_per_vector,
+                "concept_bytes_per_image": codec.image_bytes(int(data["image_concepts"].shape[1])),
+                "agreement_at_10": same(top10(np.ascontiguousarray(t2i[:, :queries].T)), exhaustive_t2i),
+                "explanations_unchanged": best_regions_kept(data, regions, exhaustive_t2i),
+            }
+        )
+        log(f"codec sweep: {salient_rows[-1]}")
     for size in sizes:
         codec = train_codec(train_vectors, size)
         regions = decoded(codec, data["image_concepts"])
@@ -507,6 +549,7 @@ def codec_sweep(data: dict, train_vectors: np.ndarray, sizes: list[int], served,
     gaps = ordered[:, 9] - ordered[:, 10]
     return {
         "by_bytes": rows,
+        "by_salient": salient_rows,
         "rank_10_11_gap_t2i": {f"q{int(100 * q)}": float(f"{np.quantile(gaps, q):.3g}") for q in (0.01, 0.05, 0.1, 0.5)},
         "note": "numpy, every pair scored on decoded concepts (no ANN, no service); the gap quantiles are the exhaustive "
         "ranking's score differences between a query's 10th and 11th image: a codec keeps the top-10 set of a query only "
@@ -523,8 +566,14 @@ def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
 
     started = time.perf_counter()
     train = encode_split(args.model_dir, args.codec_train_images, "train")
-    train_vectors = concept_vectors(train)
-    codec = train_codec(train_vectors, args.codec_bytes)
+    codec = train_codec(
+        concept_vectors(train),
+        args.codec_bytes,
+        words=word_vectors(train),
+        salient=args.codec_salient,
+        image_bytes=args.codec_image_bytes,
+        regions=train["image_concepts"].shape[1],
+    )
     args.concept_codec.parent.mkdir(parents=True, exist_ok=True)
     codec.save(args.concept_codec)
     log(f"codec: {codec.describe()} trained in {time.perf_counter() - started:.1f}s -> {args.concept_codec}")
@@ -582,7 +631,8 @@ def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
         "path": str(args.concept_codec.relative_to(ROOT)) if args.concept_codec.is_relative_to(ROOT) else str(args.concept_codec),
         "trained_on": f"train split: {len(train['image_global'])} photos' regions, {len(train['caption_global'])} captions' word pieces",
         "bytes_per_vector": codec.bytes_per_vector,
-        "concept_bytes_per_image": codec.bytes_per_vector * int(data["image_concepts"].shape[1]),
+        "salient_regions": codec.salient,
+        "concept_bytes_per_image": codec.image_bytes(int(data["image_concepts"].shape[1])),
         "fp16_concept_bytes_per_image": 2 * int(data["image_concepts"].shape[1]) * int(data["image_concepts"].shape[2]),
         "concept_encoding": stats.concept_encoding,
         "rerank_multiplier": multiplier,
@@ -601,8 +651,20 @@ def codec_part(data: dict, args, workdir: Path, ranking: tuple) -> dict:
         "explained_words": words,
         "grounding": grounding_kept(codec, args.model_dir),
     } | (
-        {"sweep": codec_sweep(data, train_vectors, args.codec_sweep, served, exhaustive_t2i, exhaustive_i2t, scores)}
-        if args.codec_sweep
+        {
+            "sweep": codec_sweep(
+                data,
+                train,
+                args.codec_sweep,
+                args.codec_salient_sweep,
+                args.codec_image_bytes,
+                served,
+                exhaustive_t2i,
+                exhaustive_i2t,
+                scores,
+            )
+        }
+        if args.codec_sweep or args.codec_salient_sweep
         else {}
     )
 
@@ -855,9 +917,8 @@ def service_settings(prefix: str, args) -> dict:
 
 def concept_bytes(store, base: dict) -> None:
     """What one image item's concepts take: the raw bytes (codes or fp16) and the encoding."""
-    per_vector = store.layout.concepts.bytes_per_vector(store.known_model.dimension)
     base["concept_encoding"] = store.layout.concepts.describe(store.chunks)
-    base["concept_bytes_per_image"] = per_vector * int(base["concepts_per_item"])
+    base["concept_bytes_per_image"] = store.layout.concepts.item_bytes(store.known_model.dimension, int(base["concepts_per_item"]), True)
 
 
 def measure_phases(data: dict, uri: str, prefix: str, base: dict, queries: int, server_pid: int | None, args) -> list[dict]:
@@ -1113,7 +1174,17 @@ def main(argv: list[str] | None = None) -> int:
         help="Milvus server: dataCoord.segment.maxSize in MB (default 1024, as Milvus 2.4+; the package's 2.3: 512)",
     )
     parser.add_argument("--scale-concepts", type=int, default=1, help="concept vectors per item of the scale part")
-    parser.add_argument("--codec-bytes", type=int, default=80, help="codec part: bytes per concept vector (default 80)")
+    parser.add_argument("--codec-bytes", type=int, default=80, help="codec part: bytes per caption word piece (default 80)")
+    parser.add_argument("--codec-salient", type=int, default=4, help="codec part: regions per image kept as fp16 (default 4; 0: none)")
+    parser.add_argument(
+        "--codec-image-bytes", type=int, default=4096, help="codec part: bytes per image with salient regions (default 4096)"
+    )
+    parser.add_argument(
+        "--codec-salient-sweep",
+        type=lambda text: [int(x) for x in text.split(",") if x],
+        default=[3, 4, 5],
+        help="codec part: fp16 regions per image of the salient sweep at --codec-image-bytes (numpy, comma separated; empty: none)",
+    )
     parser.add_argument(
         "--codec-sweep",
         type=lambda text: [int(x) for x in text.split(",") if x],

@@ -1,7 +1,8 @@
 """How arrays are stored as text in Milvus fields: their little-endian bytes in base64. Concept vectors
-[N, D] go as fp16, or as compact codes (uint8 [N, bytes per vector], search_service.concept_codes) in
-collections created with a concept codec, split over a row's VARCHAR fields concepts_0..K-1 (K fixed
-by the bytes per vector and max_concepts); boxes [N, 4] and the BoC codebook as float32.
+[N, D] go as fp16, or as compact codes (search_service.concept_codes: a caption's uint8 [N, bytes per
+vector], an image's one uint8 string with its salient regions) in collections created with a concept codec,
+split over a row's VARCHAR fields concepts_0..K-1 (K fixed by the codec and max_concepts); boxes [N, 4]
+and the BoC codebook as float32.
 
 Why VARCHAR/base64 fp16: milvus-lite 3.x has no BINARY_VECTOR or FLOAT16_VECTOR field, Milvus 2.3
 no FLOAT16_VECTOR, and neither has array-of-vector fields (native MaxSim needs Milvus >= 2.6.4);
@@ -42,10 +43,10 @@ def unpack_rows(text: str, dtype: str, columns: int) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype).reshape(-1, columns)
 
 
-def concept_chunks(dimension: int, max_concepts: int, bytes_per_vector: int | None = None) -> int:
-    """The VARCHAR fields needed for `max_concepts` concept vectors of `dimension` in base64 (fp16, or
-    `bytes_per_vector` bytes each)."""
-    size = max_concepts * (2 * dimension if bytes_per_vector is None else bytes_per_vector)
+def concept_chunks(dimension: int, max_concepts: int, item_bytes: int | None = None) -> int:
+    """The VARCHAR fields needed for `max_concepts` concept vectors of `dimension` in base64 (fp16, or `item_bytes`
+    bytes in all)."""
+    size = max_concepts * 2 * dimension if item_bytes is None else item_bytes
     return max(1, math.ceil(4 * math.ceil(size / 3) / CHUNK_CHARS))
 
 
@@ -66,8 +67,9 @@ def decode_concepts(parts: list[str], count: int, dim: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ConceptFormat:
-    """How a collection's concept fields hold the vectors: fp16, or the codes of `codec`. Decoded vectors
-    are fp16 either way (what the re-rank and the cache take)."""
+    """How a collection's concept fields hold the vectors: fp16, or the codes of `codec` (caption word pieces coded one
+    by one; an image's regions as one set, its salient regions kept: ConceptCodec.encode_images). Decoded vectors are
+    fp16 either way (what the cache takes)."""
 
     codec: ConceptCodec | None = None
 
@@ -75,32 +77,41 @@ class ConceptFormat:
     def encoding(self) -> str:
         return CONCEPT_ENCODING if self.codec is None else CODED_CONCEPT_ENCODING
 
-    def bytes_per_vector(self, dimension: int) -> int:
-        return 2 * dimension if self.codec is None else self.codec.bytes_per_vector
+    def item_bytes(self, dimension: int, count: int, image: bool) -> int:
+        """The stored bytes of an item's `count` concept vectors."""
+        if self.codec is None:
+            return 2 * dimension * count
+        return self.codec.image_bytes(count) if image else self.codec.bytes_per_vector * count
 
     def chunks(self, dimension: int, max_concepts: int) -> int:
-        return concept_chunks(dimension, max_concepts, self.bytes_per_vector(dimension))
+        """The VARCHAR fields of both collections (the larger of an image's and a caption's `max_concepts` vectors)."""
+        size = max(self.item_bytes(dimension, max_concepts, image) for image in (True, False))
+        return concept_chunks(dimension, max_concepts, size)
 
-    def encode(self, concepts: np.ndarray, chunks: int) -> list[str]:
-        return self.encode_many([concepts], chunks)[0]
-
-    def encode_many(self, sets: list[np.ndarray], chunks: int) -> list[list[str]]:
+    def encode_many(self, sets: list[np.ndarray], chunks: int, image: bool) -> list[list[str]]:
         """Each item's concept fields; a codec encodes all the items' vectors in one call (its cost is per call)."""
         if self.codec is None:
             return [encode_concepts(concepts, chunks) for concepts in sets]
+        if image:
+            return [_split(pack(codes, "u1"), chunks) for codes in self.codec.encode_images(sets)]
         codes = self.codec.encode(np.concatenate([np.asarray(c, np.float32) for c in sets]))
         ends = np.cumsum([len(c) for c in sets])
         return [_split(pack(part, "u1"), chunks) for part in np.split(codes, ends[:-1])]
 
-    def decode(self, parts: list[str], count: int, dim: int) -> np.ndarray:
+    def decode(self, parts: list[str], count: int, dim: int, image: bool) -> np.ndarray:
         if self.codec is None:
             return decode_concepts(parts, count, dim)
-        return self.codec.decode(self.codes(parts, count)).astype(np.float16)
+        codes = self.codes(parts, count, image)
+        if image:
+            return self.codec.image_vectors(self.codec.decode_images([codes], [count])[0, :count]).astype(np.float16)
+        return self.codec.decode(codes).astype(np.float16)
 
-    def codes(self, parts: list[str], count: int) -> np.ndarray:
-        """The stored codes, uint8 [count, bytes per vector] (coded collections)."""
+    def codes(self, parts: list[str], count: int, image: bool) -> np.ndarray:
+        """The stored codes (coded collections): an image's, uint8 [image_bytes(count)]; a caption's, uint8 [count, bytes
+        per vector]."""
         assert self.codec is not None
-        return unpack("".join(parts), "u1").reshape(count, self.codec.bytes_per_vector)
+        raw = unpack("".join(parts), "u1")
+        return raw if image else raw.reshape(count, self.codec.bytes_per_vector)
 
     def describe(self, chunks: int) -> str:
         if self.codec is None:

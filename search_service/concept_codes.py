@@ -15,8 +15,20 @@ along the queries' directions. In a trial on the dev split at 80 bytes per vecto
 about half of the exhaustive top-10 sets where this codec keeps about nine in ten (the codec's own
 numbers: reports/bench-search.json, `codec`).
 
+Salient regions (images only, codecs trained with `salient` > 0): the best region of a caption's word is, for
+nearly every word, one of a few regions of the image (on the dev split, 99.9% of training words' best regions
+fall among each image's 5 most often best). Those regions decide MrSw and the explanations, and a set-equality
+agreement with the full-precision ranking asks them to be nearly exact: an image's `salient` regions most often
+best for the codec's reference words (a sample of training word pieces) are stored as fp16, its other regions as
+codes of a coarser second table (`region_bits`, `region_levels`, same principal basis). An image's codes:
+the salient regions' indices (one byte each), their fp16 vectors, then the other regions' codes in region order.
+Caption word pieces are coded one by one with `bits`/`levels` (every word counts in MrSw). At 4,096 bytes per
+image (4 fp16 regions, 45 others at 45 bytes) the dev split keeps 0.99 of the top-10 sets where 80 bytes on every
+region keep 0.94 (reports/bench-search.json, `codec`).
+
 Numpy only, training included. A codec is identified by the sha256 of its arrays (`digest`), recorded
-with the collections that store its codes.
+with the collections that store its codes. Codecs without salient regions (files written before them) keep
+their digest and code every region alike.
 """
 
 from __future__ import annotations
@@ -24,8 +36,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,10 +57,112 @@ class ConceptCodec:
     basis: np.ndarray  # float32 [D, D], orthonormal rows (principal directions, by falling variance)
     bits: np.ndarray  # int [D]: bits of each component, 0..MAX_BITS
     levels: np.ndarray  # float32 [D, 2^MAX_BITS]: component i's 2^bits[i] levels, ascending, first ones used
+    # images: `salient` regions per image kept as fp16, the others coded with region_bits / region_levels
+    salient: int = 0
+    region_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int [D]
+    region_levels: np.ndarray = field(default_factory=lambda: np.zeros((0, 1 << MAX_BITS), np.float32))  # float32 [D, 2^MAX_BITS]
+    reference_words: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))  # [M, D]: rank an image's regions
 
     @property
     def dimension(self) -> int:
         return self.mean.shape[0]
+
+    @functools.cached_property
+    def region_codec(self) -> ConceptCodec:
+        """The codec of an image's regions other than its salient ones (this codec itself without salient regions)."""
+        if not self.salient:
+            return self
+        return ConceptCodec(self.mean, self.basis, self.region_bits, self.region_levels)
+
+    def image_bytes(self, regions: int) -> int:
+        """The bytes of an image's codes with `regions` regions."""
+        kept = min(self.salient, regions)
+        return kept * (1 + 2 * self.dimension) + (regions - kept) * self.region_codec.bytes_per_vector
+
+    def salient_regions(self, regions: np.ndarray) -> np.ndarray:
+        """The indices (ascending) of the `salient` regions [R, D] that are most often the best region of a reference
+        word (ties: the lower index)."""
+        return self._salient_of([np.asarray(regions, np.float32)])[0]
+
+    @functools.cached_property
+    def _references(self) -> np.ndarray:
+        return np.ascontiguousarray(self.reference_words.T, np.float32)  # [D, M]
+
+    def _salient_of(self, sets: list[np.ndarray], images_per_product: int = 64) -> list[np.ndarray]:
+        """salient_regions of each set, a few dozen images per matrix product (one product per image is slower)."""
+        out = []
+        for start in range(0, len(sets), images_per_product):
+            chunk = sets[start : start + images_per_product]
+            sims = np.concatenate(chunk) @ self._references  # [regions of the chunk, M]
+            bounds = np.cumsum([0] + [len(s) for s in chunk])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                wins = np.bincount(sims[a:b].argmax(axis=0), minlength=b - a)
+                out.append(np.sort(np.argsort(-wins, kind="stable")[: min(self.salient, b - a)]))
+        return out
+
+    def encode_images(self, sets: list[np.ndarray]) -> list[np.ndarray]:
+        """Each image's regions [R_i, D] -> its codes, uint8 [image_bytes(R_i)] (every region coded alike without
+        salient regions)."""
+        sets = [np.asarray(s, np.float32) for s in sets]
+        if not self.salient:
+            return [c.reshape(-1) for c in np.split(self.encode(np.concatenate(sets)), np.cumsum([len(s) for s in sets])[:-1])]
+        kept = self._salient_of(sets)
+        others = [np.delete(s, k, axis=0) for s, k in zip(sets, kept, strict=True)]
+        codes = self.region_codec.encode(np.concatenate(others))
+        parts = np.split(codes, np.cumsum([len(o) for o in others])[:-1])
+        return [
+            np.concatenate([k.astype(np.uint8), np.ascontiguousarray(s[k], "<f2").view(np.uint8).reshape(-1), c.reshape(-1)])
+            for s, k, c in zip(sets, kept, parts, strict=True)
+        ]
+
+    def decode_images(self, blobs: list[np.ndarray], counts: list[int] | np.ndarray) -> np.ndarray:
+        """Images' codes (`encode_images`) -> float32 block [len, max R_i, D + 1] of their regions' coefficients in the
+        full principal basis, then 1 (zero rows past each image's count): with `image_query`, dot products equal those
+        with the decoded regions (the salient ones' exactly as fp16)."""
+        counts = np.asarray(counts, np.int64)
+        dim, width = self.dimension, max(1, int(counts.max(initial=1)))
+        block = np.zeros((len(blobs), width, dim + 1), np.float32)
+        if not self.salient:
+            for i, (blob, n) in enumerate(zip(blobs, counts.tolist(), strict=True)):
+                block[i, :n] = self._full_principal(self.decode_principal(np.asarray(blob, np.uint8).reshape(n, -1)))
+            return block
+        step = self.region_codec.bytes_per_vector
+        rest_codes, rest_at, kept_vectors, kept_at = [], [], [], []
+        for i, (blob, n) in enumerate(zip(blobs, counts.tolist(), strict=True)):
+            blob = np.asarray(blob, np.uint8)
+            kept = min(self.salient, n)
+            if len(blob) != self.image_bytes(n):
+                raise ValueError(f"image codes of {len(blob)} bytes for {n} regions; expected {self.image_bytes(n)}")
+            index = blob[:kept].astype(np.intp)
+            kept_vectors.append(blob[kept : kept * (1 + 2 * dim)].view("<f2").reshape(kept, dim))
+            kept_at += [(i, r) for r in index.tolist()]
+            rest_codes.append(blob[kept * (1 + 2 * dim) :].reshape(n - kept, step))
+            rest_at += [(i, r) for r in np.setdiff1d(np.arange(n), index).tolist()]
+        salient = np.concatenate(kept_vectors).astype(np.float32)
+        rows, cols = np.array(kept_at, np.intp).reshape(-1, 2).T
+        block[rows, cols, :dim] = (salient - self.mean) @ self.basis.T
+        block[rows, cols, dim] = 1.0
+        rows, cols = np.array(rest_at, np.intp).reshape(-1, 2).T
+        block[rows, cols] = self.region_codec._full_principal(self.region_codec.decode_principal(np.concatenate(rest_codes)))
+        return block
+
+    def _full_principal(self, principal: np.ndarray) -> np.ndarray:
+        """decode_principal's [N, K + 1] (coded components in packing order, then 1) -> [N, D + 1] (every component in
+        basis order, the uncoded ones 0, then 1)."""
+        out = np.zeros((len(principal), self.dimension + 1), np.float32)
+        out[:, self._coded_dims] = principal[:, :-1]
+        out[:, -1] = principal[:, -1]
+        return out
+
+    def image_query(self, vectors: np.ndarray) -> np.ndarray:
+        """Full-precision word pieces [N, D] -> [N, D + 1] against `decode_images` blocks: their coefficients along every
+        principal direction, then their dot product with the mean."""
+        q = np.asarray(vectors, np.float32)
+        return np.concatenate([q @ self.basis.T, (q @ self.mean)[:, None]], axis=1)
+
+    def image_vectors(self, block: np.ndarray) -> np.ndarray:
+        """A `decode_images` block [..., D + 1] -> the decoded regions [..., D] (padding rows decode to the mean)."""
+        return block[..., :-1] @ self.basis + self.mean
 
     @functools.cached_property
     def bytes_per_vector(self) -> int:
@@ -57,12 +172,24 @@ class ConceptCodec:
         h = hashlib.sha256()
         for array, dtype in ((self.mean, "<f4"), (self.basis, "<f4"), (self.bits, "<i4"), (self.levels, "<f4")):
             h.update(np.ascontiguousarray(array, dtype).tobytes())
+        if self.salient:  # codecs without salient regions keep the digest of the files written before them
+            h.update(np.int32(self.salient).tobytes())
+            for array, dtype in ((self.region_bits, "<i4"), (self.region_levels, "<f4"), (self.reference_words, "<f2")):
+                h.update(np.ascontiguousarray(array, dtype).tobytes())
         return h.hexdigest()
 
     def describe(self) -> str:
+        coded = int((self.bits > 0).sum())
+        words = (
+            f"{self.bytes_per_vector} bytes per vector ({int(self.bits.sum())} bits over {coded} of {self.dimension} principal components"
+        )
+        if not self.salient:
+            return f"transform codec, {words}, sha256 {self.digest()[:12]})"
+        regions = self.region_codec
         return (
-            f"transform codec, {self.bytes_per_vector} bytes per vector ({int(self.bits.sum())} bits over "
-            f"{int((self.bits > 0).sum())} of {self.dimension} principal components, sha256 {self.digest()[:12]})"
+            f"transform codec, {words}; images: {self.salient} salient regions as fp16, the others "
+            f"{regions.bytes_per_vector} bytes ({int(regions.bits.sum())} bits over {int((regions.bits > 0).sum())} components), "
+            f"{self.image_bytes(49)} bytes for 49 regions; sha256 {self.digest()[:12]})"
         )
 
     @functools.cached_property
@@ -112,6 +239,8 @@ class ConceptCodec:
         x = np.asarray(vectors, np.float32)
         if x.ndim != 2 or x.shape[1] != self.dimension:
             raise ValueError(f"expected vectors [N, {self.dimension}], got {list(x.shape)}")
+        if not len(x):
+            return np.zeros((0, self.bytes_per_vector), np.uint8)
         y = (x - self.mean) @ self.basis.T
         packed = []
         for b, dims in self._groups:
@@ -158,37 +287,69 @@ class ConceptCodec:
     def to_bytes(self) -> bytes:
         """The .npz file's bytes (what `save` writes and `codec_from_bytes` reads)."""
         buffer = io.BytesIO()
-        np.savez(buffer, mean=self.mean, basis=self.basis, bits=self.bits, levels=self.levels)
+        arrays: dict[str, Any] = dict(mean=self.mean, basis=self.basis, bits=self.bits, levels=self.levels)
+        if self.salient:
+            arrays |= dict(
+                salient=np.asarray(self.salient, np.int32),
+                region_bits=self.region_bits,
+                region_levels=self.region_levels,
+                reference_words=self.reference_words,
+            )
+        np.savez(buffer, **arrays)
         return buffer.getvalue()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
 
 
-def check_codec(mean, basis, bits, levels, where: str = "concept codec") -> ConceptCodec:
-    """A codec from its arrays, refused (TeranInputError naming `where`) unless they make one."""
-    mean, basis, levels = (np.asarray(a) for a in (mean, basis, levels))
-    bits = np.asarray(bits)
-    dim = mean.shape[0] if mean.ndim == 1 else 0
-    if dim < 1 or basis.shape != (dim, dim) or bits.shape != (dim,) or levels.shape != (dim, 1 << MAX_BITS):
+def _check_table(bits, levels, dim: int, where: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    bits, levels = np.asarray(bits), np.asarray(levels)
+    if bits.shape != (dim,) or levels.shape != (dim, 1 << MAX_BITS):
         raise TeranInputError(
-            f"{where}: arrays of shapes mean {list(mean.shape)}, basis {list(basis.shape)}, bits {list(bits.shape)}, levels "
-            f"{list(levels.shape)}; expected [D], [D, D], [D], [D, {1 << MAX_BITS}]"
+            f"{where}: {name} of shapes {list(bits.shape)}, {list(levels.shape)}; expected [{dim}], [{dim}, {1 << MAX_BITS}]"
         )
-    if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (mean, basis, levels)):
-        raise TeranInputError(f"{where}: mean, basis and levels must be finite floating-point numbers")
+    if not np.issubdtype(levels.dtype, np.floating) or not np.isfinite(levels).all():
+        raise TeranInputError(f"{where}: {name}: the levels must be finite floating-point numbers")
     if not np.issubdtype(bits.dtype, np.integer) or bits.min() < 0 or bits.max() > MAX_BITS or bits.sum() == 0:
-        raise TeranInputError(f"{where}: bits must be integers 0..{MAX_BITS}, not all 0")
+        raise TeranInputError(f"{where}: {name}: bits must be integers 0..{MAX_BITS}, not all 0")
+    return bits.astype(np.int32), levels.astype(np.float32)
+
+
+def check_codec(mean, basis, bits, levels, where: str = "concept codec", salient=None) -> ConceptCodec:
+    """A codec from its arrays, refused (TeranInputError naming `where`) unless they make one. `salient`: None, or
+    (count, region_bits, region_levels, reference_words) for a codec that keeps each image's salient regions."""
+    mean, basis = np.asarray(mean), np.asarray(basis)
+    dim = mean.shape[0] if mean.ndim == 1 else 0
+    if dim < 1 or basis.shape != (dim, dim):
+        raise TeranInputError(
+            f"{where}: arrays of shapes mean {list(mean.shape)}, basis {list(basis.shape)}, bits {list(np.shape(bits))}, levels "
+            f"{list(np.shape(levels))}; expected [D], [D, D], [D], [D, {1 << MAX_BITS}]"
+        )
+    if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (mean, basis)):
+        raise TeranInputError(f"{where}: mean, basis and levels must be finite floating-point numbers")
+    bits, levels = _check_table(bits, levels, dim, where, "bits and levels")
     basis = basis.astype(np.float32)
     if not np.allclose(basis @ basis.T, np.eye(dim), atol=1e-3):
         raise TeranInputError(f"{where}: the basis must be orthonormal")
-    return ConceptCodec(mean.astype(np.float32), basis, bits.astype(np.int32), levels.astype(np.float32))
+    if salient is None:
+        return ConceptCodec(mean.astype(np.float32), basis, bits, levels)
+    count, region_bits, region_levels, reference_words = salient
+    count, reference_words = int(np.asarray(count)), np.asarray(reference_words)
+    if not 1 <= count <= 255:
+        raise TeranInputError(f"{where}: salient regions {count}; expected 1..255")
+    region_bits, region_levels = _check_table(region_bits, region_levels, dim, where, "region_bits and region_levels")
+    if reference_words.ndim != 2 or reference_words.shape[1] != dim or len(reference_words) < 1 or not np.isfinite(reference_words).all():
+        raise TeranInputError(f"{where}: reference_words of shape {list(reference_words.shape)}; expected finite [M, {dim}]")
+    return ConceptCodec(mean.astype(np.float32), basis, bits, levels, count, region_bits, region_levels, reference_words.astype(np.float16))
 
 
 def codec_from_bytes(data: bytes, where: str) -> ConceptCodec:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            return check_codec(arrays["mean"], arrays["basis"], arrays["bits"], arrays["levels"], where)
+            salient = None
+            if "salient" in arrays.files:
+                salient = (arrays["salient"], arrays["region_bits"], arrays["region_levels"], arrays["reference_words"])
+            return check_codec(arrays["mean"], arrays["basis"], arrays["bits"], arrays["levels"], where, salient)
     except (OSError, ValueError, KeyError) as exc:
         raise TeranInputError(f"{where}: not a concept codec file ({exc})") from None
 
@@ -239,22 +400,10 @@ def companded_levels(values: np.ndarray, count: int, power: float = COMPANDING_P
     return np.interp((np.arange(count) + 0.5) / count, cdf, edges)
 
 
-def train_codec(vectors: np.ndarray, bytes_per_vector: int, *, sample: int = 200000, seed: int = 0) -> ConceptCodec:
-    """Fit on concept vectors [N, D] (the training photos' regions and captions' word pieces)."""
-    x = np.asarray(vectors, np.float32)
-    if x.ndim != 2 or len(x) < 1024:
-        raise TeranInputError(f"{list(x.shape)} training vectors; give at least 1024 concept vectors [N, D]")
-    dim = x.shape[1]
-    if not 1 <= bytes_per_vector <= dim * MAX_BITS // 8:
-        raise TeranInputError(f"--bytes {bytes_per_vector}: give 1..{dim * MAX_BITS // 8} bytes per vector for dimension {dim}")
-    if len(x) > sample:
-        x = x[np.random.default_rng(seed).choice(len(x), sample, replace=False)]
-    mean = x.mean(axis=0)
-    variances, vectors_ = np.linalg.eigh(np.cov((x - mean).T))
-    order = np.argsort(-variances)
-    basis = vectors_[:, order].T.astype(np.float32)
-    y = (x - mean) @ basis.T
-    bits = allocate_bits(variances[order], 8 * bytes_per_vector)
+def _fit_table(y: np.ndarray, variances: np.ndarray, bytes_per_vector: int, mean, basis) -> tuple[np.ndarray, np.ndarray]:
+    """Bits (reverse water-filling within `bytes_per_vector`) and companded levels of principal coefficients y [N, D]."""
+    dim = y.shape[1]
+    bits = allocate_bits(variances, 8 * bytes_per_vector)
     while ConceptCodec(mean, basis, bits, np.zeros((dim, 1 << MAX_BITS), np.float32)).bytes_per_vector > bytes_per_vector:
         bits[np.flatnonzero(bits)[-1]] -= 1  # field padding to whole bytes: take a bit from the weakest component kept
     levels = np.zeros((dim, 1 << MAX_BITS), np.float32)
@@ -262,7 +411,59 @@ def train_codec(vectors: np.ndarray, bytes_per_vector: int, *, sample: int = 200
         count = 1 << int(bits[i])
         levels[i, :count] = companded_levels(y[:, i], count)
         levels[i, count:] = levels[i, count - 1]
-    return check_codec(mean, basis, bits, levels)
+    return bits, levels
+
+
+def train_codec(
+    vectors: np.ndarray,
+    bytes_per_vector: int,
+    *,
+    sample: int = 200000,
+    seed: int = 0,
+    words: np.ndarray | None = None,
+    salient: int = 0,
+    image_bytes: int = 4096,
+    regions: int = 49,
+    reference_words: int = 4096,
+) -> ConceptCodec:
+    """Fit on concept vectors [N, D] (the training photos' regions and captions' word pieces): `bytes_per_vector`
+    for caption word pieces (and every image region without salient regions). With `salient` > 0, images of
+    `regions` regions take `image_bytes`: `salient` fp16 regions, the others coded in what is left; `words` (the
+    training word pieces) give the `reference_words` sample that picks an image's salient regions."""
+    x = np.asarray(vectors, np.float32)
+    if x.ndim != 2 or len(x) < 1024:
+        raise TeranInputError(f"{list(x.shape)} training vectors; give at least 1024 concept vectors [N, D]")
+    dim = x.shape[1]
+    if not 1 <= bytes_per_vector <= dim * MAX_BITS // 8:
+        raise TeranInputError(f"--bytes {bytes_per_vector}: give 1..{dim * MAX_BITS // 8} bytes per vector for dimension {dim}")
+    region_bytes = 0
+    if salient:
+        if not 1 <= salient < regions <= 255:
+            raise TeranInputError(f"--salient {salient} of --regions {regions}: give 1 <= salient < regions <= 255")
+        region_bytes = (image_bytes - salient * (1 + 2 * dim)) // (regions - salient)
+        if not 1 <= region_bytes <= dim * MAX_BITS // 8:
+            raise TeranInputError(
+                f"--image-bytes {image_bytes}: {salient} fp16 regions take {salient * (1 + 2 * dim)} bytes, leaving {region_bytes} "
+                "bytes for "
+                f"each of the other {regions - salient} regions; give room for 1..{dim * MAX_BITS // 8}"
+            )
+        if words is None or len(words) < 1:
+            raise TeranInputError("salient regions need training word pieces (the captions' concept vectors) to rank an image's regions")
+    rng = np.random.default_rng(seed)
+    if len(x) > sample:
+        x = x[rng.choice(len(x), sample, replace=False)]
+    mean = x.mean(axis=0)
+    variances, vectors_ = np.linalg.eigh(np.cov((x - mean).T))
+    order = np.argsort(-variances)
+    basis = vectors_[:, order].T.astype(np.float32)
+    y = (x - mean) @ basis.T
+    bits, levels = _fit_table(y, variances[order], bytes_per_vector, mean, basis)
+    if not salient:
+        return check_codec(mean, basis, bits, levels)
+    region_bits, region_levels = _fit_table(y, variances[order], region_bytes, mean, basis)
+    words = np.asarray(words, np.float32)
+    reference = words[rng.choice(len(words), min(reference_words, len(words)), replace=False)]
+    return check_codec(mean, basis, bits, levels, salient=(salient, region_bits, region_levels, reference))
 
 
 # --------------------------------------------------------------------------- command line
@@ -283,7 +484,17 @@ def build_parser():
     parser.add_argument("--encoder-address", default="", help="teran.v1.EncoderService host:port (with --images / --captions)")
     parser.add_argument("--encoder-token", default="", help="bearer token for the encoder")
     parser.add_argument("--batch", type=int, default=16, help="images (x4: captions) per encoder request (default 16)")
-    parser.add_argument("--bytes", type=int, default=80, help="bytes per concept vector (default 80: 3,920 bytes for 49 regions)")
+    parser.add_argument("--word-key", default="", help="arrays of the .npz that hold caption word pieces (comma separated; with --salient)")
+    parser.add_argument("--bytes", type=int, default=80, help="bytes per caption word piece, and per region without --salient (default 80)")
+    parser.add_argument(
+        "--salient",
+        type=int,
+        default=4,
+        help="regions per image kept as fp16, picked by reference words (default 4; 0: every region coded alike)",
+    )
+    parser.add_argument("--image-bytes", type=int, default=4096, help="bytes per image with --salient (default 4096)")
+    parser.add_argument("--regions", type=int, default=49, help="regions per image with --salient (default 49)")
+    parser.add_argument("--reference-words", type=int, default=4096, help="word pieces kept to pick salient regions (default 4096)")
     parser.add_argument("--sample", type=int, default=200000, help="at most this many vectors are fitted (default 200000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sample")
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write")
@@ -316,17 +527,32 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         if args.npz is None and args.images is None and args.captions is None:
             raise TeranInputError("give the training vectors: --npz, or --images and/or --captions with --encoder-address")
-        parts = []
+        parts, words = [], []
         if args.npz is not None:
             parts.append(vectors_from_npz(args.npz, [k.strip() for k in args.key.split(",") if k.strip()]))
+            if args.word_key:
+                words.append(vectors_from_npz(args.npz, [k.strip() for k in args.word_key.split(",") if k.strip()]))
         if args.images is not None:
             parts.append(vectors_from_images(args.images, args.encoder_address, args.encoder_token, args.batch))
         if args.captions is not None:
             parts.append(caption_vectors(args.captions, args.encoder_address, args.encoder_token, args.batch))
+            words.append(parts[-1])
         if len({p.shape[1] for p in parts}) > 1:
             raise TeranInputError(f"training vectors of different dimensions {sorted({p.shape[1] for p in parts})}")
         vectors = np.concatenate(parts)
-        codec = train_codec(vectors, args.bytes, sample=args.sample, seed=args.seed)
+        if args.salient and not words:
+            raise TeranInputError("--salient needs caption word pieces: --captions, or --npz with --word-key (or --salient 0)")
+        codec = train_codec(
+            vectors,
+            args.bytes,
+            sample=args.sample,
+            seed=args.seed,
+            words=np.concatenate(words) if words else None,
+            salient=args.salient,
+            image_bytes=args.image_bytes,
+            regions=args.regions,
+            reference_words=args.reference_words,
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         codec.save(args.out)
         print(f"wrote {args.out}: {codec.describe()}, fitted on {min(len(vectors), args.sample)} of {len(vectors)} concept vectors")

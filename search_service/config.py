@@ -75,7 +75,8 @@ class SearchConfig(ServiceSettings):
     concept_codec: Path | None = setting(
         None,
         "store the concept vectors of new collections as the codes of this codec, .npz (python -m "
-        "search_service.concept_codes; e.g. 80 bytes per vector, 1/6 of fp16), decoded for the re-rank. Stored with the collections "
+        "search_service.concept_codes; e.g. 4,077 bytes per 49-region image, 80 per caption word piece, 1/6 of fp16), decoded for "
+        "the re-rank. Stored with the collections "
         "in PREFIX_meta; on existing ones the stored codec is used (omit the flag), and a different one is refused at start",
     )
     boc_top: int = setting(1, "Bag of Concepts: codewords each concept vector is soft-assigned to (1: hard); sets the sparsity")

@@ -168,6 +168,7 @@ class Layout:
         size = len(codec.to_bytes())
         return {
             "bytes_per_vector": codec.bytes_per_vector,
+            **({"salient_regions": codec.salient, "region_bytes": codec.region_codec.bytes_per_vector} if codec.salient else {}),
             "sha256": codec.digest(),
             "parts": math.ceil(4 * math.ceil(size / 3) / BOC_PART_CHARS),
         }

@@ -39,15 +39,24 @@ def stack_concepts(sets: list[np.ndarray], dim: int) -> tuple[np.ndarray, np.nda
     return block, counts
 
 
-def stack_codes(codec: ConceptCodec, sets: list) -> tuple[np.ndarray, np.ndarray]:
-    """[N_i, B] code arrays -> float32 block [len, max N_i, D + 1] of principal coefficients (codec.decode_principal,
-    decoded in one call; padding rows hold whatever the zero codes decode to: counts mask them) + counts [len]."""
-    counts = np.array([s.shape[0] for s in sets], dtype=np.int64)
+def stack_codes(codec: ConceptCodec, sets: list, num_concepts: list[int], images: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates' stored codes -> float32 block [len, max N_i, K] + counts [len], decoded in one call: images
+    (uint8 codes of ConceptCodec.encode_images) as codec.decode_images's coefficients in the full principal basis
+    (K = D + 1), captions ([N_i, B] code arrays) as codec.decode_principal's (K = coded components + 1; padding rows
+    hold whatever the zero codes decode to: counts mask them). Score them against `coded_query`."""
+    counts = np.asarray(num_concepts, dtype=np.int64)
+    if images:
+        return codec.decode_images(sets, counts), counts
     width = max(1, int(counts.max(initial=1)))
     codes = np.zeros((len(sets), width, codec.bytes_per_vector), dtype=np.uint8)
     for i, s in enumerate(sets):
         codes[i, : s.shape[0]] = s
     return codec.decode_principal(codes), counts
+
+
+def coded_query(codec: ConceptCodec, concepts: np.ndarray, images: bool) -> np.ndarray:
+    """A query's full-precision concepts [N, D] in the basis of `stack_codes`'s block of images or captions."""
+    return codec.image_query(concepts) if images else codec.principal_query(concepts)
 
 
 def mrsw_block(query: np.ndarray, query_is_caption: bool, block: np.ndarray, counts: np.ndarray, chunk: int = 256) -> np.ndarray:

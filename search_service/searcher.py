@@ -31,7 +31,7 @@ from search_service.layout import CAPTIONS, IMAGES
 from search_service.logs import get_logger
 from search_service.metrics import Metrics
 from search_service.milvus_calls import WriteFailed
-from search_service.ranking import Ranking, explain, rerank_scores, stack_codes, stack_concepts
+from search_service.ranking import Ranking, coded_query, explain, rerank_scores, stack_codes, stack_concepts
 from search_service.sparse import load_codebook
 from search_service.store import Item, MilvusStore
 from serving.failures import hide_cause, without_cause
@@ -595,8 +595,9 @@ class Searcher:
             if cache is not None:
                 block, counts, candidates = await self._db(self.concept_source.gather, cache, target, candidates)
             elif codec is not None:
-                block, counts = stack_codes(codec, [c.codes for c in candidates])
-                query_concepts = codec.principal_query(query.concepts)
+                images = query.modality == CAPTIONS
+                block, counts = stack_codes(codec, [c.codes for c in candidates], [c.num_concepts for c in candidates], images)
+                query_concepts = coded_query(codec, query.concepts, images)
             else:
                 block, counts = stack_concepts([c.concepts for c in candidates], store.known_model.dimension)
             self._observe("concepts", started)

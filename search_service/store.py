@@ -52,7 +52,7 @@ class Stored:
     model: str
     global_vector: np.ndarray | None = None
     concepts: np.ndarray | None = None  # float16 [N, D]
-    codes: np.ndarray | None = None  # collections that store codes, search results: uint8 [N, bytes per vector]
+    codes: np.ndarray | None = None  # collections that store codes, search results: ConceptFormat.codes
     score: float = 0.0  # first-stage score (search results)
     stamp: int = 0  # the row's version (0: collections without stamps)
     hub: float = 0.0  # the row's hub statistic (0: none stored)
@@ -231,7 +231,7 @@ class MilvusStore:
             return 0
         for item in items:
             item.stamp = secrets.randbits(63)  # a new version, unique across replicas with overwhelming probability
-        fields = self.layout.concepts.encode_many([item.concepts for item in items], self.chunks)
+        fields = self.layout.concepts.encode_many([item.concepts for item in items], self.chunks, modality == IMAGES)
         rows = [self._row(item, modality, concept_fields) for item, concept_fields in zip(items, fields, strict=True)]
         name = self.name(modality)
         stored = 0
@@ -319,7 +319,7 @@ class MilvusStore:
             names.append("global_vector")
         return names
 
-    def _stored(self, row: dict, vectors: bool, as_codes: bool = False) -> Stored:
+    def _stored(self, row: dict, image: bool, vectors: bool, as_codes: bool = False) -> Stored:
         """`vectors`: with the concepts, decoded; or with `as_codes`, as their codes where the collections store codes."""
         count = int(row["num_concepts"])
         item = Stored(
@@ -335,9 +335,9 @@ class MilvusStore:
         if "global_vector" in row:
             item.global_vector = np.asarray(row["global_vector"], dtype=np.float32)
         if vectors and as_codes and self.layout.codec is not None:
-            item.codes = self.layout.concepts.codes([row[f"concepts_{k}"] for k in range(self.chunks)], count)
+            item.codes = self.layout.concepts.codes([row[f"concepts_{k}"] for k in range(self.chunks)], count, image)
         elif vectors:
-            item.concepts = self._concepts(row)
+            item.concepts = self._concepts(row, image)
         return item
 
     def get(self, modality: str, ids: list[str], vectors: bool = False) -> dict[str, Stored]:
@@ -346,7 +346,7 @@ class MilvusStore:
         name = self.name(modality)
         fields = self._fields(vectors, vectors)
         rows = self._reading(name, "query", lambda: self.client.query(name, filter=id_filter(ids), output_fields=fields, **self._read()))
-        return {row["id"]: self._stored(row, vectors) for row in rows}
+        return {row["id"]: self._stored(row, modality == IMAGES, vectors) for row in rows}
 
     def concepts(self, modality: str, ids: list[str]) -> dict[str, Stored]:
         """The rows still stored among `ids`, with concepts (no global vector): the re-rank cache's misses."""
@@ -355,12 +355,12 @@ class MilvusStore:
         name = self.name(modality)
         fields = self._fields(True, False)
         rows = self._reading(name, "query", lambda: self.client.query(name, filter=id_filter(ids), output_fields=fields, **self._read()))
-        return {row["id"]: self._stored(row, True) for row in rows}
+        return {row["id"]: self._stored(row, modality == IMAGES, True) for row in rows}
 
-    def _concepts(self, row: dict) -> np.ndarray:
+    def _concepts(self, row: dict, image: bool) -> np.ndarray:
         """A row's concept vectors, float16 [N, D]."""
         parts = [row[f"concepts_{k}"] for k in range(self.chunks)]
-        return self.layout.concepts.decode(parts, int(row["num_concepts"]), self.known_model.dimension)
+        return self.layout.concepts.decode(parts, int(row["num_concepts"]), self.known_model.dimension, image)
 
     def scan(self, modality: str, concepts: bool, batch_size: int = 0, batch_bytes: int = 16 * 2**20):
         """Every stored row, in batches (pymilvus query iterator): lists of (id, stamp, concepts float16 [N, D] or None).
@@ -389,7 +389,8 @@ class MilvusStore:
                     rows = iterator.next()
                 if not rows:
                     return
-                yield [(row["id"], int(row.get("stamp") or 0), self._concepts(row) if concepts else None) for row in rows]
+                image = modality == IMAGES
+                yield [(row["id"], int(row.get("stamp") or 0), self._concepts(row, image) if concepts else None) for row in rows]
         finally:
             iterator.close()
 
@@ -478,7 +479,7 @@ class MilvusStore:
         for hit in result[0]:
             entity = dict(hit["entity"])
             entity.setdefault("id", hit["id"])
-            stored = self._stored(entity, concepts, as_codes=True)
+            stored = self._stored(entity, modality == IMAGES, concepts, as_codes=True)
             stored.score = float(hit["distance"])
             hits.append(stored)
         return hits

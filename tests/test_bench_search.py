@@ -158,9 +158,13 @@ def test_codec_sweep_scores_decoded_concepts_and_reports_the_boundary_gaps(bench
     scores, _ = bench.reference_scores(data, served)
     exhaustive_t2i = bench.top10(np.ascontiguousarray(scores.T))
     exhaustive_i2t = bench.top10(scores)
-    train = unit(np.random.default_rng(5).normal(size=(4096, 16)))
-    sweep = bench.codec_sweep(data, train, [2, 20], served, exhaustive_t2i, exhaustive_i2t, scores)
+    train = synthetic(n_images=400, per_image=2, regions=4, dim=16, seed=5)  # its captions' word pieces pick salient regions
+    train["image_concepts"] = unit(np.random.default_rng(5).normal(size=(1024, 4, 16)))  # regions over the whole range
+    sweep = bench.codec_sweep(data, train, [2, 20], [1], 45, 20, served, exhaustive_t2i, exhaustive_i2t, scores)
     coarse, fine = sweep["by_bytes"]
+    (salient,) = sweep["by_salient"]  # 1 fp16 region (33 bytes) and 3 regions of 4 bytes
+    assert (salient["salient_regions"], salient["region_bytes"], salient["concept_bytes_per_image"]) == (1, 4, 45)
+    assert salient["agreement_at_10"] > coarse["agreement_at_10"] and salient["explanations_unchanged"] > coarse["explanations_unchanged"]
     assert (coarse["bytes_per_vector"], fine["bytes_per_vector"]) == (2, 20)
     assert fine["concept_bytes_per_image"] == 20 * 4
     # 20 bytes = 10 bits for each of the 16 dimensions: the top-10 sets survive; 2 bytes keep 16 bits in all

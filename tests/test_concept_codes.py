@@ -108,6 +108,112 @@ def test_save_load_and_bad_codecs(codec, tmp_path):
         train_codec(concepts(np.random.default_rng(0), 2000), 100)
 
 
+def salient_codec(count: int = 2, regions: int = 6, region_bytes: int = 6):
+    rng = np.random.default_rng(11)
+    return train_codec(
+        concepts(rng, 20000),
+        12,
+        words=concepts(rng, 3000),
+        salient=count,
+        regions=regions,
+        image_bytes=count * (1 + 2 * DIM) + (regions - count) * region_bytes,
+    )
+
+
+def test_salient_regions_are_kept_as_fp16_and_the_rest_coded():
+    codec = salient_codec()
+    assert (codec.salient, codec.region_codec.bytes_per_vector, codec.image_bytes(6), codec.image_bytes(1)) == (2, 6, 90, 33)
+    assert "2 salient regions as fp16, the others 6 bytes" in codec.describe()
+    rng = np.random.default_rng(12)
+    images = [concepts(rng, 6), concepts(rng, 6), concepts(rng, 1), concepts(rng, 4)]
+    # image 1: region 4 is the reference words' mean direction (the best region of nearly every word), region 5 next to it
+    direction = codec.reference_words.astype(np.float32).mean(0)
+    images[1][4] = direction / np.linalg.norm(direction)
+    images[1][5] = 0.9 * images[1][4] + 0.1 * images[1][0]
+    images[1][5] /= np.linalg.norm(images[1][5])
+    assert codec.salient_regions(images[1])[0] == 4 or codec.salient_regions(images[1])[1] == 4
+    blobs = codec.encode_images(images)
+    assert [len(b) for b in blobs] == [90, 90, 33, 2 * 33 + 2 * 6]
+    block = codec.decode_images(blobs, [6, 6, 1, 4])
+    assert block.shape == (4, 6, DIM + 1)
+    regions = codec.image_vectors(block)
+    for i, image in enumerate(images):
+        kept = codec.salient_regions(image)
+        assert list(blobs[i][: len(kept)]) == kept.tolist()
+        np.testing.assert_allclose(regions[i, kept], image[kept].astype(np.float16), atol=1e-6)  # fp16, exactly
+        others = np.setdiff1d(np.arange(len(image)), kept)
+        coded = codec.region_codec.decode(codec.region_codec.encode(image[others]))
+        np.testing.assert_allclose(regions[i, others], coded, atol=1e-5)
+        assert len(others) == 0 or np.abs(regions[i, others] - image[others]).max() > 1e-3  # coded, not kept
+    # the re-rank's dot products: block x image_query equal the decoded regions' with the words
+    words = concepts(rng, 5)
+    np.testing.assert_allclose(block[1] @ codec.image_query(words).T, regions[1] @ words.T, atol=1e-5)
+    with pytest.raises(ValueError, match="image codes of 89 bytes for 6 regions; expected 90"):
+        codec.decode_images([blobs[0][:-1]], [6])
+
+
+def test_salient_codecs_save_load_and_refuse_bad_arrays(tmp_path):
+    codec = salient_codec()
+    codec.save(tmp_path / "salient.npz")
+    loaded = load_codec(tmp_path / "salient.npz")
+    assert loaded.digest() == codec.digest() and loaded.salient == 2
+    assert salient_codec(count=3, region_bytes=5).digest() != codec.digest()
+    plain = check_codec(codec.mean, codec.basis, codec.bits, codec.levels)
+    assert plain.salient == 0 and plain.digest() != codec.digest() and plain.image_bytes(6) == 6 * 12
+    salient = (codec.salient, codec.region_bits, codec.region_levels, codec.reference_words)
+    with pytest.raises(TeranInputError, match="salient regions 0; expected 1..255"):
+        check_codec(codec.mean, codec.basis, codec.bits, codec.levels, salient=(0, *salient[1:]))
+    with pytest.raises(TeranInputError, match="reference_words of shape"):
+        check_codec(codec.mean, codec.basis, codec.bits, codec.levels, salient=(*salient[:3], np.zeros((4, DIM + 1))))
+    with pytest.raises(TeranInputError, match="region_bits and region_levels"):
+        check_codec(codec.mean, codec.basis, codec.bits, codec.levels, salient=(2, codec.region_bits[:-1], *salient[2:]))
+    with pytest.raises(TeranInputError, match="need training word pieces"):
+        train_codec(concepts(np.random.default_rng(0), 2000), 8, salient=2, regions=6, image_bytes=100)
+    with pytest.raises(TeranInputError, match="--image-bytes 60: 2 fp16 regions take 66 bytes"):
+        train_codec(
+            concepts(np.random.default_rng(0), 2000), 8, words=concepts(np.random.default_rng(1), 100), salient=2, regions=6, image_bytes=60
+        )
+
+
+@pytest.mark.slow  # milvus-lite collections
+def test_collections_store_salient_regions_and_rerank_on_them(tmp_path):
+    codec = salient_codec()
+    codec.save(tmp_path / "salient.npz")
+    uri, prefix = str(tmp_path / "salient.db"), unique_prefix("salient")
+    rng = np.random.default_rng(13)
+    items = [image_item(f"img{i}", rng) for i in range(10)]
+    words = concepts(rng, 4)
+    caption = IndexItem("cap0", vectors_value("captions", words[0], words, word_pieces=["a", "b", "c", "d"], model=("m", 1, DIM)))
+    search = DirectSearch(uri, prefix, concept_codec=tmp_path / "salient.npz")
+    try:
+        search.index([*items, caption])
+        assert "2 salient regions as fp16" in search.stats().concept_encoding
+        row = search.store.client.query(search.store.name("images"), filter='id == "img3"', output_fields=["concepts_0"])[0]
+        assert len(row["concepts_0"]) == 4 * -(-90 // 3)  # 2 x (1 + 32) + 4 x 6 bytes, base64
+        decoded = [codec.image_vectors(codec.decode_images(codec.encode_images([i.content.concepts]), [6]))[0] for i in items]
+        stored = search.loop.run_until_complete(search.searcher.get(items[3].content.modality, ["img3"], include_vectors=True))[0]
+        np.testing.assert_allclose(stored.concepts, decoded[3], atol=2e-3)
+        query_words = concepts(np.random.default_rng(14), 3)
+        query = vectors_value("captions", query_words.mean(0) / np.linalg.norm(query_words.mean(0)), query_words, model=("m", 1, DIM))
+        result = search.search(query, top_k=5, rerank_multiplier=3)
+        expected = mrsw_scores(query_words, True, decoded)
+        assert result.candidates == 10
+        assert [h.score for h in result.hits] == pytest.approx(sorted(expected, reverse=True)[:5], abs=1e-4)
+        best = int(np.argmax(expected))
+        assert result.hits[0].id == f"img{best}"
+        alignment = [a.region_index for a in result.hits[0].alignment]
+        assert alignment == (decoded[best] @ query_words.T).argmax(0).tolist()[: len(alignment)]
+        # captions stay coded word by word (image to text)
+        image_query = vectors_value("images", items[0].content.global_vector, items[0].content.concepts, model=("m", 1, DIM))
+        hits = search.search(image_query, top_k=1, rerank_multiplier=2).hits
+        caption_words = codec.decode(codec.encode(words))
+        assert hits[0].id == "cap0" and hits[0].score == pytest.approx(
+            mrsw_scores(items[0].content.concepts, False, [caption_words])[0], abs=1e-4
+        )
+    finally:
+        search.close()
+
+
 def image_item(item_id: str, rng: np.random.Generator) -> IndexItem:
     regions = concepts(rng, 6)
     return IndexItem(item_id, vectors_value("images", regions.mean(0) / np.linalg.norm(regions.mean(0)), regions, model=("m", 1, DIM)))
@@ -169,11 +275,19 @@ def test_codec_command_line(tmp_path):
     np.savez(npz, regions=concepts(rng, 3000).reshape(300, 10, DIM), words=concepts(rng, 2000))
     out = tmp_path / "codec.npz"
     command = [sys.executable, "-m", "search_service.concept_codes", "--npz", str(npz), "--bytes", "6", "--out", str(out)]
+    no_words = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)  # salient regions by default
+    assert no_words.returncode == 2 and "--salient needs caption word pieces" in no_words.stderr
+    salient = [*command, "--word-key", "words", "--salient", "2", "--regions", "10", "--image-bytes", "130"]
+    result = subprocess.run(salient, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2 salient regions as fp16, the others 8 bytes" in result.stdout, result.stdout
+    assert (load_codec(out).salient, load_codec(out).image_bytes(10)) == (2, 130)
+    command += ["--salient", "0"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "6 bytes per vector" in result.stdout and "5000 of 5000 concept vectors" in result.stdout
-    assert load_codec(out).bytes_per_vector == 6
-    bad = subprocess.run([*command[:-2], "--out", str(out), "--bytes", "99"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert load_codec(out).bytes_per_vector == 6 and load_codec(out).salient == 0
+    bad = subprocess.run([*command, "--bytes", "99"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--bytes 99" in bad.stderr
     missing = subprocess.run(
         [sys.executable, "-m", "search_service.concept_codes", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
