@@ -49,6 +49,7 @@ MAX_BITS = 10  # per component (the strongest components need more than a byte)
 # exhaustive full-precision ranking of 1,000 training photos at 80 bytes per vector: Lloyd-Max levels 0.933,
 # power 1/3 0.939, 1/2 0.946, 2/3 0.945, 0.8 0.938
 COMPANDING_POWER = 0.5
+MAX_SALIENT_REGIONS = 256  # an image's regions with salient ones kept: their indices are stored in one byte each
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,9 +105,9 @@ class ConceptCodec:
         """Each image's regions [R_i, D] -> its codes, uint8 [image_bytes(R_i)] (every region coded alike without
         salient regions)."""
         sets = [np.asarray(s, np.float32) for s in sets]
-        if not self.salient:
-            return [c.reshape(-1) for c in np.split(self.encode(np.concatenate(sets)), np.cumsum([len(s) for s in sets])[:-1])]
-        kept = self._salient_of(sets)
+        if self.salient and max(map(len, sets), default=0) > MAX_SALIENT_REGIONS:
+            raise ValueError(f"an image of {max(map(len, sets))} regions; salient regions are kept for at most {MAX_SALIENT_REGIONS}")
+        kept = self._salient_of(sets) if self.salient else [np.zeros(0, np.intp)] * len(sets)
         others = [np.delete(s, k, axis=0) for s, k in zip(sets, kept, strict=True)]
         codes = self.region_codec.encode(np.concatenate(others))
         parts = np.split(codes, np.cumsum([len(o) for o in others])[:-1])
@@ -118,32 +119,29 @@ class ConceptCodec:
     def decode_images(self, blobs: list[np.ndarray], counts: list[int] | np.ndarray) -> np.ndarray:
         """Images' codes (`encode_images`) -> float32 block [len, max R_i, D + 1] of their regions' coefficients in the
         full principal basis, then 1 (zero rows past each image's count): with `image_query`, dot products equal those
-        with the decoded regions (the salient ones' exactly as fp16)."""
+        with the decoded regions (the salient ones' exactly as fp16). Every image's coded regions decode in one call."""
         counts = np.asarray(counts, np.int64)
         dim, width = self.dimension, max(1, int(counts.max(initial=1)))
         block = np.zeros((len(blobs), width, dim + 1), np.float32)
-        if not self.salient:
-            for i, (blob, n) in enumerate(zip(blobs, counts.tolist(), strict=True)):
-                block[i, :n] = self._full_principal(self.decode_principal(np.asarray(blob, np.uint8).reshape(n, -1)))
-            return block
-        step = self.region_codec.bytes_per_vector
-        rest_codes, rest_at, kept_vectors, kept_at = [], [], [], []
+        kept_bytes, step = 1 + 2 * dim, self.region_codec.bytes_per_vector  # a salient region: its index, its fp16 vector
+        kept_vectors, kept_rows, coded, coded_rows = [], [], [], []
         for i, (blob, n) in enumerate(zip(blobs, counts.tolist(), strict=True)):
             blob = np.asarray(blob, np.uint8)
-            kept = min(self.salient, n)
             if len(blob) != self.image_bytes(n):
                 raise ValueError(f"image codes of {len(blob)} bytes for {n} regions; expected {self.image_bytes(n)}")
-            index = blob[:kept].astype(np.intp)
-            kept_vectors.append(blob[kept : kept * (1 + 2 * dim)].view("<f2").reshape(kept, dim))
-            kept_at += [(i, r) for r in index.tolist()]
-            rest_codes.append(blob[kept * (1 + 2 * dim) :].reshape(n - kept, step))
-            rest_at += [(i, r) for r in np.setdiff1d(np.arange(n), index).tolist()]
-        salient = np.concatenate(kept_vectors).astype(np.float32)
-        rows, cols = np.array(kept_at, np.intp).reshape(-1, 2).T
-        block[rows, cols, :dim] = (salient - self.mean) @ self.basis.T
-        block[rows, cols, dim] = 1.0
-        rows, cols = np.array(rest_at, np.intp).reshape(-1, 2).T
-        block[rows, cols] = self.region_codec._full_principal(self.region_codec.decode_principal(np.concatenate(rest_codes)))
+            kept = min(self.salient, n)
+            is_coded = np.ones(n, bool)
+            is_coded[blob[:kept]] = False
+            kept_vectors.append(blob[kept : kept * kept_bytes].view("<f2").reshape(kept, dim))
+            kept_rows.append(i * width + blob[:kept].astype(np.intp))
+            coded.append(blob[kept * kept_bytes :].reshape(n - kept, step))
+            coded_rows.append(i * width + np.flatnonzero(is_coded))
+        rows = block.reshape(-1, dim + 1)
+        at = np.concatenate(kept_rows)
+        rows[at, :dim] = (np.concatenate(kept_vectors).astype(np.float32) - self.mean) @ self.basis.T
+        rows[at, dim] = 1.0
+        region = self.region_codec
+        rows[np.concatenate(coded_rows)] = region._full_principal(region.decode_principal(np.concatenate(coded)))
         return block
 
     def _full_principal(self, principal: np.ndarray) -> np.ndarray:
@@ -438,8 +436,8 @@ def train_codec(
         raise TeranInputError(f"--bytes {bytes_per_vector}: give 1..{dim * MAX_BITS // 8} bytes per vector for dimension {dim}")
     region_bytes = 0
     if salient:
-        if not 1 <= salient < regions <= 255:
-            raise TeranInputError(f"--salient {salient} of --regions {regions}: give 1 <= salient < regions <= 255")
+        if not 1 <= salient < regions <= MAX_SALIENT_REGIONS:
+            raise TeranInputError(f"--salient {salient} of --regions {regions}: give 1 <= salient < regions <= {MAX_SALIENT_REGIONS}")
         region_bytes = (image_bytes - salient * (1 + 2 * dim)) // (regions - salient)
         if not 1 <= region_bytes <= dim * MAX_BITS // 8:
             raise TeranInputError(

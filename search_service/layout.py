@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from search_service.codec import CHUNK_CHARS, CODED_CONCEPT_ENCODING, CONCEPT_ENCODING, ConceptFormat, pack, unpack, unpack_rows
-from search_service.concept_codes import ConceptCodec, codec_from_bytes
+from search_service.concept_codes import MAX_SALIENT_REGIONS, ConceptCodec, codec_from_bytes
 from search_service.filters import id_filter
 from search_service.milvus_calls import StoreError, milvus_call
 from search_service.sparse import BOC, BOC_DEFAULTS, check_codebook, codebook_digest
@@ -388,6 +388,11 @@ class Layout:
             raise CodecMismatch(
                 f"--concept-codec is for dimension {codec.dimension}, but the vectors ({model.describe()}) have dimension "
                 f"{model.dimension}: train the codec on this model's concept vectors (python -m search_service.concept_codes)"
+            )
+        if codec is not None and codec.salient and self.max_concepts > MAX_SALIENT_REGIONS:
+            raise CodecMismatch(
+                f"--concept-codec keeps salient regions, indexed by one byte: --max-concepts {self.max_concepts} exceeds "
+                f"{MAX_SALIENT_REGIONS}; lower it, or train the codec with --salient 0"
             )
         self.codec = codec
         self.chunks = ConceptFormat(codec).chunks(model.dimension, self.max_concepts)

@@ -160,6 +160,10 @@ def test_salient_codecs_save_load_and_refuse_bad_arrays(tmp_path):
     assert salient_codec(count=3, region_bytes=5).digest() != codec.digest()
     plain = check_codec(codec.mean, codec.basis, codec.bits, codec.levels)
     assert plain.salient == 0 and plain.digest() != codec.digest() and plain.image_bytes(6) == 6 * 12
+    image = concepts(np.random.default_rng(15), 6)  # without salient regions an image's codes are its regions' codes
+    (blob,) = plain.encode_images([image])
+    np.testing.assert_array_equal(blob, plain.encode(image).reshape(-1))
+    np.testing.assert_allclose(plain.image_vectors(plain.decode_images([blob], [6]))[0], plain.decode(plain.encode(image)), atol=1e-5)
     salient = (codec.salient, codec.region_bits, codec.region_levels, codec.reference_words)
     with pytest.raises(TeranInputError, match="salient regions 0; expected 1..255"):
         check_codec(codec.mean, codec.basis, codec.bits, codec.levels, salient=(0, *salient[1:]))
@@ -212,6 +216,15 @@ def test_collections_store_salient_regions_and_rerank_on_them(tmp_path):
         )
     finally:
         search.close()
+    wide = DirectSearch(uri, unique_prefix("wide"), concept_codec=tmp_path / "salient.npz", max_concepts=300)
+    try:  # refused when the collections would be created, before anything is written
+        with pytest.raises(CodecMismatch, match="indexed by one byte: --max-concepts 300 exceeds 256"):
+            wide.index(items[:1])
+        assert wide.stats().images == 0
+    finally:
+        wide.close()
+    with pytest.raises(ValueError, match="an image of 257 regions"):
+        codec.encode_images([concepts(rng, 257)])
 
 
 def image_item(item_id: str, rng: np.random.Generator) -> IndexItem:
