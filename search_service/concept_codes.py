@@ -118,49 +118,55 @@ class ConceptCodec:
 
     def decode_images(self, blobs: list[np.ndarray], counts: list[int] | np.ndarray) -> np.ndarray:
         """Images' codes (`encode_images`) -> float32 block [len, max R_i, D + 1] of their regions' coefficients in the
-        full principal basis, then 1 (zero rows past each image's count): with `image_query`, dot products equal those
-        with the decoded regions (the salient ones' exactly as fp16). Every image's coded regions decode in one call."""
+        full principal basis (ordered as `_image_basis`), then 1 (zero rows past each image's count): with `image_query`,
+        dot products equal those with the decoded regions (the salient ones' exactly as fp16). Images with the same
+        number of regions are decoded together, and every coded region in one call."""
         counts = np.asarray(counts, np.int64)
         dim, width = self.dimension, max(1, int(counts.max(initial=1)))
         block = np.zeros((len(blobs), width, dim + 1), np.float32)
+        rows = block.reshape(-1, dim + 1)
         kept_bytes, step = 1 + 2 * dim, self.region_codec.bytes_per_vector  # a salient region: its index, its fp16 vector
         kept_vectors, kept_rows, coded, coded_rows = [], [], [], []
-        for i, (blob, n) in enumerate(zip(blobs, counts.tolist(), strict=True)):
-            blob = np.asarray(blob, np.uint8)
-            if len(blob) != self.image_bytes(n):
-                raise ValueError(f"image codes of {len(blob)} bytes for {n} regions; expected {self.image_bytes(n)}")
+        for n in np.unique(counts).tolist():  # images of n regions share one layout: decoded together
+            images = np.flatnonzero(counts == n)
+            wrong = sorted({len(blobs[i]) for i in images.tolist()} - {self.image_bytes(n)})
+            if wrong:
+                raise ValueError(f"image codes of {', '.join(map(str, wrong))} bytes for {n} regions; expected {self.image_bytes(n)}")
+            blob = np.stack([np.asarray(blobs[i], np.uint8) for i in images.tolist()])
             kept = min(self.salient, n)
-            is_coded = np.ones(n, bool)
-            is_coded[blob[:kept]] = False
-            kept_vectors.append(blob[kept : kept * kept_bytes].view("<f2").reshape(kept, dim))
-            kept_rows.append(i * width + blob[:kept].astype(np.intp))
-            coded.append(blob[kept * kept_bytes :].reshape(n - kept, step))
-            coded_rows.append(i * width + np.flatnonzero(is_coded))
-        rows = block.reshape(-1, dim + 1)
+            index = blob[:, :kept].astype(np.intp)  # [m, kept]
+            is_coded = np.ones((len(images), n), bool)
+            is_coded[np.arange(len(images))[:, None], index] = False
+            image_of, region = np.nonzero(is_coded)  # row-major: each image's coded regions in region order
+            kept_vectors.append(np.ascontiguousarray(blob[:, kept : kept * kept_bytes]).view("<f2").reshape(-1, dim))
+            kept_rows.append((images[:, None] * width + index).reshape(-1))
+            coded.append(blob[:, kept * kept_bytes :].reshape(-1, step))
+            coded_rows.append(images[image_of] * width + region)
         at = np.concatenate(kept_rows)
-        rows[at, :dim] = (np.concatenate(kept_vectors).astype(np.float32) - self.mean) @ self.basis.T
+        rows[at, :dim] = (np.concatenate(kept_vectors).astype(np.float32) - self.mean) @ self._image_basis.T
         rows[at, dim] = 1.0
-        region = self.region_codec
-        rows[np.concatenate(coded_rows)] = region._full_principal(region.decode_principal(np.concatenate(coded)))
+        at = np.concatenate(coded_rows)
+        principal = self.region_codec.decode_principal(np.concatenate(coded))  # [N, K + 1]: the first K of _image_basis, then 1
+        rows[at, : principal.shape[1] - 1] = principal[:, :-1]
+        rows[at, dim] = 1.0
         return block
 
-    def _full_principal(self, principal: np.ndarray) -> np.ndarray:
-        """decode_principal's [N, K + 1] (coded components in packing order, then 1) -> [N, D + 1] (every component in
-        basis order, the uncoded ones 0, then 1)."""
-        out = np.zeros((len(principal), self.dimension + 1), np.float32)
-        out[:, self._coded_dims] = principal[:, :-1]
-        out[:, -1] = principal[:, -1]
-        return out
+    @functools.cached_property
+    def _image_basis(self) -> np.ndarray:
+        """The principal directions in the order of `decode_images` blocks [D, D]: the region codes' coded components in
+        their packing order (so decode_principal's coefficients fill the first columns as they are), then the others."""
+        coded = self.region_codec._coded_dims
+        return np.ascontiguousarray(self.basis[np.concatenate([coded, np.setdiff1d(np.arange(self.dimension), coded)])])
 
     def image_query(self, vectors: np.ndarray) -> np.ndarray:
         """Full-precision word pieces [N, D] -> [N, D + 1] against `decode_images` blocks: their coefficients along every
-        principal direction, then their dot product with the mean."""
+        principal direction (in the blocks' order), then their dot product with the mean."""
         q = np.asarray(vectors, np.float32)
-        return np.concatenate([q @ self.basis.T, (q @ self.mean)[:, None]], axis=1)
+        return np.concatenate([q @ self._image_basis.T, (q @ self.mean)[:, None]], axis=1)
 
     def image_vectors(self, block: np.ndarray) -> np.ndarray:
         """A `decode_images` block [..., D + 1] -> the decoded regions [..., D] (padding rows decode to the mean)."""
-        return block[..., :-1] @ self.basis + self.mean
+        return block[..., :-1] @ self._image_basis + self.mean
 
     @functools.cached_property
     def bytes_per_vector(self) -> int:
