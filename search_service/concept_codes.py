@@ -193,7 +193,8 @@ class ConceptCodec:
         return (
             f"transform codec, {words}; images: {self.salient} salient regions as fp16, the others "
             f"{regions.bytes_per_vector} bytes ({int(regions.bits.sum())} bits over {int((regions.bits > 0).sum())} components), "
-            f"{self.image_bytes(49)} bytes for 49 regions; sha256 {self.digest()[:12]})"
+            f"an image of R regions {self.image_bytes(self.salient)} + {regions.bytes_per_vector} x (R - {self.salient}) bytes; "
+            f"sha256 {self.digest()[:12]})"
         )
 
     @functools.cached_property
@@ -330,7 +331,7 @@ def check_codec(mean, basis, bits, levels, where: str = "concept codec", salient
             f"{list(np.shape(levels))}; expected [D], [D, D], [D], [D, {1 << MAX_BITS}]"
         )
     if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in (mean, basis)):
-        raise TeranInputError(f"{where}: mean, basis and levels must be finite floating-point numbers")
+        raise TeranInputError(f"{where}: mean and basis must be finite floating-point numbers")
     bits, levels = _check_table(bits, levels, dim, where, "bits and levels")
     basis = basis.astype(np.float32)
     if not np.allclose(basis @ basis.T, np.eye(dim), atol=1e-3):
